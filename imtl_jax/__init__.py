@@ -1,0 +1,27 @@
+"""imtl-jax: Impartial Multi-Task Learning for JAX, Flax and optax.
+
+The public API, re-exported flat (as optax does):
+
+* math: :func:`imtl_g_weights`, :func:`imtl_g_solve`, :func:`scale_losses`
+* training: :func:`mtl_step`, :class:`MTLParams`, :func:`stacked_task_losses`
+* optax: :func:`imtl_g`, :func:`aggregate`
+* methods: :mod:`imtl_jax.methods` (registry), :class:`Method`, :class:`Weighting`,
+  :class:`LossScaling`
+"""
+
+__version__ = "0.1.0"
+
+from imtl_jax._imtl_g import ImtlGResult, imtl_g_solve, imtl_g_weights
+from imtl_jax._loss_scaling import scale_losses
+from imtl_jax._method import LossScaling, Method, Weighting, WeightingOutput
+from imtl_jax import methods
+from imtl_jax._step import (MTLParams, MTLStep, StackedTaskLosses, StepAux, mtl_step,
+                            stacked_task_losses)
+from imtl_jax._aggregator import AggregatorState, aggregate, imtl_g
+
+__all__ = [
+    "AggregatorState", "ImtlGResult", "LossScaling", "MTLParams", "MTLStep", "Method",
+    "StackedTaskLosses", "StepAux", "Weighting", "WeightingOutput", "aggregate", "imtl_g",
+    "imtl_g_solve", "imtl_g_weights", "methods", "mtl_step", "scale_losses",
+    "stacked_task_losses",
+]

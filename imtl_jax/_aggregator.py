@@ -1,0 +1,136 @@
+"""optax aggregators: per-task updates stacked on a leading axis T -> one update."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from imtl_jax._method import Method, PyTree, Weighting
+from imtl_jax.methods import get_method
+
+
+class AggregatorState(NamedTuple):
+    """State of :func:`aggregate` / :func:`imtl_g`.
+
+    Attributes:
+      weights: (T,) the weights used by the last update (zeros before the first).
+      info: the weighting's diagnostics of the last update (e.g. ``common_projection``).
+      method_state: the weighting's own state (``()`` for IMTL-G).
+    """
+
+    weights: jax.Array
+    info: dict
+    method_state: PyTree
+
+
+def _stack_matrix(updates: PyTree, num_tasks: int) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(updates)
+    if not leaves:
+        raise ValueError("`updates` has no array leaves.")
+    for leaf in leaves:
+        if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != num_tasks:
+            raise ValueError(
+                f"every leaf of `updates` must have the task axis T={num_tasks} first "
+                f"(per-task updates stacked on axis 0); found a leaf of shape {jnp.shape(leaf)}.")
+    dtype = jnp.result_type(*leaves)
+    return jnp.concatenate([jnp.reshape(x, (num_tasks, -1)).astype(dtype) for x in leaves], axis=1)
+
+
+def aggregate(method: Union[str, Method, Weighting], num_tasks: int, *,
+              dtype: Any = jnp.float32) -> optax.GradientTransformationExtraArgs:
+    """An optax transformation that combines T stacked per-task updates with a weighting.
+
+    ``update(updates, state, params=None, *, losses=None, key=None, priorities=None, **extra)``
+    takes ``updates`` whose every leaf has a leading task axis of size ``num_tasks`` and returns
+    one update ``sum_t w_t updates[t]`` of the unstacked shape, the weights ``w`` coming from
+    the method's weighting applied to the flattened (T, P) matrix of updates. Unknown extra
+    arguments are accepted and ignored, so it composes in ``optax.chain``.
+
+    Args:
+      method: a registered name, a :class:`imtl_jax.Method` (its weighting is used) or a
+        :class:`imtl_jax.Weighting`.
+      num_tasks: T (static: fixes the shape of the state).
+      dtype: dtype of the weights kept in the state.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, imtl_jax
+      >>> tx = optax.chain(imtl_jax.aggregate("imtl_g", num_tasks=2), optax.sgd(1.0))
+      >>> params = {"w": jnp.zeros(3)}
+      >>> state = tx.init(params)
+      >>> per_task = {"w": jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])}
+      >>> updates, state = tx.update(per_task, state, params)
+      >>> (-updates["w"]).round(4).tolist()  # sgd negates: the IMTL-G aggregate
+      [0.0767, 1.0, 1.0]
+    """
+    if isinstance(method, Weighting):
+        weighting = method
+    else:
+        weighting = get_method(method).weighting
+    if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
+        raise ValueError(f"`num_tasks` must be a positive int, got {num_tasks!r}.")
+
+    def _info_zeros():
+        shapes = jax.eval_shape(
+            lambda: weighting.weigh(jnp.ones((num_tasks, 1), dtype), jnp.ones((num_tasks,), dtype),
+                                    weighting.init(num_tasks, dtype), jax.random.key(0), None).info)
+        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def init_fn(params):
+        del params
+        return AggregatorState(weights=jnp.zeros((num_tasks,), dtype), info=_info_zeros(),
+                               method_state=weighting.init(num_tasks, dtype))
+
+    def update_fn(updates, state, params=None, *, losses: Optional[jax.Array] = None,
+                  key: Optional[jax.Array] = None, priorities: Optional[jax.Array] = None,
+                  **extra_args):
+        del params, extra_args
+        matrix = _stack_matrix(updates, num_tasks)
+        if losses is None:
+            if not weighting.needs_grads:
+                raise ValueError(f"weighting {weighting.name!r} weighs losses: pass `losses=` "
+                                 f"(shape ({num_tasks},)) to update().")
+            losses = jnp.zeros((num_tasks,), matrix.dtype)
+        else:
+            losses = jnp.asarray(losses)
+            if losses.shape != (num_tasks,):
+                raise ValueError(f"`losses` must have shape ({num_tasks},), got {losses.shape}.")
+        if key is None:
+            key = jax.random.key(0)
+        out = weighting.weigh(matrix if weighting.needs_grads else None, losses.astype(matrix.dtype),
+                              state.method_state, key, priorities)
+        w = out.weights
+        new_updates = jax.tree_util.tree_map(
+            lambda x: jnp.tensordot(w.astype(x.dtype), x, axes=1), updates)
+        info = jax.tree_util.tree_map(lambda new, old: new.astype(old.dtype), out.info, state.info)
+        return new_updates, AggregatorState(w.astype(state.weights.dtype), info, out.state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def imtl_g(num_tasks: int, *, nonconflicting: bool = False,
+           dtype: Any = jnp.float32) -> optax.GradientTransformationExtraArgs:
+    """IMTL-G as an optax aggregator over per-task updates stacked on axis 0.
+
+    Pass ``priorities=`` (T,) to ``update`` for priority-weighted projections. The state's
+    ``weights`` and ``info["common_projection"]`` hold the last alpha and C.
+
+    Args:
+      num_tasks: T (static).
+      nonconflicting: flip the aggregate's sign when the common projection is negative.
+      dtype: dtype of the weights kept in the state.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, imtl_jax
+      >>> tx = optax.chain(imtl_jax.imtl_g(num_tasks=2), optax.adam(1e-3))
+      >>> params = {"w": jnp.zeros(3)}
+      >>> state = tx.init(params)
+      >>> per_task = {"w": jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])}
+      >>> updates, state = jax.jit(tx.update)(per_task, state, params)
+      >>> state[0].weights.round(5).tolist()
+      [0.59233, 0.40767]
+    """
+    from imtl_jax.methods.imtl import imtl_g_weighting
+    return aggregate(imtl_g_weighting(nonconflicting=nonconflicting), num_tasks, dtype=dtype)

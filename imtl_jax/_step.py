@@ -1,0 +1,367 @@
+"""The multi-task training step: one encoder forward, per-task feature gradients, one solve,
+one encoder backward (Liu et al., ICLR 2021, Algorithm 1), for any registered method.
+
+Data flow (everything below is one pure function, jittable as a whole)::
+
+    batch --encoder(shared)--> z --heads--> L (T,) --scaling(log_scales)--> L~ (T,)
+    per-task dL~_t/dz (T, B, ...)  --sum over batch-->  G (T, F)  --weighting--> w (T,)
+    encoder VJP of  sum_t w_t dL~_t/dz   (one backward through the encoder)
+    heads and log-scales: the gradient of their own scaled loss (times w_t for loss weightings)
+
+Why the batch *sum*: the per-task feature gradient of a batch is the gradient of L_t with respect
+to a shift ``delta`` added to every example's z, i.e. ``sum_b dL_t/dz_b``. Averaging instead of
+summing multiplies every row of G by the same ``1/B``, which leaves IMTL-G's weights unchanged
+(a uniform scale cancels, Theorem 2), so ``reduction="mean"`` gives the same alpha. Flattening
+the batch into the vector instead (a (T, B*F) matrix) would be a different problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from imtl_jax._method import Method, PyTree
+from imtl_jax._validation import check_float_array
+from imtl_jax.methods import get_method
+
+
+class MTLParams(NamedTuple):
+    """The trainable parameters of a multi-task model, as one optax-ready pytree.
+
+    Attributes:
+      shared: the encoder's parameters (any pytree).
+      heads: the task heads' parameters: a pytree whose leaves have a leading task axis T (for
+        :func:`stacked_task_losses`), a tuple of T pytrees (for a tuple of per-task loss
+        functions), or any pytree (for a plain ``task_losses`` function).
+      log_scales: (T,) float array of IMTL-L log-scales ``s`` (start at zeros). Always present,
+        so that every method has the same parameter structure; methods without loss scaling
+        give it an exactly-zero gradient.
+    """
+
+    shared: PyTree
+    heads: PyTree
+    log_scales: jax.Array
+
+
+class StepAux(NamedTuple):
+    """Diagnostics returned by the training step (all arrays; safe to log every step).
+
+    Attributes:
+      losses: (T,) raw task losses.
+      scaled_losses: (T,) the losses after the method's scaling (``e^s L - s`` for IMTL-L/H).
+      weights: (T,) the method's weights (alpha for IMTL-G/H), stop-gradient.
+      scales: (T,) ``e^s`` (the loss scales of IMTL-L/H; ones otherwise).
+      info: method-specific diagnostics, e.g. ``{"common_projection": C}`` for IMTL.
+      all_finite: scalar bool, True when every loss and gradient is finite. Wrap the optimizer
+        in ``optax.apply_if_finite`` to skip non-finite steps.
+    """
+
+    losses: jax.Array
+    scaled_losses: jax.Array
+    weights: jax.Array
+    scales: jax.Array
+    info: dict
+    all_finite: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StackedTaskLosses:
+    """Task losses computed by one per-task function over heads stacked on a leading task axis.
+
+    ``loss_fn(head_params_t, z, batch, t) -> scalar`` is vmapped over the task axis of the head
+    parameters (and ``t = 0..T-1``), so task t's loss only ever touches head t: the training
+    step then gets all per-task feature gradients for the cost of one backward through the
+    heads, without pushing T cotangents through every head.
+
+    Create with :func:`stacked_task_losses`.
+    """
+
+    loss_fn: Callable[..., jax.Array]
+
+    def __call__(self, head_params: PyTree, z: jax.Array, batch: Any) -> jax.Array:
+        num_tasks = _stacked_num_tasks(head_params)
+        return jax.vmap(self.loss_fn, in_axes=(0, None, None, 0))(
+            head_params, z, batch, jnp.arange(num_tasks))
+
+
+def stacked_task_losses(loss_fn: Callable[..., jax.Array]) -> StackedTaskLosses:
+    """Wraps a per-task loss ``loss_fn(head_params_t, z, batch, t) -> scalar`` for stacked heads.
+
+    Example:
+      >>> import jax.numpy as jnp, imtl_jax
+      >>> def head_loss(w_t, z, batch, t):  # a linear head per task, squared error
+      ...     return jnp.mean((z @ w_t - batch["y"][:, t]) ** 2)
+      >>> losses = imtl_jax.stacked_task_losses(head_loss)
+      >>> losses(jnp.ones((2, 3)), jnp.ones((4, 3)), {"y": jnp.zeros((4, 2))})
+      Array([9., 9.], dtype=float32)
+    """
+    return StackedTaskLosses(loss_fn)
+
+
+TaskLosses = Union[Callable[..., jax.Array], StackedTaskLosses, Sequence[Callable[..., jax.Array]]]
+
+
+def _stacked_num_tasks(head_params: PyTree) -> int:
+    leaves = jax.tree_util.tree_leaves(head_params)
+    if not leaves:
+        raise ValueError("stacked heads: `head_params` has no array leaves.")
+    sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            "stacked heads: every leaf of `head_params` must have the same leading task axis T; "
+            f"got leading sizes {sorted(str(s) for s in sizes)}.")
+    return sizes.pop()
+
+
+def _scale_one(scaling, loss, log_scale):
+    return scaling.scale(loss[None], log_scale[None])[0]
+
+
+class MTLStep:
+    """A jittable multi-task training step for one method. Create with :func:`mtl_step`.
+
+    ``step.init(params)`` returns the method state; ``step(params, state, batch, key=...,
+    priorities=...)`` returns ``(grads, new_state, aux)`` where ``grads`` has the structure of
+    ``params`` (feed it to any optax optimizer) and ``aux`` is a :class:`StepAux`.
+    """
+
+    def __init__(self, encoder: Callable[[PyTree, Any], jax.Array], task_losses: TaskLosses,
+                 method: Union[str, Method] = "imtl_h", *, reduction: str = "sum"):
+        if not callable(encoder):
+            raise TypeError(f"`encoder` must be callable (shared_params, batch) -> z, got {encoder!r}.")
+        if isinstance(task_losses, (list, tuple)):
+            if not task_losses or not all(callable(f) for f in task_losses):
+                raise TypeError("`task_losses` given as a sequence must hold T >= 1 callables "
+                                "(head_params_t, z, batch) -> scalar.")
+            task_losses = tuple(task_losses)
+        elif not callable(task_losses):
+            raise TypeError("`task_losses` must be a callable (head_params, z, batch) -> (T,) "
+                            f"losses, a stacked_task_losses(...), or a tuple of callables; got {task_losses!r}.")
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"`reduction` must be 'sum' or 'mean', got {reduction!r}.")
+        self.encoder = encoder
+        self.task_losses = task_losses
+        self.method = get_method(method)
+        if self.method.level not in ("representation", "parameters"):
+            raise ValueError(f"method {self.method.name!r} has unknown level {self.method.level!r}.")
+        self.reduction = reduction
+
+    def __repr__(self) -> str:
+        return f"MTLStep(method={self.method.name!r}, reduction={self.reduction!r})"
+
+    # ----------------------------------------------------------------------------------------
+    def init(self, params: MTLParams) -> PyTree:
+        """The method's initial state for ``params`` (``()`` for stateless methods)."""
+        log_scales = self._check_params(params)
+        return self.method.weighting.init(log_scales.shape[0], log_scales.dtype)
+
+    def _check_params(self, params) -> jax.Array:
+        if not isinstance(params, MTLParams):
+            raise TypeError("`params` must be an imtl_jax.MTLParams(shared, heads, log_scales), "
+                            f"got {type(params).__name__}.")
+        log_scales = check_float_array(params.log_scales, "params.log_scales", ndim=1)
+        num_tasks = log_scales.shape[0]
+        if isinstance(self.task_losses, StackedTaskLosses):
+            heads_t = _stacked_num_tasks(params.heads)
+            if heads_t != num_tasks:
+                raise ValueError(f"`params.heads` is stacked over {heads_t} tasks but "
+                                 f"`params.log_scales` has shape {log_scales.shape}.")
+        elif isinstance(self.task_losses, tuple):
+            if not isinstance(params.heads, (tuple, list)) or len(params.heads) != len(self.task_losses):
+                n = len(params.heads) if isinstance(params.heads, (tuple, list)) else type(params.heads).__name__
+                raise ValueError(f"`task_losses` has {len(self.task_losses)} functions but "
+                                 f"`params.heads` has {n} entries; give one head pytree per task.")
+            if len(self.task_losses) != num_tasks:
+                raise ValueError(f"`task_losses` has {len(self.task_losses)} functions but "
+                                 f"`params.log_scales` has shape {log_scales.shape}.")
+        return log_scales
+
+    # ----------------------------------------------------------------------------------------
+    def _per_task_pass(self, heads, z, batch, log_scales):
+        """Per-task scaled-loss gradients w.r.t. z (per example), heads and log-scales.
+
+        Returns raw losses (T,), scaled losses (T,), z-grads (T, *z.shape), head grads (own
+        scaled loss, unweighted; structure of ``heads``), log-scale grads (T,).
+        """
+        scaling = self.method.scaling
+        tl = self.task_losses
+
+        def one_task(loss_of):  # loss_of(head_t, z) -> raw scalar loss
+            def scaled(z_, head_t, s_t):
+                raw = loss_of(head_t, z_)
+                return _scale_one(scaling, raw, s_t), raw
+            return scaled
+
+        if isinstance(tl, StackedTaskLosses):
+            def per_task(head_t, s_t, t):
+                f = one_task(lambda h, z_: tl.loss_fn(h, z_, batch, t))
+                (ls, raw), grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(z, head_t, s_t)
+                return raw, ls, grads
+            num_tasks = log_scales.shape[0]
+            raw, ls, (gz, gh, gs) = jax.vmap(per_task)(heads, log_scales, jnp.arange(num_tasks))
+            return raw, ls, gz, gh, gs
+
+        if isinstance(tl, tuple):
+            outs = []
+            for t, loss_fn in enumerate(tl):  # heterogeneous heads: unrolled at trace time
+                f = one_task(lambda h, z_, fn=loss_fn: fn(h, z_, batch))
+                outs.append(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(
+                    z, heads[t], log_scales[t]))
+            raw = jnp.stack([o[0][1] for o in outs])
+            ls = jnp.stack([o[0][0] for o in outs])
+            gz = jnp.stack([o[1][0] for o in outs])
+            gh = type(heads)(o[1][1] for o in outs)
+            gs = jnp.stack([o[1][2] for o in outs])
+            return raw, ls, gz, gh, gs
+
+        # A plain function of all heads: T reverse passes through the heads (vmapped), the
+        # generic fallback. Head and scale gradients come from one more VJP with ones.
+        def scaled_all(z_, heads_, s_):
+            raw_ = self._call_losses(heads_, z_, batch, s_.shape[0])
+            return scaling.scale(raw_, s_), raw_
+
+        (ls, raw), vjp = jax.vjp(scaled_all, z, heads, log_scales, has_aux=True)
+        gz = jax.vmap(lambda c: vjp(c)[0])(jnp.eye(ls.shape[0], dtype=ls.dtype))
+        return raw, ls, gz, vjp, None
+
+    def _call_losses(self, heads, z, batch, num_tasks):
+        raw = self.task_losses(heads, z, batch)
+        raw = check_float_array(raw, "task_losses(...) output", ndim=1)
+        if raw.shape != (num_tasks,):
+            raise ValueError(f"`task_losses` returned shape {raw.shape} but `params.log_scales` "
+                             f"has shape ({num_tasks},); return one loss per task.")
+        return raw
+
+    # ----------------------------------------------------------------------------------------
+    def __call__(self, params: MTLParams, state: PyTree, batch: Any, *,
+                 key: Optional[jax.Array] = None, priorities: Optional[jax.Array] = None):
+        log_scales = self._check_params(params)
+        num_tasks = log_scales.shape[0]
+        method = self.method
+        weighting = method.weighting
+        z, encoder_vjp = jax.vjp(lambda sp: self.encoder(sp, batch), params.shared)
+        z = check_float_array(z, "encoder(...) output")
+        if z.ndim < 1 or z.shape[0] < 1:
+            raise ValueError(f"`encoder` output must have a non-empty leading batch axis, got shape {z.shape}.")
+
+        if not weighting.needs_grads and method.level == "representation":
+            grads, new_state, aux = self._loss_weighted(params, state, batch, z, encoder_vjp, key, priorities)
+            return grads, new_state, aux
+
+        raw, scaled, gz, gh, gs = self._per_task_pass(params.heads, z, batch, log_scales)
+        if raw.shape != (num_tasks,):
+            raise ValueError(f"task losses have shape {raw.shape} but `params.log_scales` has "
+                             f"shape ({num_tasks},).")
+        per_example = gz.reshape(num_tasks, z.shape[0], -1)
+        if method.level == "representation":
+            matrix = jnp.sum(per_example, axis=1) if self.reduction == "sum" else jnp.mean(per_example, axis=1)
+            param_grads = None
+        else:  # exact: T encoder VJPs, batched with vmap over one jax.vjp
+            param_grads = jax.vmap(encoder_vjp)(gz)[0]
+            matrix = jnp.concatenate(
+                [x.reshape(num_tasks, -1) for x in jax.tree_util.tree_leaves(param_grads)], axis=1)
+        out = weighting.weigh(lax.stop_gradient(matrix), lax.stop_gradient(scaled), state, key, priorities)
+        w = lax.stop_gradient(out.weights).astype(scaled.dtype)
+
+        if method.level == "representation":
+            (shared_grads,) = encoder_vjp(jnp.tensordot(w, gz, axes=1).astype(z.dtype))
+        else:
+            shared_grads = jax.tree_util.tree_map(lambda x: jnp.tensordot(w, x, axes=1).astype(x.dtype), param_grads)
+
+        head_w = w if weighting.weights_heads else jnp.ones_like(w)
+        if gs is None:  # generic heads: one more VJP with the head cotangent
+            _, head_grads, scale_grads = gh(head_w)
+        else:
+            head_grads = jax.tree_util.tree_map(
+                lambda x: x * head_w.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype), gh) \
+                if isinstance(self.task_losses, StackedTaskLosses) else type(gh)(
+                    jax.tree_util.tree_map(lambda x, wt=head_w[t]: x * wt.astype(x.dtype), g)
+                    for t, g in enumerate(gh))
+            scale_grads = head_w * gs
+        if not method.scaling.trainable:
+            scale_grads = jnp.zeros_like(log_scales)
+        grads = MTLParams(shared_grads, head_grads, scale_grads.astype(log_scales.dtype))
+        return grads, out.state, self._aux(raw, scaled, w, log_scales, out.info, grads)
+
+    def _loss_weighted(self, params, state, batch, z, encoder_vjp, key, priorities):
+        """Methods whose weights depend on the losses only: a single VJP, the cost of EW."""
+        scaling = self.method.scaling
+        num_tasks = params.log_scales.shape[0]
+
+        def scaled_all(z_, heads_, s_):
+            raw_ = self.task_losses(heads_, z_, batch) if not isinstance(self.task_losses, tuple) \
+                else jnp.stack([f(h, z_, batch) for f, h in zip(self.task_losses, heads_)])
+            raw_ = check_float_array(raw_, "task losses", ndim=1)
+            if raw_.shape != (num_tasks,):
+                raise ValueError(f"task losses have shape {raw_.shape} but `params.log_scales` "
+                                 f"has shape ({num_tasks},).")
+            return scaling.scale(raw_, s_), raw_
+
+        (scaled, raw), vjp = jax.vjp(scaled_all, z, params.heads, params.log_scales, has_aux=True)
+        out = self.method.weighting.weigh(None, lax.stop_gradient(scaled), state, key, priorities)
+        w = lax.stop_gradient(out.weights).astype(scaled.dtype)
+        gz, head_grads, scale_grads = vjp(w)
+        if not self.method.weighting.weights_heads:
+            _, head_grads, scale_grads = vjp(jnp.ones_like(w))
+        (shared_grads,) = encoder_vjp(gz)
+        if not scaling.trainable:
+            scale_grads = jnp.zeros_like(params.log_scales)
+        grads = MTLParams(shared_grads, head_grads, scale_grads)
+        return grads, out.state, self._aux(raw, scaled, w, params.log_scales, out.info, grads)
+
+    @staticmethod
+    def _aux(raw, scaled, w, log_scales, info, grads) -> StepAux:
+        finite = jnp.all(jnp.isfinite(raw)) & jnp.all(jnp.isfinite(w))
+        for leaf in jax.tree_util.tree_leaves(grads):
+            finite = finite & jnp.all(jnp.isfinite(leaf))
+        return StepAux(losses=raw, scaled_losses=scaled, weights=w, scales=jnp.exp(log_scales),
+                       info=info, all_finite=finite)
+
+
+def mtl_step(encoder: Callable[[PyTree, Any], jax.Array], task_losses: TaskLosses,
+             method: Union[str, Method] = "imtl_h", *, reduction: str = "sum") -> MTLStep:
+    """Builds the multi-task training step for ``method`` (default: the paper's IMTL-H).
+
+    Args:
+      encoder: ``encoder(shared_params, batch) -> z``, the shared representation with a leading
+        batch axis (any trailing shape).
+      task_losses: the task losses, in one of three forms:
+        ``stacked_task_losses(loss_fn)`` with ``loss_fn(head_params_t, z, batch, t) -> scalar``
+        and heads stacked on a leading task axis (fastest: each task touches only its head);
+        a tuple of T functions ``(head_params_t, z, batch) -> scalar`` with ``params.heads`` a
+        tuple of T pytrees (heterogeneous heads); or one function
+        ``(head_params, z, batch) -> (T,)`` (generic; T backward passes through the heads).
+      method: a registered name (see :func:`imtl_jax.methods.method_names`) or a
+        :class:`imtl_jax.Method`. ``"imtl_h"`` (IMTL), ``"imtl_g"``, ``"imtl_g_exact"``,
+        ``"imtl_l"``, ``"equal"``, and the baselines.
+      reduction: ``"sum"`` (default) or ``"mean"`` over the batch of the per-example feature
+        gradients; both give the same IMTL-G weights (see the module docstring).
+
+    Returns:
+      An :class:`MTLStep`: ``state = step.init(params)``;
+      ``grads, state, aux = step(params, state, batch, key=None, priorities=None)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, imtl_jax
+      >>> def encoder(w, batch): return jnp.tanh(batch["x"] @ w)
+      >>> def head_loss(v_t, z, batch, t): return jnp.mean((z @ v_t - batch["y"][:, t]) ** 2)
+      >>> step = imtl_jax.mtl_step(encoder, imtl_jax.stacked_task_losses(head_loss))
+      >>> k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+      >>> params = imtl_jax.MTLParams(shared=jax.random.normal(k1, (3, 4)),
+      ...                             heads=jax.random.normal(k2, (2, 4)), log_scales=jnp.zeros(2))
+      >>> batch = {"x": jax.random.normal(k3, (8, 3)), "y": jnp.ones((8, 2))}
+      >>> opt = optax.adam(1e-2); opt_state = opt.init(params); state = step.init(params)
+      >>> @jax.jit
+      ... def train(params, opt_state, state, batch):
+      ...     grads, state, aux = step(params, state, batch)
+      ...     updates, opt_state = opt.update(grads, opt_state, params)
+      ...     return optax.apply_updates(params, updates), opt_state, state, aux
+      >>> params, opt_state, state, aux = train(params, opt_state, state, batch)
+      >>> float(aux.weights.sum())  # IMTL-G weights sum to one
+      1.0
+    """
+    return MTLStep(encoder, task_losses, method, reduction=reduction)

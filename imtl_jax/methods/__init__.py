@@ -1,0 +1,55 @@
+"""The registry of balancing methods: name -> :class:`imtl_jax.Method`.
+
+Every registered method works in :func:`imtl_jax.mtl_step` (representation or parameter level)
+and, through its :class:`imtl_jax.Weighting`, in the optax aggregator
+:func:`imtl_jax.aggregate`. Tests loop over :func:`method_names`, so a new method cannot be
+added without passing them.
+
+Example:
+  >>> import imtl_jax
+  >>> "imtl_h" in imtl_jax.methods.method_names()
+  True
+  >>> imtl_jax.methods.get_method("imtl_h").weighting.name
+  'imtl_g'
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+from imtl_jax._method import Method
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Adds ``method`` to the registry under ``method.name`` and returns it."""
+    if method.name in _REGISTRY:
+        raise ValueError(f"a method named {method.name!r} is already registered")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def method_names() -> tuple[str, ...]:
+    """All registered method names, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def get_method(method: Union[str, Method]) -> Method:
+    """Looks a method up by name (a :class:`Method` is returned as is).
+
+    Raises:
+      ValueError: unknown name; the message lists the registered names.
+    """
+    if isinstance(method, Method):
+        return method
+    if not isinstance(method, str) or method not in _REGISTRY:
+        raise ValueError(
+            f"`method` must be one of {sorted(_REGISTRY)} or an imtl_jax.Method, got {method!r}."
+        )
+    return _REGISTRY[method]
+
+
+# Registration happens on import of each family module. Keep this list in sync with the files.
+from imtl_jax.methods import equal as _equal  # noqa: E402,F401
+from imtl_jax.methods import imtl as _imtl  # noqa: E402,F401

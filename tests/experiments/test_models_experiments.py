@@ -1,0 +1,126 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments import losses
+from experiments.models import (
+    DenseMTL,
+    LeNetMTL,
+    MLPMTL,
+    ResNet18MTL,
+    StackedLinear,
+    StackedMLP,
+)
+
+
+def test_stacked_linear_matches_per_task_linear():
+    T, F, O, B = 4, 6, 3, 5
+    head = StackedLinear(T, F, O, rngs=nnx.Rngs(0))
+    assert head.kernel[...].shape == (T, F, O) and head.bias[...].shape == (T, O)
+    head.bias[...] = jax.random.normal(jax.random.key(1), (T, O))
+    z = jax.random.normal(jax.random.key(2), (B, F))
+    out = head(z)
+    assert out.shape == (T, B, O)
+    for t in range(T):
+        lin = nnx.Linear(F, O, rngs=nnx.Rngs(0))
+        lin.kernel[...] = head.kernel[...][t]
+        lin.bias[...] = head.bias[...][t]
+        np.testing.assert_allclose(out[t], lin(z), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out[t], head.apply_task(z, t), rtol=1e-5, atol=1e-6)
+    # per-task representations (T, B, F)
+    zs = jax.random.normal(jax.random.key(3), (T, B, F))
+    out2 = head(zs)
+    for t in range(T):
+        np.testing.assert_allclose(out2[t], head.apply_task(zs[t], t), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError):
+        head(jnp.zeros((T + 1, B, F)))
+
+
+def test_stacked_mlp_equals_vmapped_single_heads():
+    T, F, B = 3, 7, 4
+    heads = StackedMLP(T, F, (5, 6), 2, rngs=nnx.Rngs(0))
+    z = jax.random.normal(jax.random.key(0), (B, F))
+    out = heads(z)
+    assert out.shape == (T, B, 2)
+    vm = jax.vmap(lambda t: heads.apply_task(z, t))(jnp.arange(T))  # traced task index
+    np.testing.assert_allclose(out, vm, rtol=1e-5, atol=1e-6)
+    for t in range(T):
+        np.testing.assert_allclose(out[t], heads.apply_task(z, t), rtol=1e-5, atol=1e-6)
+
+
+def test_task_loss_touches_only_its_head():
+    model = LeNetMTL(rngs=nnx.Rngs(0))
+    x = jax.random.uniform(jax.random.key(0), (3, 28, 28, 1))
+    batch = {"labels": jnp.array([[1, 2], [3, 4], [5, 6]])}
+
+    def loss0(m):
+        return losses.multimnist_losses(m(x), batch)[0]
+
+    g = nnx.grad(loss0)(model)
+    for i in range(len(model.heads.layers)):
+        k = g["heads"]["layers"][i]["kernel"][...]
+        b = g["heads"]["layers"][i]["bias"][...]
+        assert jnp.abs(k[1]).max() == 0 and jnp.abs(b[1]).max() == 0
+        assert jnp.abs(k[0]).max() > 0
+    assert jnp.abs(g["encoder"]["conv1"]["kernel"][...]).max() > 0
+
+
+def test_lenet_shapes_and_encoder_split():
+    model = LeNetMTL(rngs=nnx.Rngs(0))
+    x = jnp.ones((4, 28, 28, 1))
+    z = model.encoder(x)
+    assert z.shape == (4, 50)
+    out = model(x)
+    assert out.shape == (2, 4, 10)
+    np.testing.assert_allclose(out, model.heads(z))
+    assert LeNetMTL(input_size=36, rngs=nnx.Rngs(0))(jnp.ones((2, 36, 36, 1))).shape == (2, 2, 10)
+
+
+def test_mlp_qm9_shapes_and_jit():
+    model = MLPMTL(34, hidden=(32, 16), rngs=nnx.Rngs(0))
+    x = jnp.ones((5, 34))
+    assert model.encoder(x).shape == (5, 16)
+    out = nnx.jit(lambda m, x: m(x))(model, x)
+    assert out.shape == (11, 5, 1)
+    batch = {"y": jnp.zeros((5, 11))}
+    assert losses.qm9_losses(out, batch).shape == (11,)
+
+
+def test_resnet18_shapes_train_eval():
+    model = ResNet18MTL(width=4, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    z = model.encoder(x)
+    assert z.shape == (2, 32)
+    assert model(x).shape == (40, 2, 1)
+    n_blocks = len(model.encoder.blocks)
+    assert n_blocks == 8  # ResNet-18: 4 stages x 2 basic blocks (+ stem + head = 18 layers)
+    model.eval()
+    y1 = model(x)
+    y2 = model(x)
+    np.testing.assert_allclose(y1, y2)
+    model.train()
+    gm = ResNet18MTL(width=4, norm="group", num_tasks=3, rngs=nnx.Rngs(0))
+    assert gm(x).shape == (3, 2, 1)
+    nm = ResNet18MTL(width=4, norm="none", num_tasks=3, rngs=nnx.Rngs(0))
+    assert nm(x).shape == (3, 2, 1)
+
+
+def test_dense_model_shapes():
+    model = DenseMTL(13, width=4, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 24, 32, 3))
+    z = model.encoder(x)
+    assert z.shape == (2, 24, 32, 4)
+    out = model(x)
+    assert out["segmentation"].shape == (2, 24, 32, 13)
+    assert out["depth"].shape == (2, 24, 32, 1)
+    assert out["normal"].shape == (2, 24, 32, 3)
+    np.testing.assert_allclose(jnp.linalg.norm(out["normal"], axis=-1), 1.0, atol=1e-4)
+    np.testing.assert_allclose(model.heads.apply_task(z, 1), out["depth"])
+    np.testing.assert_allclose(model.heads.apply_task(z, "normal"), out["normal"])
+    cs = DenseMTL(7, ("segmentation", "depth"), width=4, levels=2, rngs=nnx.Rngs(0))
+    out = cs(jax.random.normal(jax.random.key(0), (1, 10, 18, 3)))  # not divisible by 4
+    assert out["segmentation"].shape == (1, 10, 18, 7) and set(out) == {"segmentation", "depth"}
+    with pytest.raises(ValueError):
+        DenseMTL(3, ("segmentation", "edges"), rngs=nnx.Rngs(0))
