@@ -237,8 +237,8 @@ def imtl_g_solve(grads: jax.Array, *, priorities: Optional[jax.Array] = None,
     Example:
       >>> import jax.numpy as jnp, imtl_jax
       >>> res = imtl_jax.imtl_g_solve(jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
-      >>> res.weights.round(5).tolist()
-      [0.59233, 0.40767]
+      >>> print(res.weights.round(5))
+      [0.59233 0.40767]
       >>> float(res.common_projection)  # doctest: +ELLIPSIS
       0.3990...
 
