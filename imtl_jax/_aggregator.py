@@ -62,8 +62,8 @@ def aggregate(method: Union[str, Method, Weighting], num_tasks: int, *,
       >>> state = tx.init(params)
       >>> per_task = {"w": jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])}
       >>> updates, state = tx.update(per_task, state, params)
-      >>> print((-updates["w"]).round(3))  # sgd negates: the IMTL-G aggregate
-      [0.077 1.    1.   ]
+      >>> [round(v, 4) for v in (-updates["w"]).tolist()]  # sgd negates: the IMTL-G aggregate
+      [0.0767, 1.0, 1.0]
     """
     if isinstance(method, Weighting):
         weighting = method

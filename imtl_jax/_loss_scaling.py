@@ -27,8 +27,9 @@ def scale_losses(losses: jax.Array, log_scales: jax.Array) -> jax.Array:
 
     Example:
       >>> import jax.numpy as jnp, imtl_jax
-      >>> imtl_jax.scale_losses(jnp.array([2.0, 0.5]), jnp.array([0.0, 1.0])).round(3)
-      Array([2.   , 0.359], dtype=float32)
+      >>> scaled = imtl_jax.scale_losses(jnp.array([2.0, 0.5]), jnp.array([0.0, 1.0]))
+      >>> [round(v, 4) for v in scaled.tolist()]  # [e^0 * 2 - 0, e^1 * 0.5 - 1]
+      [2.0, 0.3591]
     """
     losses = check_float_array(losses, "losses", ndim=1)
     log_scales = check_float_array(log_scales, "log_scales", ndim=1)
