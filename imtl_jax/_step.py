@@ -130,7 +130,8 @@ class MTLStep:
     """
 
     def __init__(self, encoder: Callable[[PyTree, Any], jax.Array], task_losses: TaskLosses,
-                 method: Union[str, Method] = "imtl_h", *, reduction: str = "sum"):
+                 method: Union[str, Method] = "imtl_h", *, reduction: str = "sum",
+                 axis_name: Optional[str] = None):
         if not callable(encoder):
             raise TypeError(f"`encoder` must be callable (shared_params, batch) -> z, got {encoder!r}.")
         if isinstance(task_losses, (list, tuple)):
@@ -149,6 +150,11 @@ class MTLStep:
         if self.method.level not in ("representation", "parameters"):
             raise ValueError(f"method {self.method.name!r} has unknown level {self.method.level!r}.")
         self.reduction = reduction
+        self.axis_name = axis_name
+
+    def _pmean(self, tree):
+        """Mean over the data-parallel axis (inside ``shard_map``/``pmap``); identity otherwise."""
+        return tree if self.axis_name is None else lax.pmean(tree, self.axis_name)
 
     def __repr__(self) -> str:
         return f"MTLStep(method={self.method.name!r}, reduction={self.reduction!r})"
@@ -264,6 +270,10 @@ class MTLStep:
             param_grads = jax.vmap(encoder_vjp)(gz)[0]
             matrix = jnp.concatenate(
                 [x.reshape(num_tasks, -1) for x in jax.tree_util.tree_leaves(param_grads)], axis=1)
+        if self.axis_name is not None:
+            # One all-reduce carries the (T, F) matrix and the (T,) losses together.
+            packed = self._pmean(jnp.concatenate([matrix, raw[:, None], scaled[:, None]], axis=1))
+            matrix, raw, scaled = packed[:, :-2], packed[:, -2], packed[:, -1]
         out = weighting.weigh(lax.stop_gradient(matrix), lax.stop_gradient(scaled), state, key, priorities)
         w = lax.stop_gradient(out.weights).astype(scaled.dtype)
 
@@ -284,7 +294,7 @@ class MTLStep:
             scale_grads = head_w * gs
         if not method.scaling.trainable:
             scale_grads = jnp.zeros_like(log_scales)
-        grads = MTLParams(shared_grads, head_grads, scale_grads.astype(log_scales.dtype))
+        grads = self._pmean(MTLParams(shared_grads, head_grads, scale_grads.astype(log_scales.dtype)))
         return grads, out.state, self._aux(raw, scaled, w, log_scales, out.info, grads)
 
     def _loss_weighted(self, params, state, batch, z, encoder_vjp, key, priorities):
@@ -302,7 +312,8 @@ class MTLStep:
             return scaling.scale(raw_, s_), raw_
 
         (scaled, raw), vjp = jax.vjp(scaled_all, z, params.heads, params.log_scales, has_aux=True)
-        out = self.method.weighting.weigh(None, lax.stop_gradient(scaled), state, key, priorities)
+        global_scaled, raw = self._pmean((scaled, raw))
+        out = self.method.weighting.weigh(None, lax.stop_gradient(global_scaled), state, key, priorities)
         w = lax.stop_gradient(out.weights).astype(scaled.dtype)
         gz, head_grads, scale_grads = vjp(w)
         if not self.method.weighting.weights_heads:
@@ -310,8 +321,8 @@ class MTLStep:
         (shared_grads,) = encoder_vjp(gz)
         if not scaling.trainable:
             scale_grads = jnp.zeros_like(params.log_scales)
-        grads = MTLParams(shared_grads, head_grads, scale_grads)
-        return grads, out.state, self._aux(raw, scaled, w, params.log_scales, out.info, grads)
+        grads = self._pmean(MTLParams(shared_grads, head_grads, scale_grads))
+        return grads, out.state, self._aux(raw, global_scaled, w, params.log_scales, out.info, grads)
 
     @staticmethod
     def _aux(raw, scaled, w, log_scales, info, grads) -> StepAux:
@@ -323,7 +334,8 @@ class MTLStep:
 
 
 def mtl_step(encoder: Callable[[PyTree, Any], jax.Array], task_losses: TaskLosses,
-             method: Union[str, Method] = "imtl_h", *, reduction: str = "sum") -> MTLStep:
+             method: Union[str, Method] = "imtl_h", *, reduction: str = "sum",
+             axis_name: Optional[str] = None) -> MTLStep:
     """Builds the multi-task training step for ``method`` (default: the paper's IMTL-H).
 
     Args:
@@ -340,6 +352,11 @@ def mtl_step(encoder: Callable[[PyTree, Any], jax.Array], task_losses: TaskLosse
         ``"imtl_l"``, ``"equal"``, and the baselines.
       reduction: ``"sum"`` (default) or ``"mean"`` over the batch of the per-example feature
         gradients; both give the same IMTL-G weights (see the module docstring).
+      axis_name: the mapped data-parallel axis when the step runs inside ``jax.shard_map`` (or
+        ``pmap``) over a batch shard per device: the (T, F) feature gradients and losses are
+        averaged across devices in one all-reduce before the solve, and the gradients after.
+        Leave ``None`` under plain ``jax.jit`` with a sharded batch (``NamedSharding``): XLA
+        then inserts the same all-reduce itself.
 
     Returns:
       An :class:`MTLStep`: ``state = step.init(params)``;
@@ -364,4 +381,4 @@ def mtl_step(encoder: Callable[[PyTree, Any], jax.Array], task_losses: TaskLosse
       >>> float(aux.weights.sum())  # IMTL-G weights sum to one
       1.0
     """
-    return MTLStep(encoder, task_losses, method, reduction=reduction)
+    return MTLStep(encoder, task_losses, method, reduction=reduction, axis_name=axis_name)
