@@ -297,7 +297,7 @@ def _upsample_to(x: jax.Array, like: jax.Array) -> jax.Array:
 
 
 class DenseEncoder(nnx.Module):
-    """U-Net-style shared trunk: ``depth`` down-sampling levels and back; (B, H, W, 3) -> (B, H, W, width)."""
+    """U-Net-style shared trunk: ``levels`` 2x down-samplings (max-pool) and back (bilinear + skip); (B, H, W, C) -> (B, H, W, width)."""
 
     def __init__(self, in_channels: int = 3, width: int = 32, levels: int = 3, norm: str = "batch", *, rngs: nnx.Rngs):
         chans = [width * 2**i for i in range(levels + 1)]

@@ -38,7 +38,7 @@ from experiments.data import (
     resolve_cache_dir,
     save_npz_cache,
 )
-from experiments.data.transforms import bilinear_resize_matrix, resize_bilinear
+from experiments.data.transforms import resize_bilinear
 
 __all__ = [
     "FASHION_DIR",

@@ -47,7 +47,7 @@ class NpyFolderDataset:
         if not split_dir.is_dir():
             raise DataUnavailableError(f"{name} split folder not found: {split_dir}; expected layout {self.layout}")
         indices = None
-        for key, (dirname, _) in self.fields.items():
+        for dirname, _ in self.fields.values():
             d = split_dir / dirname
             if not d.is_dir():
                 raise DataUnavailableError(f"{name} folder missing: {d}; expected layout {self.layout}")
@@ -134,10 +134,10 @@ def write_dense_fixture(
     rng = np.random.default_rng(seed)
     h, w = shape
     for split in splits:
-        for key, (dirname, kind) in fields.items():
+        for dirname, _ in fields.values():
             (root / split / dirname).mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            for key, (dirname, kind) in fields.items():
+            for dirname, kind in fields.values():
                 if kind == "image":
                     a = rng.random((h, w, 3), dtype=np.float32)
                 elif kind == "label":
