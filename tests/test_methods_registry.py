@@ -1,0 +1,273 @@
+"""Registry-level tests: every registered method (and the single-task factory) on degenerate
+inputs, dtypes, bad inputs, in the jitted training step and in the optax aggregator."""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import imtl_jax
+from imtl_jax.methods import get_method, method_names
+from imtl_jax.methods.loss_weighting import single_task
+
+NAMES = method_names()
+# Every registered method plus the (unregistered) single-task factory.
+METHODS = [get_method(n) for n in NAMES] + [single_task(0), single_task(1)]
+IDS = [m.name for m in METHODS]
+
+
+@contextlib.contextmanager
+def x64():
+    old = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", old)
+
+
+@pytest.fixture(params=["float32", "float64"])
+def fdtype(request):
+    if request.param == "float64":
+        with x64():
+            yield np.float64
+    else:
+        yield np.float32
+
+
+_JITTED = {}
+
+
+def weigh_jit(method):
+    """One jitted weigh per method (jax caches one compilation per input shape/dtype)."""
+    if method.name not in _JITTED:
+        w = method.weighting
+        _JITTED[method.name] = jax.jit(
+            lambda g, l, s, k: w.weigh(g if w.needs_grads else None, l, s, k, None))
+    return _JITTED[method.name]
+
+
+def run(method, grads, losses, steps=2):
+    """Runs ``steps`` weigh calls (so stateful methods use their updated state)."""
+    w = method.weighting
+    grads = jnp.asarray(grads)
+    losses = jnp.asarray(losses, grads.dtype)
+    state = w.init(grads.shape[0], grads.dtype)
+    fn = weigh_jit(method)
+    outs = []
+    for i in range(steps):
+        out = fn(grads, losses * (1.0 - 0.1 * i), state, jax.random.key(i))
+        state = out.state
+        outs.append(out)
+    return outs
+
+
+def _degenerate_cases():
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((3, 8))
+    zero_row = base.copy()
+    zero_row[1] = 0.0
+    duplicate = base.copy()
+    duplicate[2] = duplicate[0]
+    opposite = base.copy()
+    opposite[1] = -opposite[0]
+    tiny_row = base.copy()
+    tiny_row[2] *= 1e-30
+    return {
+        "zero_row": (zero_row, [1.0, 2.0, 0.5]),
+        "duplicate_rows": (duplicate, [1.0, 1.0, 3.0]),
+        "opposite_rows": (opposite, [1.0, 2.0, 0.5]),
+        "all_zero": (np.zeros((3, 8)), [1.0, 2.0, 0.5]),
+        "tiny_row": (tiny_row, [1.0, 2.0, 0.5]),
+        "huge_scale": (base * 1e30, [1.0, 2.0, 0.5]),
+        "tiny_scale": (base * 1e-30, [1.0, 2.0, 0.5]),
+        "zero_loss": (base, [0.0, 2.0, 0.5]),
+        "single_task": (rng.standard_normal((1, 8)), [0.7]),
+    }
+
+
+DEGENERATE = _degenerate_cases()
+
+
+@pytest.mark.parametrize("method", METHODS, ids=IDS)
+@pytest.mark.parametrize("case", sorted(DEGENERATE))
+def test_degenerate_inputs_give_finite_weights(method, case):
+    grads, losses = DEGENERATE[case]
+    if method.name == "single_task_1" and len(losses) == 1:
+        pytest.skip("task 1 does not exist when T = 1")
+    for out in run(method, np.asarray(grads, np.float32), losses, steps=3):
+        w = np.asarray(out.weights)
+        assert w.shape == (len(losses),)
+        assert np.all(np.isfinite(w)), (method.name, case, w)
+        for leaf in jax.tree_util.tree_leaves(out.state):
+            assert np.all(np.isfinite(np.asarray(leaf))), (method.name, case)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=IDS)
+def test_dtype_in_equals_dtype_out(method, fdtype):
+    rng = np.random.default_rng(1)
+    grads = rng.standard_normal((3, 8)).astype(fdtype)
+    outs = run(method, grads, [1.0, 2.0, 0.5], steps=2)
+    for out in outs:
+        assert out.weights.dtype == fdtype
+        assert np.all(np.isfinite(np.asarray(out.weights)))
+    state0 = method.weighting.init(3, jnp.dtype(fdtype))
+    for new, old in zip(jax.tree_util.tree_leaves(outs[-1].state), jax.tree_util.tree_leaves(state0)):
+        assert new.dtype == old.dtype and new.shape == old.shape
+
+
+@pytest.mark.parametrize("method", METHODS, ids=IDS)
+def test_bad_inputs_raise_naming_the_argument(method):
+    w = method.weighting
+    grads = jnp.ones((3, 4))
+    losses = jnp.ones((3,))
+    state = w.init(3, jnp.float32)
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="losses"):
+        w.weigh(grads if w.needs_grads else None, jnp.ones((3, 2)), state, key, None)
+    with pytest.raises(ValueError, match="priorities"):
+        w.weigh(grads if w.needs_grads else None, losses, state, key, jnp.ones((3,)))
+    if w.needs_grads:
+        with pytest.raises(ValueError, match="grads"):
+            w.weigh(jnp.ones((4,)), losses, state, key, None)
+        with pytest.raises(ValueError, match="grads"):
+            w.weigh(None, losses, state, key, None)
+        with pytest.raises(ValueError, match="losses"):
+            w.weigh(grads, jnp.ones((2,)), state, key, None)
+    if jax.tree_util.tree_leaves(state) and any(jnp.ndim(x) for x in jax.tree_util.tree_leaves(state)):
+        wrong = w.init(4, jnp.float32)
+        with pytest.raises(ValueError, match="state"):
+            w.weigh(grads if w.needs_grads else None, losses, wrong, key, None)
+    # Also under jit (trace-time checks).
+    with pytest.raises(ValueError, match="losses"):
+        jax.jit(lambda l: w.weigh(grads if w.needs_grads else None, l, state, key, None))(
+            jnp.ones((2, 3)))
+
+
+def test_single_task_factory_validation():
+    with pytest.raises(ValueError, match="task"):
+        single_task(-1)
+    with pytest.raises(ValueError, match="task"):
+        single_task(1.5)
+    with pytest.raises(ValueError, match="task"):
+        single_task(5).weighting.weigh(None, jnp.ones(2), (), None, None)
+    out = single_task(1).weighting.weigh(None, jnp.array([3.0, 4.0, 5.0]), (), None, None)
+    np.testing.assert_array_equal(np.asarray(out.weights), [0.0, 1.0, 0.0])
+    assert "single_task_0" not in NAMES  # the factory registers nothing
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiny synthetic two-task problem, trained with mtl_step + adam under jit.
+
+
+def _problem():
+    k = jax.random.split(jax.random.key(42), 5)
+    x = jax.random.normal(k[0], (32, 3))
+    w_true = jax.random.normal(k[1], (3, 4))
+    z_true = jnp.tanh(x @ w_true)
+    v_true = jax.random.normal(k[2], (2, 4))
+    y = z_true @ v_true.T
+    y = y * jnp.array([1.0, 10.0])   # task 2 at 10x the scale (100x the loss)
+    batch = {"x": x, "y": y}
+    params = imtl_jax.MTLParams(shared=0.5 * jax.random.normal(k[3], (3, 4)),
+                                heads=0.5 * jax.random.normal(k[4], (2, 4)),
+                                log_scales=jnp.zeros(2))
+    return params, batch
+
+
+def encoder(w, batch):
+    return jnp.tanh(batch["x"] @ w)
+
+
+def head_loss(v_t, z, batch, t):
+    return jnp.mean((z @ v_t - batch["y"][:, t]) ** 2)
+
+
+def raw_losses(params, batch):
+    z = encoder(params.shared, batch)
+    return jnp.stack([head_loss(params.heads[t], z, batch, t) for t in range(2)])
+
+
+@pytest.mark.parametrize("method", METHODS, ids=IDS)
+def test_trains_tiny_problem_with_one_compilation(method):
+    params, batch = _problem()
+    step = imtl_jax.mtl_step(encoder, imtl_jax.stacked_task_losses(head_loss), method)
+    opt = optax.adam(2e-2)
+    opt_state = opt.init(params)
+    state = step.init(params)
+    traces = []
+
+    @jax.jit
+    def train(params, opt_state, state, key):
+        traces.append(1)
+        grads, state, aux = step(params, state, batch, key=key)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, state, aux
+
+    before = np.asarray(raw_losses(params, batch))
+    key = jax.random.key(0)
+    for i in range(60):
+        params, opt_state, state, aux = train(params, opt_state, state, jax.random.fold_in(key, i))
+        assert bool(aux.all_finite), (method.name, i)
+    after = np.asarray(raw_losses(params, batch))
+    assert len(traces) == 1, f"{method.name}: {len(traces)} traces"
+    if method.name.startswith("single_task_"):
+        t = int(method.name.rsplit("_", 1)[1])
+        assert after[t] < 0.8 * before[t], (method.name, before, after)
+    else:
+        assert after.sum() < 0.8 * before.sum(), (method.name, before, after)
+
+
+# ----------------------------------------------------------------------------------------------
+# The optax aggregator: per-task gradients of two quadratics, stacked on axis 0.
+
+
+def _quadratics():
+    rng = np.random.default_rng(3)
+    a = jnp.asarray(rng.standard_normal((2, 6, 5)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((2, 6)), jnp.float32) * jnp.array([[1.0], [5.0]])
+    return a, b
+
+
+def _task_losses(params, a, b):
+    r = jnp.einsum("tij,j->ti", a, params["w"]) + params["c"] - b
+    return 0.5 * jnp.sum(r * r, axis=1)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=IDS)
+def test_works_through_the_optax_aggregator(method):
+    a, b = _quadratics()
+    params = {"w": jnp.zeros(5), "c": jnp.zeros(())}
+    tx = optax.chain(imtl_jax.aggregate(method, num_tasks=2), optax.sgd(1e-2))
+    tx_state = tx.init(params)
+    traces = []
+    needs_losses = not method.weighting.needs_grads
+
+    @jax.jit
+    def update(params, tx_state, key):
+        traces.append(1)
+        losses = _task_losses(params, a, b)
+        per_task = jax.jacrev(_task_losses)(params, a, b)   # leaves (2, ...)
+        kwargs = {"losses": losses} if needs_losses or method.weighting.weights_heads else {}
+        updates, tx_state = tx.update(per_task, tx_state, params, key=key, **kwargs)
+        return optax.apply_updates(params, updates), tx_state
+
+    before = float(jnp.sum(_task_losses(params, a, b)))
+    for i in range(40):
+        params, tx_state = update(params, tx_state, jax.random.key(i))
+    after = float(jnp.sum(_task_losses(params, a, b)))
+    assert len(traces) == 1
+    assert np.isfinite(after)
+    if method.name.startswith("single_task_"):
+        t = int(method.name.rsplit("_", 1)[1])
+        assert float(_task_losses(params, a, b)[t]) < float(_task_losses({"w": jnp.zeros(5), "c": jnp.zeros(())}, a, b)[t])
+    else:
+        assert after < before, (method.name, before, after)
+    if needs_losses:
+        with pytest.raises(ValueError, match="losses"):
+            tx.update(jax.jacrev(_task_losses)(params, a, b), tx_state, params)
