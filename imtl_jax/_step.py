@@ -230,7 +230,7 @@ class MTLStep:
             raw_ = self._call_losses(heads_, z_, batch, s_.shape[0])
             return scaling.scale(raw_, s_), raw_
 
-        (ls, raw), vjp = jax.vjp(scaled_all, z, heads, log_scales, has_aux=True)
+        ls, vjp, raw = jax.vjp(scaled_all, z, heads, log_scales, has_aux=True)
         gz = jax.vmap(lambda c: vjp(c)[0])(jnp.eye(ls.shape[0], dtype=ls.dtype))
         return raw, ls, gz, vjp, None
 
@@ -311,7 +311,7 @@ class MTLStep:
                                  f"has shape ({num_tasks},).")
             return scaling.scale(raw_, s_), raw_
 
-        (scaled, raw), vjp = jax.vjp(scaled_all, z, params.heads, params.log_scales, has_aux=True)
+        scaled, vjp, raw = jax.vjp(scaled_all, z, params.heads, params.log_scales, has_aux=True)
         global_scaled, raw = self._pmean((scaled, raw))
         out = self.method.weighting.weigh(None, lax.stop_gradient(global_scaled), state, key, priorities)
         w = lax.stop_gradient(out.weights).astype(scaled.dtype)
