@@ -40,7 +40,7 @@ def _stack_matrix(updates: PyTree, num_tasks: int) -> jax.Array:
 
 
 def aggregate(method: Union[str, Method, Weighting], num_tasks: int, *,
-              dtype: Any = jnp.float32) -> optax.GradientTransformationExtraArgs:
+              dtype: Any = None) -> optax.GradientTransformationExtraArgs:
     """An optax transformation that combines T stacked per-task updates with a weighting.
 
     ``update(updates, state, params=None, *, losses=None, key=None, priorities=None, **extra)``
@@ -53,7 +53,7 @@ def aggregate(method: Union[str, Method, Weighting], num_tasks: int, *,
       method: a registered name, a :class:`imtl_jax.Method` (its weighting is used) or a
         :class:`imtl_jax.Weighting`.
       num_tasks: T (static: fixes the shape of the state).
-      dtype: dtype of the weights kept in the state.
+      dtype: dtype of the weights kept in the state (default float32).
 
     Example:
       >>> import jax.numpy as jnp, optax, imtl_jax
@@ -71,6 +71,7 @@ def aggregate(method: Union[str, Method, Weighting], num_tasks: int, *,
         weighting = get_method(method).weighting
     if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
         raise ValueError(f"`num_tasks` must be a positive int, got {num_tasks!r}.")
+    dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
 
     def _info_zeros():
         shapes = jax.eval_shape(
@@ -111,7 +112,7 @@ def aggregate(method: Union[str, Method, Weighting], num_tasks: int, *,
 
 
 def imtl_g(num_tasks: int, *, nonconflicting: bool = False,
-           dtype: Any = jnp.float32) -> optax.GradientTransformationExtraArgs:
+           dtype: Any = None) -> optax.GradientTransformationExtraArgs:
     """IMTL-G as an optax aggregator over per-task updates stacked on axis 0.
 
     Pass ``priorities=`` (T,) to ``update`` for priority-weighted projections. The state's
@@ -120,7 +121,7 @@ def imtl_g(num_tasks: int, *, nonconflicting: bool = False,
     Args:
       num_tasks: T (static).
       nonconflicting: flip the aggregate's sign when the common projection is negative.
-      dtype: dtype of the weights kept in the state.
+      dtype: dtype of the weights kept in the state (default float32).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, imtl_jax
