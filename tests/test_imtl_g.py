@@ -285,7 +285,7 @@ def test_non_finite_input_is_loud(bad):
 
 def test_dtypes_preserved():
     for dt in (jnp.bfloat16, jnp.float16, jnp.float32):
-        out = imtl_jax.imtl_g_weights(jnp.asarray([[1.0, 0.0], [1.0, 1.0]], dt))
+        out = jax.jit(imtl_jax.imtl_g_weights)(jnp.asarray([[1.0, 0.0], [1.0, 1.0]], dt))
         assert out.dtype == dt
         np.testing.assert_allclose(np.asarray(out, np.float32).sum(), 1.0, atol=1e-2)
 

@@ -140,8 +140,8 @@ def test_representation_equals_exact_direction_for_linear_encoder_single_example
         params = params._replace(shared={"w1": params.shared["w1"]})
         rep = imtl_jax.mtl_step(linear_encoder, imtl_jax.stacked_task_losses(head_loss), "imtl_g")
         exact = imtl_jax.mtl_step(linear_encoder, imtl_jax.stacked_task_losses(head_loss), "imtl_g_exact")
-        g_rep, _, a_rep = rep(params, (), batch)
-        g_exact, _, a_exact = exact(params, (), batch)
+        g_rep, _, a_rep = jax.jit(rep)(params, (), batch)
+        g_exact, _, a_exact = jax.jit(exact)(params, (), batch)
         np.testing.assert_allclose(a_rep.weights, a_exact.weights, rtol=1e-10)
         u = np.ravel(g_rep.shared["w1"])
         v = np.ravel(g_exact.shared["w1"])
@@ -151,8 +151,8 @@ def test_representation_equals_exact_direction_for_linear_encoder_single_example
 def test_sum_and_mean_reduction_give_same_alpha():
     params, batch = make_problem(seed=4)
     losses = imtl_jax.stacked_task_losses(head_loss)
-    _, _, a_sum = imtl_jax.mtl_step(encoder, losses, reduction="sum")(params, (), batch)
-    g_mean, _, a_mean = imtl_jax.mtl_step(encoder, losses, reduction="mean")(params, (), batch)
+    _, _, a_sum = jax.jit(imtl_jax.mtl_step(encoder, losses, reduction="sum"))(params, (), batch)
+    _, _, a_mean = jax.jit(imtl_jax.mtl_step(encoder, losses, reduction="mean"))(params, (), batch)
     np.testing.assert_allclose(a_sum.weights, a_mean.weights, rtol=1e-5)
     with pytest.raises(ValueError, match="reduction"):
         imtl_jax.mtl_step(encoder, losses, reduction="flatten")
@@ -235,7 +235,7 @@ def test_partition_gives_log_scales_their_own_rule():
         shared=jax.tree_util.tree_map(lambda _: "net", params.shared),
         heads=jax.tree_util.tree_map(lambda _: "net", params.heads), log_scales="scales")
     tx = optax.partition({"net": optax.adamw(1e-2, weight_decay=1e-4), "scales": optax.sgd(0.5)}, labels)
-    grads, _, _ = step(params, (), batch)
+    grads, _, _ = jax.jit(step)(params, (), batch)
     updates, _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(updates.log_scales, -0.5 * np.asarray(grads.log_scales), rtol=1e-6)
 
