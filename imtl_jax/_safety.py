@@ -1,0 +1,229 @@
+"""Non-finite protection for training loops, with optax's ``apply_if_finite`` semantics.
+
+A single NaN or inf in a loss or a gradient (a corrupt example, an overflow in a head, a
+log of zero) must not poison the parameters or the optimizer's moments.
+
+* :func:`safe_optimizer` wraps any optax optimizer with the semantics and the state
+  (``optax.ApplyIfFiniteState``) of ``optax.apply_if_finite``: an update that contains a NaN
+  or inf is skipped (zero update, inner state untouched) and counted. Unlike
+  ``optax.apply_if_finite`` it also wraps chains that change the structure of the updates
+  (the per-task aggregators :func:`imtl_jax.aggregate` / :func:`imtl_jax.imtl_g`).
+* :func:`skipped_steps` reads the counters back out of a (possibly chained, wrapped or
+  nested) optimizer state.
+* :func:`flag_nonfinite` makes the optimizer also skip steps whose *losses* are non-finite
+  although their gradients are finite (the updates alone cannot show it).
+
+IMTL-G itself is loud on bad input: a NaN or inf in any task gradient makes every weight
+NaN (see :func:`imtl_jax.imtl_g_solve`), so the whole shared update is non-finite and is
+skipped, rather than silently dropping one task.
+
+Example:
+  >>> import jax, jax.numpy as jnp, optax, imtl_jax
+  >>> tx = imtl_jax.safe_optimizer(optax.sgd(0.1), max_consecutive_errors=3)
+  >>> params = {"w": jnp.ones(2)}
+  >>> state = tx.init(params)
+  >>> updates, state = tx.update({"w": jnp.array([jnp.nan, 1.0])}, state, params)
+  >>> updates["w"]  # skipped: a zero update, the inner state is unchanged
+  Array([0., 0.], dtype=float32)
+  >>> {k: v.item() for k, v in imtl_jax.skipped_steps(state).items()}
+  {'notfinite_count': 1, 'last_finite': False, 'total_notfinite': 1}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+PyTree = Any
+
+_STATE_NAME = "ApplyIfFiniteState"
+_FIELDS = ("notfinite_count", "last_finite", "total_notfinite")
+
+
+def safe_optimizer(tx: optax.GradientTransformation, max_consecutive_errors: int = 10
+                   ) -> optax.GradientTransformationExtraArgs:
+    """Wraps ``tx`` so that updates containing a NaN or inf are skipped.
+
+    The semantics and the state are those of ``optax.apply_if_finite(tx,
+    max_consecutive_errors)``: when any leaf of the incoming updates is non-finite, the
+    returned update is all zeros and ``tx``'s state is returned unchanged (bit for bit), so
+    ``optax.apply_updates`` leaves the parameters as they were. The counters
+    ``notfinite_count`` (current streak), ``last_finite`` and ``total_notfinite`` (never
+    reset) live in the ``optax.ApplyIfFiniteState``; read them with :func:`skipped_steps`.
+
+    One difference: ``optax.apply_if_finite`` (optax 0.2.8) returns zeros shaped like its
+    *input* when it skips, so it fails at trace time ("cond branches must have equal output
+    types") around a transformation that changes the structure of the updates, such as an
+    :func:`imtl_jax.aggregate` / :func:`imtl_jax.imtl_g` aggregator that maps per-task
+    updates (T, ...) to one update. This wrapper returns zeros shaped like ``tx``'s *output*
+    (found with ``jax.eval_shape``, no extra computation), so it can wrap the whole chain.
+    For structure-preserving ``tx`` the two are identical (tested bit for bit).
+
+    After more than ``max_consecutive_errors`` non-finite updates *in a row* the wrapper
+    gives up and applies the update (optax's semantics): a NaN that persists is a bug, not
+    noise, and the run then fails visibly instead of silently freezing. ``total_notfinite``
+    counts every non-finite update, including such a given-up one.
+
+    Put the wrapper outermost, around the whole chain (aggregator included), so that a bad
+    step leaves every inner state, the aggregator's last weights included, untouched. Extra
+    arguments of ``update`` (``losses=``, ``key=``, ``priorities=``) are passed to ``tx``.
+
+    To also skip steps whose losses are non-finite while their gradients are finite (which
+    the updates alone cannot show), pass the gradients through :func:`flag_nonfinite` with
+    the training step's ``aux.all_finite`` first.
+
+    Args:
+      tx: any optax transformation, e.g. ``optax.adam(1e-3)`` or
+        ``optax.chain(imtl_jax.imtl_g(T), optax.adam(1e-3))``.
+      max_consecutive_errors: how many consecutive non-finite updates are skipped before
+        one is applied anyway (a non-negative int, static).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is an
+      ``optax.ApplyIfFiniteState``.
+
+    Raises:
+      TypeError: ``tx`` is not an optax transformation, or ``max_consecutive_errors`` is
+        not an int.
+      ValueError: ``max_consecutive_errors`` is negative.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, imtl_jax
+      >>> def encoder(w, batch): return jnp.tanh(batch["x"] @ w)
+      >>> def head_loss(v_t, z, batch, t): return jnp.mean((z @ v_t - batch["y"][:, t]) ** 2)
+      >>> step = imtl_jax.mtl_step(encoder, imtl_jax.stacked_task_losses(head_loss))
+      >>> params = imtl_jax.MTLParams(shared=jnp.ones((3, 4)) / 4, heads=jnp.ones((2, 4)),
+      ...                             log_scales=jnp.zeros(2))
+      >>> opt = imtl_jax.safe_optimizer(optax.adam(1e-2))
+      >>> opt_state, state = opt.init(params), step.init(params)
+      >>> @jax.jit
+      ... def train(params, opt_state, state, batch):
+      ...     grads, state, aux = step(params, state, batch)
+      ...     updates, opt_state = opt.update(grads, opt_state, params)
+      ...     return optax.apply_updates(params, updates), opt_state, state, aux
+      >>> bad = {"x": jnp.ones((8, 3)), "y": jnp.full((8, 2), jnp.nan)}
+      >>> new_params, opt_state, state, aux = train(params, opt_state, state, bad)
+      >>> bool(aux.all_finite), int(imtl_jax.skipped_steps(opt_state)["total_notfinite"])
+      (False, 1)
+      >>> bool(jnp.all(new_params.shared == params.shared))
+      True
+    """
+    if not isinstance(tx, optax.GradientTransformation):
+        raise TypeError("`tx` must be an optax.GradientTransformation (e.g. optax.adam(1e-3)), "
+                        f"got {type(tx).__name__}.")
+    if isinstance(max_consecutive_errors, bool) or not isinstance(max_consecutive_errors, int):
+        raise TypeError("`max_consecutive_errors` must be an int, got "
+                        f"{max_consecutive_errors!r} ({type(max_consecutive_errors).__name__}).")
+    if max_consecutive_errors < 0:
+        raise ValueError(f"`max_consecutive_errors` must be >= 0, got {max_consecutive_errors}.")
+    inner = optax.with_extra_args_support(tx)
+
+    def init_fn(params):
+        return optax.ApplyIfFiniteState(
+            notfinite_count=jnp.zeros([], jnp.int32),
+            last_finite=jnp.array(True, jnp.bool_),
+            total_notfinite=jnp.zeros([], jnp.int32),
+            inner_state=inner.init(params),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        inner_state = state.inner_state
+        isfinite = jnp.all(jnp.array(
+            [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(updates)]))
+        notfinite_count = jnp.where(isfinite, jnp.zeros([], jnp.int32),
+                                    optax.safe_int32_increment(state.notfinite_count))
+
+        def do_update(_):
+            return inner.update(updates, inner_state, params, **extra_args)
+
+        def reject_update(_):
+            shapes = jax.eval_shape(lambda: do_update(None)[0])
+            zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            return zeros, inner_state
+
+        new_updates, new_inner_state = lax.cond(
+            jnp.logical_or(isfinite, notfinite_count > max_consecutive_errors),
+            do_update, reject_update, operand=None)
+        return new_updates, optax.ApplyIfFiniteState(
+            notfinite_count=notfinite_count,
+            last_finite=isfinite,
+            total_notfinite=jnp.where(isfinite, state.total_notfinite,
+                                      optax.safe_int32_increment(state.total_notfinite)),
+            inner_state=new_inner_state,
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def skipped_steps(opt_state: PyTree) -> dict[str, jax.Array]:
+    """The non-finite counters of the ``apply_if_finite`` state inside ``opt_state``.
+
+    ``opt_state`` may be the state of :func:`safe_optimizer` itself or any pytree that holds
+    exactly one ``optax.ApplyIfFiniteState`` (a chain, a ``multi_transform``, a train-state
+    dataclass, a dict of states, ...). It is found with ``optax.tree_utils.tree_get``.
+    Works on concrete states and inside ``jax.jit`` (the values are then tracers).
+
+    Returns:
+      ``{"notfinite_count": int32 (), "last_finite": bool (), "total_notfinite": int32 ()}``:
+      the current streak of consecutive non-finite updates, whether the last update was
+      finite, and the total number of non-finite updates since ``init``. The latter equals
+      the number of skipped steps as long as no streak exceeded ``max_consecutive_errors``.
+
+    Raises:
+      ValueError: ``opt_state`` holds no ``ApplyIfFiniteState`` (the optimizer was not
+        wrapped by :func:`safe_optimizer` / ``optax.apply_if_finite``), or several of them
+        (the message lists their paths; pass the sub-state you mean).
+    """
+    found = optax.tree_utils.tree_get_all_with_path(opt_state, _STATE_NAME)
+    if not found:
+        raise ValueError(
+            "`opt_state` contains no optax.ApplyIfFiniteState; wrap the optimizer with "
+            "imtl_jax.safe_optimizer(tx) (or optax.apply_if_finite) before calling init. "
+            f"Got a state of type {type(opt_state).__name__}.")
+    if len(found) > 1:
+        paths = [jax.tree_util.keystr(path) for path, _ in found]
+        raise ValueError(
+            f"`opt_state` contains {len(found)} optax.ApplyIfFiniteState entries, at {paths}; "
+            "pass the sub-state whose counters you want.")
+    state = found[0][1]
+    return {name: getattr(state, name) for name in _FIELDS}
+
+
+def flag_nonfinite(updates: PyTree, all_finite: jax.Array) -> PyTree:
+    """Returns ``updates``, or all-NaN updates of the same structure when ``all_finite`` is False.
+
+    ``optax.apply_if_finite`` (and so :func:`safe_optimizer`) decides from the updates
+    alone. A step can have a non-finite loss with finite gradients (e.g. a NaN added as a
+    constant, or an ``inf`` loss whose gradient is masked by ``jnp.where``); passing the
+    gradients through this function with the training step's ``aux.all_finite`` makes the
+    optimizer skip (and count) exactly the steps that the step itself reports as non-finite.
+    Jittable; costs one select per leaf.
+
+    Args:
+      updates: a pytree of floating-point arrays (e.g. the gradients from
+        :func:`imtl_jax.mtl_step`).
+      all_finite: a scalar bool (e.g. ``aux.all_finite``).
+
+    Raises:
+      ValueError: ``all_finite`` is not a scalar.
+      TypeError: ``all_finite`` is not boolean, or a leaf of ``updates`` is not floating
+        point (NaN cannot be represented).
+    """
+    all_finite = jnp.asarray(all_finite)
+    if all_finite.shape != ():
+        raise ValueError(f"`all_finite` must be a scalar bool, got shape {all_finite.shape}.")
+    if all_finite.dtype != jnp.bool_:
+        raise TypeError(f"`all_finite` must be a bool, got dtype {all_finite.dtype}.")
+
+    def flag(x):
+        x = jnp.asarray(x)
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            raise TypeError(f"every leaf of `updates` must be floating point, got a leaf of "
+                            f"dtype {x.dtype} with shape {x.shape}.")
+        return jnp.where(all_finite, x, jnp.asarray(jnp.nan, x.dtype))
+
+    return jax.tree_util.tree_map(flag, updates)
