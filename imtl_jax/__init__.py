@@ -4,7 +4,8 @@ The public API, re-exported flat (as optax does):
 
 * math: :func:`imtl_g_weights`, :func:`imtl_g_solve`, :func:`scale_losses`
 * training: :func:`mtl_step`, :class:`MTLParams`, :func:`stacked_task_losses`
-* optax: :func:`imtl_g`, :func:`aggregate`
+* optax: :func:`imtl_g`, :func:`aggregate`, :func:`safe_optimizer`, :func:`skipped_steps`,
+  :func:`flag_nonfinite`
 * methods: :mod:`imtl_jax.methods` (registry), :class:`Method`, :class:`Weighting`,
   :class:`LossScaling`
 """
@@ -18,10 +19,11 @@ from imtl_jax import methods
 from imtl_jax._step import (MTLParams, MTLStep, StackedTaskLosses, StepAux, mtl_step,
                             stacked_task_losses)
 from imtl_jax._aggregator import AggregatorState, aggregate, imtl_g
+from imtl_jax._safety import flag_nonfinite, safe_optimizer, skipped_steps
 
 __all__ = [
     "AggregatorState", "ImtlGResult", "LossScaling", "MTLParams", "MTLStep", "Method",
     "StackedTaskLosses", "StepAux", "Weighting", "WeightingOutput", "aggregate", "imtl_g",
     "imtl_g_solve", "imtl_g_weights", "methods", "mtl_step", "scale_losses",
-    "stacked_task_losses",
+    "stacked_task_losses", "flag_nonfinite", "safe_optimizer", "skipped_steps",
 ]

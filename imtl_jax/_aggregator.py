@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from imtl_jax._method import Method, PyTree, Weighting
+from imtl_jax._validation import check_float_array
 from imtl_jax.methods import get_method
 
 
@@ -31,6 +32,9 @@ def _stack_matrix(updates: PyTree, num_tasks: int) -> jax.Array:
     if not leaves:
         raise ValueError("`updates` has no array leaves.")
     for leaf in leaves:
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise TypeError("every leaf of `updates` must be floating point; found a leaf of "
+                            f"dtype {jnp.result_type(leaf)} with shape {jnp.shape(leaf)}.")
         if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != num_tasks:
             raise ValueError(
                 f"every leaf of `updates` must have the task axis T={num_tasks} first "
@@ -98,6 +102,7 @@ def aggregate(method: Union[str, Method, Weighting], num_tasks: int, *,
             losses = jnp.asarray(losses)
             if losses.shape != (num_tasks,):
                 raise ValueError(f"`losses` must have shape ({num_tasks},), got {losses.shape}.")
+            check_float_array(losses, "losses")
         if key is None:
             key = jax.random.key(0)
         out = weighting.weigh(matrix if weighting.needs_grads else None, losses.astype(matrix.dtype),

@@ -33,6 +33,8 @@ def scale_losses(losses: jax.Array, log_scales: jax.Array) -> jax.Array:
     """
     losses = check_float_array(losses, "losses", ndim=1)
     log_scales = check_float_array(log_scales, "log_scales", ndim=1)
+    if losses.shape[0] < 1:
+        raise ValueError(f"`losses` must have T >= 1 entries, got shape {losses.shape}.")
     if losses.shape != log_scales.shape:
         raise ValueError(
             f"`losses` has shape {losses.shape} but `log_scales` has shape {log_scales.shape}; "

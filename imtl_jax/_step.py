@@ -112,13 +112,21 @@ def _stacked_num_tasks(head_params: PyTree) -> int:
     sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
     if len(sizes) != 1 or None in sizes:
         raise ValueError(
-            "stacked heads: every leaf of `head_params` must have the same leading task axis T; "
+            "stacked heads: every leaf of `params.heads` must have the same leading task axis T; "
             f"got leading sizes {sorted(str(s) for s in sizes)}.")
     return sizes.pop()
 
 
+def _scalar_loss(loss):
+    loss = check_float_array(loss, "task loss (one task's loss function output)")
+    if loss.ndim != 0:
+        raise ValueError("each task loss must be a scalar (rank-0); a task loss function "
+                         f"returned shape {loss.shape}. Reduce it over the batch (e.g. mean).")
+    return loss
+
+
 def _scale_one(scaling, loss, log_scale):
-    return scaling.scale(loss[None], log_scale[None])[0]
+    return scaling.scale(_scalar_loss(loss)[None], log_scale[None])[0]
 
 
 class MTLStep:
@@ -171,6 +179,8 @@ class MTLStep:
                             f"got {type(params).__name__}.")
         log_scales = check_float_array(params.log_scales, "params.log_scales", ndim=1)
         num_tasks = log_scales.shape[0]
+        if num_tasks < 1:
+            raise ValueError(f"`params.log_scales` must have T >= 1 entries, got shape {log_scales.shape}.")
         if isinstance(self.task_losses, StackedTaskLosses):
             heads_t = _stacked_num_tasks(params.heads)
             if heads_t != num_tasks:
@@ -178,9 +188,11 @@ class MTLStep:
                                  f"`params.log_scales` has shape {log_scales.shape}.")
         elif isinstance(self.task_losses, tuple):
             if not isinstance(params.heads, (tuple, list)) or len(params.heads) != len(self.task_losses):
-                n = len(params.heads) if isinstance(params.heads, (tuple, list)) else type(params.heads).__name__
+                n = (f"{len(params.heads)} entries" if isinstance(params.heads, (tuple, list))
+                     else f"a {type(params.heads).__name__ if not hasattr(params.heads, 'shape') else 'single array'}"
+                          f" of shape {jnp.shape(params.heads)}")
                 raise ValueError(f"`task_losses` has {len(self.task_losses)} functions but "
-                                 f"`params.heads` has {n} entries; give one head pytree per task.")
+                                 f"`params.heads` has {n}; give a tuple of one head pytree per task.")
             if len(self.task_losses) != num_tasks:
                 raise ValueError(f"`task_losses` has {len(self.task_losses)} functions but "
                                  f"`params.log_scales` has shape {log_scales.shape}.")
@@ -303,8 +315,14 @@ class MTLStep:
         num_tasks = params.log_scales.shape[0]
 
         def scaled_all(z_, heads_, s_):
-            raw_ = self.task_losses(heads_, z_, batch) if not isinstance(self.task_losses, tuple) \
-                else jnp.stack([f(h, z_, batch) for f, h in zip(self.task_losses, heads_)])
+            if isinstance(self.task_losses, tuple):
+                raw_ = jnp.stack([_scalar_loss(f(h, z_, batch)) for f, h in zip(self.task_losses, heads_)])
+            elif isinstance(self.task_losses, StackedTaskLosses):
+                tl = self.task_losses
+                raw_ = jax.vmap(lambda h, t: _scalar_loss(tl.loss_fn(h, z_, batch, t)))(
+                    heads_, jnp.arange(num_tasks))
+            else:
+                raw_ = self.task_losses(heads_, z_, batch)
             raw_ = check_float_array(raw_, "task losses", ndim=1)
             if raw_.shape != (num_tasks,):
                 raise ValueError(f"task losses have shape {raw_.shape} but `params.log_scales` "

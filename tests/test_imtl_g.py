@@ -19,6 +19,11 @@ solve = jax.jit(imtl_jax.imtl_g_solve, static_argnames="nonconflicting")
 SHAPES = [(2, 8), (3, 8), (4, 16), (5, 16), (6, 64), (8, 8), (8, 64)]
 
 
+def sum_bound(alpha: np.ndarray, dtype) -> float:
+    """Round-off bound of sum(alpha) computed in ``dtype``: 10 T eps sum|alpha| (and >= 10 eps)."""
+    return float(10 * len(alpha) * np.finfo(dtype).eps * max(np.abs(alpha).sum(), 1.0))
+
+
 def _random_jacobian(seed: int, num_tasks: int, dim: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     units = random_directions(rng, num_tasks, dim)
@@ -26,7 +31,7 @@ def _random_jacobian(seed: int, num_tasks: int, dim: int) -> np.ndarray:
     return units * norms[:, None]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(shape=st.sampled_from(SHAPES), seed=st.integers(0, 2**31 - 1))
 def test_random_jacobians_float64(shape, seed):
     with x64():
@@ -34,23 +39,25 @@ def test_random_jacobians_float64(shape, seed):
         res = solve(jnp.asarray(grads))
         alpha = np.asarray(res.weights)
         assert res.weights.dtype == jnp.float64
-        np.testing.assert_allclose(alpha.sum(), 1.0, rtol=0, atol=1e-12)
+        # Sums of T terms of size up to |alpha|: round-off bound T eps sum|alpha|.
+        np.testing.assert_allclose(alpha.sum(), 1.0, rtol=0, atol=sum_bound(alpha, np.float64))
         assert relative_spread(projections(grads, alpha)) <= 1e-12
         np.testing.assert_allclose(alpha, paper_alpha(grads), rtol=1e-12,
                                    atol=paper_alpha_error_bound(grads) + 1e-13)
-        np.testing.assert_allclose(np.asarray(res.aggregate), alpha @ grads, rtol=1e-12)
+        np.testing.assert_allclose(np.asarray(res.aggregate), alpha @ grads, rtol=0,
+                                   atol=1e-12 * (np.abs(alpha) @ np.abs(grads)).max())
         np.testing.assert_allclose(float(res.common_projection), projections(grads, alpha).mean(),
                                    rtol=1e-10)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(shape=st.sampled_from(SHAPES), seed=st.integers(0, 2**31 - 1))
 def test_random_jacobians_float32(shape, seed):
     grads = _random_jacobian(seed, *shape).astype(np.float32)
     res = solve(jnp.asarray(grads))
     assert res.weights.dtype == jnp.float32
     alpha = np.asarray(res.weights, np.float64)
-    np.testing.assert_allclose(alpha.sum(), 1.0, atol=1e-6)
+    np.testing.assert_allclose(alpha.sum(), 1.0, atol=sum_bound(alpha, np.float32))
     # The oracle is the exact solution for the float32-rounded input.
     assert relative_spread(projections(grads, alpha)) <= 1e-5
     np.testing.assert_allclose(alpha, paper_alpha(grads), rtol=1e-3, atol=1e-5)

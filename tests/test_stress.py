@@ -294,13 +294,6 @@ def test_imtl_g_solve_stress(capsys):
     assert COUNTS["flipped_by_nonconflicting"] >= 10
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known issue: when the all-ones target is orthogonal to range(K) (D = 1 with balanced "
-    "signs, or a rank-1 matrix whose row signs balance) beta is round-off and "
-    "imtl_g_solve's solvability test |sum raw| > 10 T eps sum|raw| compares round-off with "
-    "round-off, so alpha is noise (up to ~10 in magnitude) and differs between J and 1e-2 J. "
-    "Proposed fix in _imtl_g.py: also require ||K beta|| > 10 T eps ||target||, which sends "
-    "these inputs to the documented fallback alpha ~ 1/|g_t| (aggregate 0, all projections 0)."))
 def test_target_orthogonal_to_range_is_deterministic():
     with x64():
         # Seeds and scales found by this stress test (4 positive and 4 negative rows, D = 1).
