@@ -117,6 +117,21 @@ def _stacked_num_tasks(head_params: PyTree) -> int:
     return sizes.pop()
 
 
+def _varying_axes(x) -> frozenset:
+    """The mesh axes over which ``x`` varies inside shard_map (empty elsewhere)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", frozenset()))  # jax < 0.10
+
+
+def _pcast_varying(x, axis_name):
+    if hasattr(lax, "pcast"):
+        return lax.pcast(x, axis_name, to="varying")
+    return lax.pvary(x, axis_name)  # jax < 0.8.2
+
+
 def _scalar_loss(loss):
     loss = check_float_array(loss, "task loss (one task's loss function output)")
     if loss.ndim != 0:
@@ -163,6 +178,23 @@ class MTLStep:
     def _pmean(self, tree):
         """Mean over the data-parallel axis (inside ``shard_map``/``pmap``); identity otherwise."""
         return tree if self.axis_name is None else lax.pmean(tree, self.axis_name)
+
+    def _varying(self, tree):
+        """Marks values as device-varying over ``axis_name`` (shard_map's ``check_vma`` typing).
+
+        Replicated parameters are device-invariant; differentiating through them would make
+        JAX sum their gradients over devices implicitly (the transpose of the implicit cast),
+        and the explicit mean below would then reduce twice. Casting first keeps one reduction.
+        """
+        if self.axis_name is None:
+            return tree
+
+        def cast(x):
+            if self.axis_name in _varying_axes(x):
+                return x
+            return _pcast_varying(x, self.axis_name)
+
+        return jax.tree_util.tree_map(cast, tree)
 
     def __repr__(self) -> str:
         return f"MTLStep(method={self.method.name!r}, reduction={self.reduction!r})"
@@ -243,7 +275,7 @@ class MTLStep:
             return scaling.scale(raw_, s_), raw_
 
         ls, vjp, raw = jax.vjp(scaled_all, z, heads, log_scales, has_aux=True)
-        gz = jax.vmap(lambda c: vjp(c)[0])(jnp.eye(ls.shape[0], dtype=ls.dtype))
+        gz = jax.vmap(lambda c: vjp(c)[0])(self._varying(jnp.eye(ls.shape[0], dtype=ls.dtype)))
         return raw, ls, gz, vjp, None
 
     def _call_losses(self, heads, z, batch, num_tasks):
@@ -258,6 +290,7 @@ class MTLStep:
     def __call__(self, params: MTLParams, state: PyTree, batch: Any, *,
                  key: Optional[jax.Array] = None, priorities: Optional[jax.Array] = None):
         log_scales = self._check_params(params)
+        params = self._varying(params)
         num_tasks = log_scales.shape[0]
         method = self.method
         weighting = method.weighting
@@ -270,7 +303,7 @@ class MTLStep:
             grads, new_state, aux = self._loss_weighted(params, state, batch, z, encoder_vjp, key, priorities)
             return grads, new_state, aux
 
-        raw, scaled, gz, gh, gs = self._per_task_pass(params.heads, z, batch, log_scales)
+        raw, scaled, gz, gh, gs = self._per_task_pass(params.heads, z, batch, params.log_scales)
         if raw.shape != (num_tasks,):
             raise ValueError(f"task losses have shape {raw.shape} but `params.log_scales` has "
                              f"shape ({num_tasks},).")
@@ -290,13 +323,13 @@ class MTLStep:
         w = lax.stop_gradient(out.weights).astype(scaled.dtype)
 
         if method.level == "representation":
-            (shared_grads,) = encoder_vjp(jnp.tensordot(w, gz, axes=1).astype(z.dtype))
+            (shared_grads,) = encoder_vjp(self._varying(jnp.tensordot(w, gz, axes=1).astype(z.dtype)))
         else:
             shared_grads = jax.tree_util.tree_map(lambda x: jnp.tensordot(w, x, axes=1).astype(x.dtype), param_grads)
 
         head_w = w if weighting.weights_heads else jnp.ones_like(w)
         if gs is None:  # generic heads: one more VJP with the head cotangent
-            _, head_grads, scale_grads = gh(head_w)
+            _, head_grads, scale_grads = gh(self._varying(head_w))
         else:
             head_grads = jax.tree_util.tree_map(
                 lambda x: x * head_w.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype), gh) \
@@ -333,9 +366,9 @@ class MTLStep:
         global_scaled, raw = self._pmean((scaled, raw))
         out = self.method.weighting.weigh(None, lax.stop_gradient(global_scaled), state, key, priorities)
         w = lax.stop_gradient(out.weights).astype(scaled.dtype)
-        gz, head_grads, scale_grads = vjp(w)
+        gz, head_grads, scale_grads = vjp(self._varying(w))
         if not self.method.weighting.weights_heads:
-            _, head_grads, scale_grads = vjp(jnp.ones_like(w))
+            _, head_grads, scale_grads = vjp(self._varying(jnp.ones_like(w)))
         (shared_grads,) = encoder_vjp(gz)
         if not scaling.trainable:
             scale_grads = jnp.zeros_like(params.log_scales)
