@@ -6,6 +6,7 @@ The public API, re-exported flat (as optax does):
 * training: :func:`mtl_step`, :class:`MTLParams`, :func:`stacked_task_losses`
 * optax: :func:`imtl_g`, :func:`aggregate`, :func:`safe_optimizer`, :func:`skipped_steps`,
   :func:`flag_nonfinite`
+* Flax NNX: :mod:`imtl_jax.nnx` (:class:`~imtl_jax.nnx.LossScales`, :func:`~imtl_jax.nnx.make_train_step`)
 * methods: :mod:`imtl_jax.methods` (registry), :class:`Method`, :class:`Weighting`,
   :class:`LossScaling`
 """
