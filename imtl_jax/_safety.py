@@ -173,6 +173,14 @@ def skipped_steps(opt_state: PyTree) -> dict[str, jax.Array]:
       finite, and the total number of non-finite updates since ``init``. The latter equals
       the number of skipped steps as long as no streak exceeded ``max_consecutive_errors``.
 
+    Example:
+      >>> import jax.numpy as jnp, optax, imtl_jax
+      >>> tx = imtl_jax.safe_optimizer(optax.sgd(0.1))
+      >>> state = tx.init({"w": jnp.zeros(2)})
+      >>> _, state = tx.update({"w": jnp.array([jnp.nan, 1.0])}, state)
+      >>> int(imtl_jax.skipped_steps(state)["total_notfinite"])
+      1
+
     Raises:
       ValueError: ``opt_state`` holds no ``ApplyIfFiniteState`` (the optimizer was not
         wrapped by :func:`safe_optimizer` / ``optax.apply_if_finite``), or several of them
@@ -207,6 +215,11 @@ def flag_nonfinite(updates: PyTree, all_finite: jax.Array) -> PyTree:
       updates: a pytree of floating-point arrays (e.g. the gradients from
         :func:`imtl_jax.mtl_step`).
       all_finite: a scalar bool (e.g. ``aux.all_finite``).
+
+    Example:
+      >>> import jax.numpy as jnp, imtl_jax
+      >>> imtl_jax.flag_nonfinite({"w": jnp.ones(2)}, jnp.array(False))["w"]
+      Array([nan, nan], dtype=float32)
 
     Raises:
       ValueError: ``all_finite`` is not a scalar.
