@@ -53,3 +53,11 @@ def get_method(method: Union[str, Method]) -> Method:
 # Registration happens on import of each family module. Keep this list in sync with the files.
 from imtl_jax.methods import equal as _equal  # noqa: E402,F401
 from imtl_jax.methods import imtl as _imtl  # noqa: E402,F401
+from imtl_jax.methods import loss_weighting as _loss_weighting  # noqa: E402,F401
+from imtl_jax.methods import gradnorm as _gradnorm  # noqa: E402,F401
+from imtl_jax.methods import mgda as _mgda  # noqa: E402,F401
+from imtl_jax.methods import pcgrad as _pcgrad  # noqa: E402,F401
+from imtl_jax.methods import cagrad as _cagrad  # noqa: E402,F401
+from imtl_jax.methods import nash_mtl as _nash_mtl  # noqa: E402,F401
+from imtl_jax.methods import aligned_mtl as _aligned_mtl  # noqa: E402,F401
+from imtl_jax.methods import upgrad as _upgrad  # noqa: E402,F401

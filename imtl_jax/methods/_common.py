@@ -1,0 +1,139 @@
+"""Helpers shared by the baseline weightings: trace-time validation, the scale-normalised
+Gramian, simplex projection, and state bookkeeping.
+
+Every helper is pure and jittable; validation runs on static shapes only (it raises at trace
+time under ``jax.jit``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from imtl_jax._validation import check_float_array, check_task_vector
+
+HIGHEST = lax.Precision.HIGHEST
+
+
+def compute_dtype(dtype: Any) -> Any:
+    """The dtype solvers run in: at least float32 (``eigh`` has no 16-bit kernels)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def check_priorities(priorities: Any, method: str) -> None:
+    """Baselines define no task priorities: a non-None value is rejected (not ignored)."""
+    if priorities is not None:
+        raise ValueError(
+            f"`priorities` is not supported by the {method!r} weighting (only IMTL-G defines "
+            "priority-weighted projections); pass priorities=None.")
+
+
+def check_matrix(grads: Any, method: str) -> jax.Array:
+    """Validates a (T, F) float matrix of per-task gradients named ``grads``."""
+    if grads is None:
+        raise ValueError(f"`grads` is None but the {method!r} weighting needs the (T, F) matrix "
+                         "of per-task gradients.")
+    grads = check_float_array(grads, "grads", ndim=2)
+    num_tasks, dim = grads.shape
+    if num_tasks < 1 or dim < 1:
+        raise ValueError(f"`grads` must be (T, F) with T >= 1 and F >= 1, got shape {grads.shape}.")
+    return grads
+
+
+def check_grads(grads: Any, losses: Any, priorities: Any, method: str):
+    """Validates the inputs of a gradient weighting; returns ``(grads, losses)`` as arrays."""
+    grads = check_matrix(grads, method)
+    losses = check_task_vector(losses, "losses", grads.shape[0], "grads", grads.shape)
+    check_priorities(priorities, method)
+    return grads, losses
+
+
+def check_losses(losses: Any, priorities: Any, method: str) -> jax.Array:
+    """Validates the inputs of a loss weighting (``grads`` is ignored); returns ``losses``."""
+    losses = check_float_array(losses, "losses", ndim=1)
+    if losses.shape[0] < 1:
+        raise ValueError(f"`losses` must be (T,) with T >= 1, got shape {losses.shape}.")
+    check_priorities(priorities, method)
+    return losses
+
+
+def check_state(state: Any, expected: Any, method: str) -> None:
+    """Raises ValueError naming ``state`` when its structure or shapes differ from ``expected``
+    (the output of the weighting's ``init`` for the current T)."""
+    exp_leaves, exp_tree = jax.tree_util.tree_flatten(expected)
+    try:
+        leaves, tree = jax.tree_util.tree_flatten(state)
+    except Exception as err:  # pragma: no cover - exotic pytrees
+        raise ValueError(f"`state` of the {method!r} weighting is not a pytree: {err}") from err
+    if tree != exp_tree:
+        raise ValueError(f"`state` of the {method!r} weighting has structure {tree}, expected "
+                         f"{exp_tree}; create it with the weighting's init(num_tasks, dtype).")
+    for got, want in zip(leaves, exp_leaves):
+        if jnp.shape(got) != jnp.shape(want):
+            raise ValueError(
+                f"`state` of the {method!r} weighting has a leaf of shape {jnp.shape(got)} where "
+                f"{jnp.shape(want)} is expected: it was created for a different number of tasks.")
+
+
+def cast_like(new: Any, old: Any) -> Any:
+    """Casts every leaf of ``new`` to the dtype of the matching leaf of ``old`` (keeps the state's
+    dtypes fixed across steps, so a jitted training loop compiles once)."""
+    return jax.tree_util.tree_map(lambda n, o: jnp.asarray(n).astype(jnp.asarray(o).dtype), new, old)
+
+
+def normalized_gramian(grads: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(M, scale)`` with ``M = (G / scale)(G / scale)^T`` and ``scale = max|G|`` (1 if G = 0).
+
+    Dividing first keeps ``M`` finite for gradients at 1e-20 or 1e20 in float32; every baseline
+    below is invariant to (or explicitly tracks) a uniform rescaling of G. NaN/inf in ``grads``
+    propagates into ``M`` (loud).
+    """
+    absmax = jnp.max(jnp.abs(grads))
+    scale = jnp.where(absmax > 0, absmax, jnp.ones((), grads.dtype))
+    g = grads / scale
+    m = jnp.matmul(g, g.T, precision=HIGHEST)
+    return 0.5 * (m + m.T), scale
+
+
+def safe_div(num: jax.Array, den: jax.Array, fallback: Any = 0.0) -> jax.Array:
+    """``num / den`` where ``den != 0``, else ``fallback`` (no NaN in either branch's gradient)."""
+    ok = den != 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1), fallback)
+
+
+def symmetric_pinv_apply(m: jax.Array, rhs: jax.Array, rtol: Optional[float] = None) -> jax.Array:
+    """``M^+ rhs`` for symmetric PSD ``M`` by eigendecomposition with a cutoff relative to the
+    largest eigenvalue (``10 T eps`` by default): scale-free, finite on singular input."""
+    num_tasks = m.shape[0]
+    evals, evecs = jnp.linalg.eigh(m)
+    if rtol is None:
+        rtol = 10.0 * num_tasks * float(jnp.finfo(m.dtype).eps)
+    keep = evals > rtol * jnp.max(jnp.abs(evals))
+    inv = jnp.where(keep, 1.0 / jnp.where(keep, evals, 1.0), 0.0)
+    coords = jnp.matmul(evecs.T, rhs, precision=HIGHEST)
+    return jnp.matmul(evecs, inv * coords if rhs.ndim == 1 else inv[:, None] * coords,
+                      precision=HIGHEST)
+
+
+def project_simplex(v: jax.Array) -> jax.Array:
+    """Euclidean projection of ``v`` (T,) onto the probability simplex (sort-based, O(T log T))."""
+    num = v.shape[0]
+    u = jnp.sort(v)[::-1]
+    css = jnp.cumsum(u) - 1.0
+    ind = jnp.arange(1, num + 1, dtype=v.dtype)
+    rho = jnp.sum(u - css / ind > 0)
+    rho = jnp.maximum(rho, 1)
+    theta = css[rho - 1] / rho.astype(v.dtype)
+    return jnp.maximum(v - theta, 0.0)
+
+
+def nan_if_not_finite(weights: jax.Array, *arrays: jax.Array) -> jax.Array:
+    """Makes every weight NaN when any of ``arrays`` holds a NaN or inf (loud, so that
+    ``optax.apply_if_finite`` or ``StepAux.all_finite`` can skip the step)."""
+    ok = jnp.ones((), bool)
+    for a in arrays:
+        ok = ok & jnp.all(jnp.isfinite(a))
+    return jnp.where(ok, weights, jnp.asarray(jnp.nan, weights.dtype))

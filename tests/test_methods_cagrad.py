@@ -1,0 +1,125 @@
+"""CAGrad against scipy SLSQP on the authors' dual objective (float64) and strong duality."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.optimize import minimize
+
+from imtl_jax.methods.cagrad import cagrad_weighting, cagrad_weights
+
+SHAPES = [(2, 5), (3, 8), (5, 16)]
+
+
+# Many small test programs: skip LLVM's expensive optimisations (same numerics).
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
+@contextlib.contextmanager
+def x64():
+    old = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", old)
+
+
+@pytest.fixture(params=["float32", "float64"])
+def fdtype(request):
+    if request.param == "float64":
+        with x64():
+            yield np.float64
+    else:
+        yield np.float32
+
+
+def _weigh_fn(c, rescale):
+    wt = cagrad_weighting(c=c, rescale=rescale)
+    return jit(lambda g: wt.weigh(g, jnp.zeros(g.shape[:1], g.dtype), (), None, None))
+
+
+_DEFAULT = _weigh_fn(0.5, 1)
+_NO_RESCALE = _weigh_fn(0.5, 0)
+
+
+def dual_objective(w, gram, c):
+    g0_norm = np.sqrt(gram.mean())
+    return w @ gram.mean(axis=1) + c * g0_norm * np.sqrt(max(w @ gram @ w, 0.0))
+
+
+def cagrad_oracle(grads, c):
+    """The authors' scipy formulation (SLSQP on the simplex) in float64, tighter tolerance; returns
+    the dual weights and the direction d = g0 + (c ||g0|| / ||g_w||) g_w (no rescaling)."""
+    g = np.asarray(grads, np.float64)
+    gram = g @ g.T
+    num_tasks = g.shape[0]
+    best = None
+    for x0 in [np.full(num_tasks, 1.0 / num_tasks)] + list(np.eye(num_tasks)):
+        res = minimize(dual_objective, x0, args=(gram, c), bounds=[(0.0, 1.0)] * num_tasks,
+                       constraints=[{"type": "eq", "fun": lambda x: 1.0 - x.sum()}],
+                       method="SLSQP", options={"ftol": 1e-15, "maxiter": 1000})
+        if best is None or res.fun < best.fun:
+            best = res
+    w = best.x
+    g0 = g.mean(axis=0)
+    gw = w @ g
+    d = g0 + c * np.linalg.norm(g0) / np.linalg.norm(gw) * gw
+    return w, d, best.fun
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cagrad_matches_scipy_and_strong_duality(fdtype, shape):
+    rng = np.random.default_rng(20 + shape[0])
+    tight = fdtype == np.float64
+    c = 0.5
+    for trial in range(3):
+        grads = rng.standard_normal(shape) * rng.uniform(0.2, 3.0, (shape[0], 1))
+        if trial == 2:
+            grads = grads + rng.standard_normal(shape[1])   # less conflict
+        grads = grads.astype(fdtype)
+        out = _NO_RESCALE(jnp.asarray(grads))
+        w_final = np.asarray(out.weights, np.float64)
+        dual = np.asarray(out.info["dual_weights"], np.float64)
+        assert out.weights.dtype == fdtype
+        g64 = grads.astype(np.float64)
+        gram = g64 @ g64.T
+        d = w_final @ g64 / shape[0]          # undo the x T of the sum-of-losses convention
+        w_ref, d_ref, f_ref = cagrad_oracle(grads, c)
+        # Our dual value is no worse than scipy's.
+        assert dual_objective(dual, gram, c) <= f_ref + (1e-12 if tight else 1e-5) * abs(f_ref)
+        np.testing.assert_allclose(d, d_ref, atol=(1e-6 if tight else 1e-4) * np.abs(d_ref).max())
+        # Primal: ||d - g0|| = c ||g0|| and (strong duality) min_t g_t . d equals the dual value.
+        g0 = g64.mean(axis=0)
+        np.testing.assert_allclose(np.linalg.norm(d - g0), c * np.linalg.norm(g0), rtol=1e-9 if tight else 1e-4)
+        np.testing.assert_allclose(np.min(g64 @ d), dual_objective(dual, gram, c),
+                                   atol=(1e-9 if tight else 1e-4) * np.abs(gram).max())
+
+
+def test_rescale_and_sum_convention():
+    rng = np.random.default_rng(1)
+    g = jnp.asarray(rng.standard_normal((3, 8)), jnp.float32)
+    raw = np.asarray(_NO_RESCALE(g).weights)
+    np.testing.assert_allclose(np.asarray(_DEFAULT(g).weights), raw / 1.25, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(cagrad_weights(g, c=0.5, rescale=2)), raw / 1.5, rtol=1e-6)
+    # c = 0: equal weighting of the sum of the losses.
+    np.testing.assert_allclose(np.asarray(cagrad_weights(g, c=0.0)), 1.0, rtol=1e-6)
+
+
+def test_cagrad_degenerate_and_validation():
+    opposite = jnp.array([[1.0, 2.0], [-1.0, -2.0]])     # g0 = 0
+    w = np.asarray(cagrad_weights(opposite))
+    assert np.all(np.isfinite(w))
+    np.testing.assert_allclose(w @ np.asarray(opposite), 0.0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(cagrad_weights(jnp.array([[3.0, 4.0]]), rescale=0)), [1.5])
+    with pytest.raises(ValueError, match="`c`"):
+        cagrad_weighting(c=-1.0)
+    with pytest.raises(ValueError, match="rescale"):
+        cagrad_weighting(rescale=3)
+    with pytest.raises(ValueError, match="iterations"):
+        cagrad_weighting(iterations=0)
