@@ -20,6 +20,7 @@ NAMES = method_names()
 # Every registered method plus the (unregistered) single-task factory.
 METHODS = [get_method(n) for n in NAMES] + [single_task(0), single_task(1)]
 IDS = [m.name for m in METHODS]
+PREEXISTING = {"equal", "imtl_h", "imtl_g", "imtl_g_exact", "imtl_l"}
 
 
 @contextlib.contextmanager
@@ -112,6 +113,25 @@ def test_degenerate_inputs_give_finite_weights(method, case):
 
 
 @pytest.mark.parametrize("method", METHODS, ids=IDS)
+def test_non_finite_inputs_do_not_poison_the_state(method):
+    """A NaN step (skipped by optax.apply_if_finite) leaves a finite state; gradient methods
+    answer it with NaN weights (loud), and the next finite step is finite again."""
+    w = method.weighting
+    rng = np.random.default_rng(2)
+    grads = jnp.asarray(rng.standard_normal((3, 8)), jnp.float32)
+    losses = jnp.asarray([1.0, 2.0, 0.5], jnp.float32)
+    fn = weigh_jit(method)
+    state = fn(grads, losses, w.init(3, jnp.float32), jax.random.key(0)).state
+    bad = fn(grads.at[1, 2].set(jnp.nan), losses.at[0].set(jnp.nan), state, jax.random.key(1))
+    for leaf in jax.tree_util.tree_leaves(bad.state):
+        assert np.all(np.isfinite(np.asarray(leaf))), method.name
+    if w.needs_grads and method.name not in PREEXISTING:
+        assert np.all(np.isnan(np.asarray(bad.weights))), method.name
+    good = fn(grads, losses, bad.state, jax.random.key(2))
+    assert np.all(np.isfinite(np.asarray(good.weights))), method.name
+
+
+@pytest.mark.parametrize("method", METHODS, ids=IDS)
 def test_dtype_in_equals_dtype_out(method, fdtype):
     rng = np.random.default_rng(1)
     grads = rng.standard_normal((3, 8)).astype(fdtype)
@@ -126,7 +146,6 @@ def test_dtype_in_equals_dtype_out(method, fdtype):
 
 # The pre-existing families have their own tests (IMTL-G supports priorities; ``equal`` does not
 # validate ``losses``); the baselines all follow the same validation contract.
-PREEXISTING = {"equal", "imtl_h", "imtl_g", "imtl_g_exact", "imtl_l"}
 BASELINES = [m for m in METHODS
              if m.name not in PREEXISTING and m.weighting.name != "equal"]
 

@@ -1,5 +1,5 @@
 """Helpers shared by the baseline weightings: trace-time validation, the scale-normalised
-Gramian, simplex projection, and state bookkeeping.
+Gramian, and state bookkeeping.
 
 Every helper is pure and jittable; validation runs on static shapes only (it raises at trace
 time under ``jax.jit``).
@@ -7,7 +7,7 @@ time under ``jax.jit``).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -104,36 +104,22 @@ def safe_div(num: jax.Array, den: jax.Array, fallback: Any = 0.0) -> jax.Array:
     return jnp.where(ok, num / jnp.where(ok, den, 1), fallback)
 
 
-def symmetric_pinv_apply(m: jax.Array, rhs: jax.Array, rtol: Optional[float] = None) -> jax.Array:
-    """``M^+ rhs`` for symmetric PSD ``M`` by eigendecomposition with a cutoff relative to the
-    largest eigenvalue (``10 T eps`` by default): scale-free, finite on singular input."""
-    num_tasks = m.shape[0]
-    evals, evecs = jnp.linalg.eigh(m)
-    if rtol is None:
-        rtol = 10.0 * num_tasks * float(jnp.finfo(m.dtype).eps)
-    keep = evals > rtol * jnp.max(jnp.abs(evals))
-    inv = jnp.where(keep, 1.0 / jnp.where(keep, evals, 1.0), 0.0)
-    coords = jnp.matmul(evecs.T, rhs, precision=HIGHEST)
-    return jnp.matmul(evecs, inv * coords if rhs.ndim == 1 else inv[:, None] * coords,
-                      precision=HIGHEST)
-
-
-def project_simplex(v: jax.Array) -> jax.Array:
-    """Euclidean projection of ``v`` (T,) onto the probability simplex (sort-based, O(T log T))."""
-    num = v.shape[0]
-    u = jnp.sort(v)[::-1]
-    css = jnp.cumsum(u) - 1.0
-    ind = jnp.arange(1, num + 1, dtype=v.dtype)
-    rho = jnp.sum(u - css / ind > 0)
-    rho = jnp.maximum(rho, 1)
-    theta = css[rho - 1] / rho.astype(v.dtype)
-    return jnp.maximum(v - theta, 0.0)
-
-
 def nan_if_not_finite(weights: jax.Array, *arrays: jax.Array) -> jax.Array:
     """Makes every weight NaN when any of ``arrays`` holds a NaN or inf (loud, so that
     ``optax.apply_if_finite`` or ``StepAux.all_finite`` can skip the step)."""
+    return jnp.where(all_finite(*arrays), weights, jnp.asarray(jnp.nan, weights.dtype))
+
+
+def all_finite(*arrays: jax.Array) -> jax.Array:
+    """Scalar bool: every entry of every array is finite."""
     ok = jnp.ones((), bool)
     for a in arrays:
         ok = ok & jnp.all(jnp.isfinite(a))
-    return jnp.where(ok, weights, jnp.asarray(jnp.nan, weights.dtype))
+    return ok
+
+
+def keep_state_if_not_finite(new_state: Any, old_state: Any, *arrays: jax.Array) -> Any:
+    """``new_state`` when every array is finite, else ``old_state`` unchanged: a step skipped for a
+    NaN/inf (e.g. by ``optax.apply_if_finite``) does not poison the method's state either."""
+    ok = all_finite(*arrays)
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new_state, old_state)

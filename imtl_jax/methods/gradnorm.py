@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from imtl_jax._method import Method, Weighting, WeightingOutput
 from imtl_jax.methods import register
 from imtl_jax.methods._common import (cast_like, check_grads, check_state, compute_dtype,
-                                      nan_if_not_finite, safe_div)
+                                      keep_state_if_not_finite, nan_if_not_finite, safe_div)
 from imtl_jax.methods.equal import IDENTITY
 
 
@@ -75,8 +75,8 @@ def _gradnorm_weigh(grads, losses, state, key, priorities, *, gamma, lr, name):
     total = jnp.sum(new_w)
     new_w = jnp.where(total > 0, num_tasks * new_w / jnp.where(total > 0, total, 1.0),
                       jnp.ones_like(new_w))
-    new_w = nan_if_not_finite(new_w, grads, losses)
     new_state = cast_like(GradNormState(new_w, initial, state.count + 1), state)
+    new_state = keep_state_if_not_finite(new_state, state, grads, losses)
     weights = nan_if_not_finite(w, grads, losses)
     info = {"gradnorm_loss": safe_div(objective, mean_norm, 0.0).astype(grads.dtype)}
     return WeightingOutput(weights.astype(grads.dtype), new_state, info)

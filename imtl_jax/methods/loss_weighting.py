@@ -32,7 +32,8 @@ import optax
 from imtl_jax._method import LossScaling, Method, Weighting, WeightingOutput, stateless_init
 from imtl_jax._validation import check_float_array
 from imtl_jax.methods import register
-from imtl_jax.methods._common import cast_like, check_losses, check_state, compute_dtype
+from imtl_jax.methods._common import (cast_like, check_losses, check_state, compute_dtype,
+                                      keep_state_if_not_finite)
 from imtl_jax.methods.equal import EQUAL, IDENTITY
 
 
@@ -167,6 +168,7 @@ def _dwa_weigh(grads, losses, state, key, priorities, *, temperature, window):
     weights = jnp.where(ready, weights, jnp.ones_like(weights))
     new_hist = jnp.concatenate([hist[1:], losses.astype(cdt)[None, :]], axis=0)
     new_state = cast_like(DWAState(new_hist, state.count + 1), state)
+    new_state = keep_state_if_not_finite(new_state, state, losses)
     return WeightingOutput(weights.astype(losses.dtype), new_state,
                            {"loss_ratio": ratio.astype(losses.dtype)})
 
@@ -253,6 +255,7 @@ def _famo_weigh(grads, losses, state, key, priorities, *, optimizer):
     # Weights on grad L_t: c z_t / L_t with c = 1 / sum_s z_s / L_s, i.e. softmax(xi - log L).
     weights = jax.nn.softmax(new_logits.astype(cdt) - log_l)
     new_state = cast_like(FAMOState(new_logits, log_l, opt_state, state.count + 1), state)
+    new_state = keep_state_if_not_finite(new_state, state, losses)
     return WeightingOutput(weights.astype(losses.dtype), new_state,
                            {"task_logits": new_logits.astype(losses.dtype)})
 
