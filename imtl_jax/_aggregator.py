@@ -103,8 +103,6 @@ def aggregate(method: Union[str, Method, Weighting], num_tasks: int, *,
             if losses.shape != (num_tasks,):
                 raise ValueError(f"`losses` must have shape ({num_tasks},), got {losses.shape}.")
             check_float_array(losses, "losses")
-        if key is None:
-            key = jax.random.key(0)
         out = weighting.weigh(matrix if weighting.needs_grads else None, losses.astype(matrix.dtype),
                               state.method_state, key, priorities)
         w = out.weights
