@@ -143,6 +143,7 @@ def test_block_extraction_and_skip_marker():
 
 
 @pytest.mark.parametrize("page", _doc_pages(), ids=lambda p: p.name)
+@pytest.mark.slow  # heavy end-to-end run: CI's second step
 def test_docs_code_blocks_run(page, monkeypatch, tmp_path):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.chdir(tmp_path)  # anything a page writes lands in a temporary folder
@@ -165,6 +166,7 @@ def _subprocess_env(**extra) -> dict:
     return env
 
 
+@pytest.mark.slow  # heavy end-to-end run: CI's second step
 def test_distributed_page_runs_on_four_devices(tmp_path):
     script = textwrap.dedent(f"""
         import sys
@@ -188,6 +190,7 @@ def _missing(*modules: str) -> list[str]:
     return [m for m in modules if importlib.util.find_spec(m) is None]
 
 
+@pytest.mark.slow  # heavy end-to-end run: CI's second step
 def test_tutorial_runs_tiny(tmp_path):
     missing = _missing("matplotlib", "mlxtend", "flax")
     if missing:

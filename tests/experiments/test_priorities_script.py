@@ -28,6 +28,7 @@ def problem():
         raise
 
 
+@pytest.mark.slow  # heavy end-to-end run: CI's second step
 def test_tiny_sweep_writes_finite_outputs(tmp_path, problem):
     del problem  # built (and cached) once for the module
     out = tmp_path / "prio"

@@ -21,6 +21,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("script,argv", CASES)
+@pytest.mark.slow  # heavy end-to-end run: CI's second step
 def test_script_runs_tiny(script, argv, tmp_path, capsys):
     mod = importlib.import_module(f"experiments.{script}")
     out = tmp_path / script
@@ -49,6 +50,7 @@ def test_script_runs_tiny(script, argv, tmp_path, capsys):
         assert methods == {"imtl_h", "single_task_0", "single_task_1"}
 
 
+@pytest.mark.slow  # heavy end-to-end run: CI's second step
 def test_robustness_tiny(tmp_path, capsys):
     from experiments import robustness
     out = tmp_path / "rob"
@@ -66,6 +68,7 @@ def test_robustness_tiny(tmp_path, capsys):
     assert "abs Δ" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # heavy end-to-end run: CI's second step
 def test_ablation_tiny(tmp_path, capsys):
     from experiments import ablation_z_vs_theta as abl
     out = tmp_path / "abl"
