@@ -1,0 +1,1 @@
+"""Benchmark scripts for imtl-jax (run as modules: ``python -m benchmarks.step_cost``)."""
