@@ -137,8 +137,7 @@ def _worker() -> dict:
 # The tests (main process, single device).
 
 
-@pytest.fixture(scope="module")
-def results():
+def _run_worker() -> str:
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         f" --xla_force_host_platform_device_count={NUM_DEVICES}").strip()
@@ -147,7 +146,27 @@ def results():
                           capture_output=True, text=True, timeout=600,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, f"worker failed:\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return json.loads(_run_worker())
+    # Under pytest-xdist several workers may need these results: the first one runs the
+    # subprocess, the others wait for its file (a directory shared by the workers of one run).
+    import fcntl
+
+    shared = tmp_path_factory.getbasetemp().parent
+    out = shared / "data_parallel_results.json"
+    with open(shared / "data_parallel_results.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not out.exists():
+                out.write_text(_run_worker())
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return json.loads(out.read_text())
 
 
 def _check(results, method, mode):
