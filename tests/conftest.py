@@ -16,3 +16,13 @@ def dtype(request):
             yield np.float64
     else:
         yield np.float32
+
+
+@pytest.fixture(params=["float32", "float64"])
+def fdtype(request):
+    """The same as ``dtype`` (name used by the method tests)."""
+    if request.param == "float64":
+        with x64():
+            yield np.float64
+    else:
+        yield np.float32

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from oracles import x64  # noqa: F401  (fdtype fixture: tests/conftest.py)
 from scipy.optimize import minimize
 
 from imtl_jax.methods.cagrad import cagrad_weighting, cagrad_weights
@@ -18,25 +18,6 @@ SHAPES = [(2, 5), (3, 8), (5, 16)]
 
 # Many small test programs: skip LLVM's expensive optimisations (same numerics).
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
-
-
-@contextlib.contextmanager
-def x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", old)
-
-
-@pytest.fixture(params=["float32", "float64"])
-def fdtype(request):
-    if request.param == "float64":
-        with x64():
-            yield np.float64
-    else:
-        yield np.float32
 
 
 def _weigh_fn(c, rescale):

@@ -3,38 +3,19 @@ gradient by finite differences on explicitly weighted gradients)."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from oracles import x64  # noqa: F401  (fdtype fixture: tests/conftest.py)
 
 from imtl_jax.methods.gradnorm import gradnorm_weighting
 
 
 # Many small test programs: skip LLVM's expensive optimisations (same numerics).
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
-
-
-@contextlib.contextmanager
-def x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", old)
-
-
-@pytest.fixture(params=["float32", "float64"])
-def fdtype(request):
-    if request.param == "float64":
-        with x64():
-            yield np.float64
-    else:
-        yield np.float32
 
 
 def gradnorm_oracle(grad_seq, loss_seq, gamma, lr):

@@ -3,7 +3,6 @@ oracles written from the papers' equations."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
@@ -11,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from oracles import x64  # noqa: F401  (fdtype fixture: tests/conftest.py)
 from hypothesis import given, settings, strategies as st
 from scipy.optimize import minimize_scalar
 
@@ -22,25 +22,6 @@ from imtl_jax.methods.loss_weighting import (dwa_weighting, famo_weighting, gls_
 
 # Many small test programs: skip LLVM's expensive optimisations (same numerics).
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
-
-
-@contextlib.contextmanager
-def x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", old)
-
-
-@pytest.fixture(params=["float32", "float64"])
-def fdtype(request):
-    if request.param == "float64":
-        with x64():
-            yield np.float64
-    else:
-        yield np.float32
 
 
 def tol(dtype):

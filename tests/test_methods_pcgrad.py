@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from oracles import x64  # noqa: F401  (fdtype fixture: tests/conftest.py)
 from hypothesis import given, settings, strategies as st
 
 from imtl_jax.methods.pcgrad import pcgrad_orders, pcgrad_weighting
@@ -19,25 +19,6 @@ WT = pcgrad_weighting()
 
 # Many small test programs: skip LLVM's expensive optimisations (same numerics).
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
-
-
-@contextlib.contextmanager
-def x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", old)
-
-
-@pytest.fixture(params=["float32", "float64"])
-def fdtype(request):
-    if request.param == "float64":
-        with x64():
-            yield np.float64
-    else:
-        yield np.float32
 
 
 _weigh = jit(lambda g, s, k: WT.weigh(g, jnp.zeros(g.shape[:1], g.dtype), s, k, None))

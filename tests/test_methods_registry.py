@@ -3,7 +3,6 @@ inputs, dtypes, bad inputs, in the jitted training step and in the optax aggrega
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
@@ -11,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from oracles import x64  # noqa: F401  (fdtype fixture: tests/conftest.py)
 
 import imtl_jax
 from imtl_jax.methods import get_method, method_names
@@ -21,25 +21,6 @@ NAMES = method_names()
 METHODS = [get_method(n) for n in NAMES] + [single_task(0), single_task(1)]
 IDS = [m.name for m in METHODS]
 PREEXISTING = {"equal", "imtl_h", "imtl_g", "imtl_g_exact", "imtl_l"}
-
-
-@contextlib.contextmanager
-def x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", old)
-
-
-@pytest.fixture(params=["float32", "float64"])
-def fdtype(request):
-    if request.param == "float64":
-        with x64():
-            yield np.float64
-    else:
-        yield np.float32
 
 
 _JITTED = {}
