@@ -267,12 +267,7 @@ def test_shared_single_task_method_matches_the_registry_factory(bench):
     """The harness's state-driven single-task method (one compile for all T runs) gives the same
     gradients as imtl_jax.methods.single_task(t) of the baseline registry."""
     import imtl_jax
-    factory = getattr(imtl_jax.methods, "single_task", None)
-    if factory is None:
-        try:
-            from imtl_jax.methods.loss_weighting import single_task as factory
-        except ImportError:
-            pytest.skip("imtl_jax.methods.single_task is not available")
+    factory = imtl_jax.methods.single_task
     from experiments.data import BatchIterator
     fm = harness.FunctionalModel(bench, bench.make_model(0))
     batch = BatchIterator(bench.train, 4).batch_at(0)
