@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import importlib.util
 import os
 import re
@@ -70,11 +71,25 @@ __all__ = [
     "coulomb_eigenvalues",
     "qm9_features",
     "load_qm9",
+    "protocol_split",
+    "PROTOCOL_SIZES",
+    "QM9_PAPER_UNITS",
+    "QM9_PAPER_SCALE",
     "write_fixture",
 ]
 
 QM9_TARGETS = ("mu", "alpha", "homo", "lumo", "r2", "zpve", "U0", "U", "H", "G", "cv")
 QM9_UNITS = ("D", "a0^3", "eV", "eV", "a0^2", "eV", "eV", "eV", "eV", "eV", "cal/mol/K")
+# The units the published tables use (Nash-MTL Table 6, FAMO Table 2): energies in meV.
+# ``mae_in_paper_units = mae_in_QM9_UNITS * QM9_PAPER_SCALE``.
+QM9_PAPER_UNITS = ("D", "a0^3", "meV", "meV", "a0^2", "meV", "meV", "meV", "meV", "meV", "cal/mol/K")
+QM9_PAPER_SCALE = (1.0, 1.0, 1000.0, 1000.0, 1.0, 1000.0, 1000.0, 1000.0, 1000.0, 1000.0, 1.0)
+# The published split (PyG QM9 after its 3,054 unusable molecules are dropped: 130,831).
+PROTOCOL_SIZES = (110_831, 10_000, 10_000)
+PROTOCOL_SPLIT_SHA256 = "af65ad393dc1c0abfb84dbfdafe57b06b8facd64f61ff0721d34fad1bab068ae"
+# The stored protocol split: one permutation of the 130,831 rows, drawn once from this seed and
+# identified by the SHA-256 of its int64 bytes, so a changed file or generator is detected.
+_PROTOCOL_SPLIT_SEED = 20210503
 HARTREE_TO_EV = 27.211386
 BOHR_PER_ANGSTROM = 1.0 / 0.52917721067
 MAX_ATOMS = 29
@@ -292,6 +307,32 @@ def qm9_features(raw: dict[str, np.ndarray], kind: str = "cm_eig") -> np.ndarray
     raise ValueError(f"unknown QM9 feature kind {kind!r}; expected 'cm_eig' or 'cm_sorted'")
 
 
+def protocol_split(n: int, sizes: tuple[int, int, int] = PROTOCOL_SIZES) -> dict[str, np.ndarray]:
+    """The fixed train/val/test split of the protocol (same for every seed): row indices per split.
+
+    ``n`` must equal ``sum(sizes)`` (130,831 for the full QM9). The permutation comes from a
+    fixed generator seed; for the full data set its SHA-256 is checked against the stored value
+    (:data:`PROTOCOL_SPLIT_SHA256`), so a change of numpy's generator or of the code cannot
+    silently move molecules between the splits. For other ``n`` (fixtures) the same rule applies,
+    without the stored check.
+
+    >>> s = protocol_split(10, (6, 2, 2)); [len(s[k]) for k in ("train", "val", "test")]
+    [6, 2, 2]
+    """
+    if n != sum(sizes):
+        raise ValueError(f"protocol_split: n={n} molecules but sizes {sizes} sum to {sum(sizes)}")
+    perm = np.random.default_rng(_PROTOCOL_SPLIT_SEED).permutation(n).astype(np.int64)
+    if sizes == PROTOCOL_SIZES:
+        digest = hashlib.sha256(perm.tobytes()).hexdigest()
+        if digest != PROTOCOL_SPLIT_SHA256:
+            raise RuntimeError(
+                f"the QM9 protocol split changed (sha256 {digest[:16]}... != stored "
+                f"{PROTOCOL_SPLIT_SHA256[:16]}...): numpy's generator differs; results would not be comparable"
+            )
+    a, b = sizes[0], sizes[0] + sizes[1]
+    return {"train": perm[:a], "val": perm[a:b], "test": perm[b:]}
+
+
 @dataclasses.dataclass(frozen=True)
 class QM9Data:
     """Standardized QM9 splits: ``x_*`` (N, F) float32 features, ``y_*`` (N, 11) float32 standardized targets.
@@ -342,18 +383,31 @@ def load_qm9(
     max_val: int | None = None,
     max_test: int | None = None,
     features: str = "cm_eig",
+    split: str = "random",
     data_dir: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
 ) -> QM9Data:
-    """QM9 with a seeded random split: ``n_train`` / ``n_val`` / the rest as test.
+    """QM9 split ``n_train`` / ``n_val`` / the rest as test.
 
+    ``split="random"``: a random split drawn from ``seed``. ``split="protocol"``: the fixed,
+    stored split of :func:`protocol_split` (110,831 / 10,000 / 10,000 on the full data, the
+    same for every seed; ``n_train``/``n_val`` are then ignored and ``seed`` does not move it).
     ``max_*`` keep only the first k examples of a split (a deterministic subsample for CPU
     runs). Standardization statistics come from the returned training examples.
     """
+    if split not in ("random", "protocol"):
+        raise ValueError(f"load_qm9: unknown split={split!r}; expected 'random' or 'protocol'")
     data_dir = Path(data_dir) if data_dir is not None else qm9pack_data_dir()
     raw = load_qm9_raw(data_dir, cache_dir, use_cache)
     n = len(raw["index"])
+    if split == "protocol":
+        if n == sum(PROTOCOL_SIZES):
+            sizes = PROTOCOL_SIZES
+        else:  # a fixture: the same rule at its size (about 85/7.5/7.5 %)
+            n_val_f = max(1, round(n * PROTOCOL_SIZES[1] / sum(PROTOCOL_SIZES)))
+            sizes = (n - 2 * n_val_f, n_val_f, n_val_f)
+        n_train, n_val = sizes[0], sizes[1]
     if n_train < 1 or n_val < 0 or n_train + n_val > n:
         raise ValueError(f"n_train={n_train}, n_val={n_val} do not fit {n} molecules")
     fkey = cache_key("qm9-feat", {"v": _FEATURE_VERSION, "kind": features, "dir": str(data_dir.resolve()), "files": _fingerprint(data_dir)})
@@ -365,12 +419,16 @@ def load_qm9(
         x_all = qm9_features(raw, features)
         if use_cache:
             save_npz_cache(fpath, {"x": x_all})
-    perm = np.random.default_rng([int(seed), 0x9A9]).permutation(n)
-    idx = {
-        "train": perm[:n_train][:max_train],
-        "val": perm[n_train : n_train + n_val][:max_val],
-        "test": perm[n_train + n_val :][:max_test],
-    }
+    if split == "protocol":
+        full = protocol_split(n, sizes)
+        idx = {"train": full["train"][:max_train], "val": full["val"][:max_val], "test": full["test"][:max_test]}
+    else:
+        perm = np.random.default_rng([int(seed), 0x9A9]).permutation(n)
+        idx = {
+            "train": perm[:n_train][:max_train],
+            "val": perm[n_train : n_train + n_val][:max_val],
+            "test": perm[n_train + n_val :][:max_test],
+        }
     y_all = raw["targets"]
     tr = idx["train"]
     t_mean = y_all[tr].mean(0)
