@@ -124,6 +124,19 @@ def _lenet_flat(input_size: int) -> int:
     return 20 * s * s
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max pooling, stride 2, VALID, on (B, H, W, C) as a reshape and a max.
+
+    The same function as ``nnx.max_pool(x, (2, 2), (2, 2))`` (odd trailing rows/columns are
+    dropped, as VALID does), but its gradient is a plain select instead of XLA's
+    ``select-and-scatter``, which is slow on CPU: the LeNet gradient at batch 256 took 52 ms
+    instead of 95 ms on the 2-core CPU (measured 2026-11-30, interleaved, load 1-2).
+    """
+    b, h, w, c = x.shape
+    x = x[:, : h - h % 2, : w - w % 2]
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class LeNetEncoder(nnx.Module):
     """conv(10, 9x9) - maxpool - relu - conv(20, 5x5) - maxpool - relu - fc(50) - relu; (B, S, S, C) -> (B, 50)."""
 
@@ -134,8 +147,8 @@ class LeNetEncoder(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(B, S, S, C) images -> (B, 50) features."""
-        h = jax.nn.relu(nnx.max_pool(self.conv1(x), (2, 2), (2, 2)))
-        h = jax.nn.relu(nnx.max_pool(self.conv2(h), (2, 2), (2, 2)))
+        h = jax.nn.relu(max_pool_2x2(self.conv1(x)))
+        h = jax.nn.relu(max_pool_2x2(self.conv2(h)))
         return jax.nn.relu(self.fc(h.reshape(h.shape[0], -1)))
 
 

@@ -178,3 +178,19 @@ def test_dense_cityscapes_config():
     cs = DenseMTL(7, ("segmentation", "depth"), width=4, levels=2, rngs=nnx.Rngs(0))
     out = cs(jax.random.normal(jax.random.key(0), (1, 12, 20, 3)))
     assert out["segmentation"].shape == (1, 12, 20, 7) and set(out) == {"segmentation", "depth"}
+
+
+def test_max_pool_2x2_equals_nnx_max_pool_and_its_gradient():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from experiments.models import max_pool_2x2
+
+    for shape in [(2, 20, 20, 3), (1, 7, 9, 2)]:
+        x = jax.random.normal(jax.random.key(0), shape)
+        np.testing.assert_array_equal(max_pool_2x2(x), nnx.max_pool(x, (2, 2), (2, 2)))
+        ct = jax.random.normal(jax.random.key(1), max_pool_2x2(x).shape)
+        g1 = jax.grad(lambda v: jnp.sum(max_pool_2x2(v) * ct))(x)
+        g2 = jax.grad(lambda v: jnp.sum(nnx.max_pool(v, (2, 2), (2, 2)) * ct))(x)
+        np.testing.assert_array_equal(g1, g2)
