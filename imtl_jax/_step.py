@@ -144,6 +144,24 @@ def _scale_one(scaling, loss, log_scale):
     return scaling.scale(_scalar_loss(loss)[None], log_scale[None])[0]
 
 
+class _NoState:
+    """Sentinel: no encoder state given (``None`` and ``()`` are valid states)."""
+
+    def __repr__(self) -> str:
+        return "<no encoder state>"
+
+
+_NO_STATE: Any = _NoState()
+
+
+def _stateful_output(out):
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError("with has_state=True the encoder must return a pair (z, new_encoder_state), "
+                        f"got {type(out).__name__}; e.g. for Flax Linen return "
+                        "model.apply(variables, x, mutable=['batch_stats'], rngs=...).")
+    return out
+
+
 class MTLStep:
     """A jittable multi-task training step for one method. Create with :func:`mtl_step`.
 
@@ -152,11 +170,15 @@ class MTLStep:
     ``params`` (feed it to any optax optimizer) and ``aux`` is a :class:`StepAux`.
     """
 
-    def __init__(self, encoder: Callable[[PyTree, Any], jax.Array], task_losses: TaskLosses,
+    def __init__(self, encoder: Callable[..., Any], task_losses: TaskLosses,
                  method: Union[str, Method] = "imtl_h", *, reduction: str = "sum",
-                 axis_name: Optional[str] = None):
+                 axis_name: Optional[str] = None, has_state: bool = False):
+        if not isinstance(has_state, bool):
+            raise TypeError(f"`has_state` must be a bool, got {has_state!r}.")
         if not callable(encoder):
-            raise TypeError(f"`encoder` must be callable (shared_params, batch) -> z, got {encoder!r}.")
+            form = ("(shared_params, encoder_state, batch, key) -> (z, new_encoder_state)"
+                    if has_state else "(shared_params, batch) -> z")
+            raise TypeError(f"`encoder` must be callable {form}, got {encoder!r}.")
         if isinstance(task_losses, (list, tuple)):
             if not task_losses or not all(callable(f) for f in task_losses):
                 raise TypeError("`task_losses` given as a sequence must hold T >= 1 callables "
@@ -174,6 +196,7 @@ class MTLStep:
             raise ValueError(f"method {self.method.name!r} has unknown level {self.method.level!r}.")
         self.reduction = reduction
         self.axis_name = axis_name
+        self.has_state = has_state
 
     def _pmean(self, tree):
         """Mean over the data-parallel axis (inside ``shard_map``/``pmap``); identity otherwise."""
@@ -197,7 +220,8 @@ class MTLStep:
         return jax.tree_util.tree_map(cast, tree)
 
     def __repr__(self) -> str:
-        return f"MTLStep(method={self.method.name!r}, reduction={self.reduction!r})"
+        state = ", has_state=True" if self.has_state else ""
+        return f"MTLStep(method={self.method.name!r}, reduction={self.reduction!r}{state})"
 
     # ----------------------------------------------------------------------------------------
     def init(self, params: MTLParams) -> PyTree:
@@ -311,20 +335,51 @@ class MTLStep:
 
     # ----------------------------------------------------------------------------------------
     def __call__(self, params: MTLParams, state: PyTree, batch: Any, *,
-                 key: Optional[jax.Array] = None, priorities: Optional[jax.Array] = None):
+                 key: Optional[jax.Array] = None, priorities: Optional[jax.Array] = None,
+                 encoder_state: Any = _NO_STATE) -> tuple:
+        """One step: ``(grads, method_state, aux)``, or with ``has_state=True``
+        ``(grads, method_state, new_encoder_state, aux)``.
+
+        Args:
+          params: the :class:`MTLParams`.
+          state: the method state (``step.init(params)``).
+          batch: any pytree; passed to the encoder and the task losses as is.
+          key: a PRNG key. With ``has_state=True`` the encoder receives it unchanged (dropout)
+            and a randomized method (PCGrad) receives ``jax.random.fold_in(key, 1)``;
+            otherwise the method receives it.
+          priorities: (T,) task priorities for the methods that take them (IMTL).
+          encoder_state: the encoder's non-trainable state (``has_state=True`` only).
+        """
         log_scales = self._check_params(params)
         params = self._varying(params)
         num_tasks = log_scales.shape[0]
         method = self.method
         weighting = method.weighting
-        z, encoder_vjp = jax.vjp(lambda sp: self.encoder(sp, batch), params.shared)
+        if self.has_state:
+            if encoder_state is _NO_STATE:
+                raise TypeError("this step was built with has_state=True: pass the encoder's state, "
+                                "step(params, state, batch, encoder_state=...), e.g. the "
+                                "'batch_stats' collection (use () for an encoder without state).")
+            encoder_key = key
+            key = None if key is None else jax.random.fold_in(key, 1)
+            z, encoder_vjp, new_encoder_state = jax.vjp(
+                lambda sp: _stateful_output(self.encoder(sp, encoder_state, batch, encoder_key)),
+                params.shared, has_aux=True)
+            new_encoder_state = self._sync_state(lax.stop_gradient(new_encoder_state))
+        else:
+            if encoder_state is not _NO_STATE:
+                raise TypeError("`encoder_state=` was given but the step was built without state: "
+                                "build it with mtl_step(..., has_state=True) and an encoder "
+                                "(shared_params, encoder_state, batch, key) -> (z, new_encoder_state).")
+            z, encoder_vjp = jax.vjp(lambda sp: self.encoder(sp, batch), params.shared)
+            new_encoder_state = _NO_STATE
         z = check_float_array(z, "encoder(...) output")
         if z.ndim < 1 or z.shape[0] < 1:
             raise ValueError(f"`encoder` output must have a non-empty leading batch axis, got shape {z.shape}.")
 
         if not weighting.needs_grads and method.level == "representation":
             grads, new_state, aux = self._loss_weighted(params, state, batch, z, encoder_vjp, key, priorities)
-            return grads, new_state, aux
+            return self._outputs(grads, new_state, new_encoder_state, aux)
 
         raw, scaled, gz, gh, gs = self._per_task_pass(params.heads, z, batch, params.log_scales)
         if raw.shape != (num_tasks,):
@@ -364,7 +419,30 @@ class MTLStep:
         if not method.scaling.trainable:
             scale_grads = jnp.zeros_like(log_scales)
         grads = self._pmean(MTLParams(shared_grads, head_grads, scale_grads.astype(log_scales.dtype)))
-        return grads, out.state, self._aux(raw, scaled, w, log_scales, out.info, grads)
+        return self._outputs(grads, out.state, new_encoder_state,
+                             self._aux(raw, scaled, w, log_scales, out.info, grads))
+
+    @staticmethod
+    def _outputs(grads, method_state, new_encoder_state, aux) -> tuple:
+        if new_encoder_state is _NO_STATE:
+            return grads, method_state, aux
+        return grads, method_state, new_encoder_state, aux
+
+    def _sync_state(self, tree):
+        """Inside ``shard_map``: averages the device-varying floating leaves of the new encoder
+        state over ``axis_name`` (per-device BatchNorm statistics become their mean, so the
+        replicas stay identical); leaves that are already device-invariant (statistics of a
+        BatchNorm synchronized with its own ``axis_name``, counters) are returned as they are."""
+        if self.axis_name is None:
+            return tree
+
+        def sync(x):
+            if (jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+                    and self.axis_name in _varying_axes(x)):
+                return lax.pmean(x, self.axis_name)
+            return x
+
+        return jax.tree_util.tree_map(sync, tree)
 
     def _loss_weighted(self, params, state, batch, z, encoder_vjp, key, priorities):
         """Methods whose weights depend on the losses only: a single VJP, the cost of EW."""
@@ -408,14 +486,15 @@ class MTLStep:
                        info=info, all_finite=finite)
 
 
-def mtl_step(encoder: Callable[[PyTree, Any], jax.Array], task_losses: TaskLosses,
+def mtl_step(encoder: Callable[..., Any], task_losses: TaskLosses,
              method: Union[str, Method] = "imtl_h", *, reduction: str = "sum",
-             axis_name: Optional[str] = None) -> MTLStep:
+             axis_name: Optional[str] = None, has_state: bool = False) -> MTLStep:
     """Builds the multi-task training step for ``method`` (default: the paper's IMTL-H).
 
     Args:
       encoder: ``encoder(shared_params, batch) -> z``, the shared representation with a leading
-        batch axis (any trailing shape).
+        batch axis (any trailing shape). With ``has_state=True``:
+        ``encoder(shared_params, encoder_state, batch, key) -> (z, new_encoder_state)``.
       task_losses: the task losses, in one of three forms:
         ``stacked_task_losses(loss_fn)`` with ``loss_fn(head_params_t, z, batch, t) -> scalar``
         and heads stacked on a leading task axis (fastest: each task touches only its head);
@@ -431,11 +510,24 @@ def mtl_step(encoder: Callable[[PyTree, Any], jax.Array], task_losses: TaskLosse
         ``pmap``) over a batch shard per device: the (T, F) feature gradients and losses are
         averaged across devices in one all-reduce before the solve, and the gradients after.
         Leave ``None`` under plain ``jax.jit`` with a sharded batch (``NamedSharding``): XLA
-        then inserts the same all-reduce itself.
+        then inserts the same all-reduce itself. With ``has_state=True`` the new encoder state's
+        device-varying floating leaves (per-device BatchNorm statistics) are averaged over
+        ``axis_name``; a BatchNorm given the same ``axis_name`` (synchronized statistics)
+        already returns identical statistics on every device.
+      has_state: the encoder carries non-trainable state (BatchNorm running statistics, any
+        mutable collection) and/or takes a PRNG key (dropout). The encoder is then
+        ``encoder(shared_params, encoder_state, batch, key) -> (z, new_encoder_state)``, run
+        once per step (one forward, for every method and both levels, so the state advances
+        exactly as in a plain training step); ``key`` is the step's ``key=`` argument (None when
+        not given). Flax Linen: ``model.apply({"params": p, **state}, x, train=True,
+        rngs={"dropout": key}, mutable=["batch_stats"])`` is such a pair.
 
     Returns:
       An :class:`MTLStep`: ``state = step.init(params)``;
-      ``grads, state, aux = step(params, state, batch, key=None, priorities=None)``.
+      ``grads, state, aux = step(params, state, batch, key=None, priorities=None)``, or with
+      ``has_state=True``
+      ``grads, state, encoder_state, aux = step(params, state, batch, encoder_state=...,
+      key=None, priorities=None)``.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, imtl_jax
@@ -455,5 +547,18 @@ def mtl_step(encoder: Callable[[PyTree, Any], jax.Array], task_losses: TaskLosse
       >>> params, opt_state, state, aux = train(params, opt_state, state, batch)
       >>> float(aux.weights.sum())  # IMTL-G weights sum to one
       1.0
+
+      An encoder with state and randomness (here a running mean and dropout):
+
+      >>> def encoder(w, stats, batch, key):
+      ...     h = jnp.tanh(batch["x"] @ w)
+      ...     keep = jax.random.bernoulli(key, 0.9, h.shape)
+      ...     return jnp.where(keep, h / 0.9, 0.0), 0.9 * stats + 0.1 * h.mean(0)
+      >>> step = imtl_jax.mtl_step(encoder, imtl_jax.stacked_task_losses(head_loss), has_state=True)
+      >>> grads, state, stats, aux = step(params, step.init(params), batch,
+      ...                                 encoder_state=jnp.zeros(4), key=jax.random.key(1))
+      >>> stats.shape
+      (4,)
     """
-    return MTLStep(encoder, task_losses, method, reduction=reduction, axis_name=axis_name)
+    return MTLStep(encoder, task_losses, method, reduction=reduction, axis_name=axis_name,
+                   has_state=has_state)
