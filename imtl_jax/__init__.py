@@ -6,6 +6,7 @@ The public API, re-exported flat (as optax does):
 * training: :func:`mtl_step`, :class:`MTLParams`, :func:`stacked_task_losses`
 * optax: :func:`imtl_g`, :func:`aggregate`, :func:`safe_optimizer`, :func:`skipped_steps`,
   :func:`flag_nonfinite`
+* skipping non-finite steps whole: :func:`skip_nonfinite`, :func:`safe_step`
 * Flax NNX: :mod:`imtl_jax.nnx` (:class:`~imtl_jax.nnx.LossScales`, :func:`~imtl_jax.nnx.make_train_step`)
 * task affinity and grouping: :func:`affinity_tracker`, :func:`with_affinity`,
   :func:`propose_groups`; overfitting tasks: :func:`plateau_policy`
@@ -26,7 +27,8 @@ from imtl_jax._affinity import (AffinityState, AffinityStats, AffinityTracker, T
                                 affinity_stats, affinity_tracker, cosine_matrix, grouping_score,
                                 lookahead_affinity, propose_groups, random_groups, with_affinity)
 from imtl_jax._task_policy import TaskPolicy, TaskPolicyState, best_final_gap, plateau_policy
-from imtl_jax._safety import flag_nonfinite, safe_optimizer, skipped_steps
+from imtl_jax._safety import (SafeStep, flag_nonfinite, safe_optimizer, safe_step,
+                              skip_nonfinite, skipped_steps)
 
 __all__ = [
     "AggregatorState", "ImtlGResult", "LossScaling", "MTLParams", "MTLStep", "Method",
@@ -37,4 +39,5 @@ __all__ = [
     "affinity_tracker", "cosine_matrix", "grouping_score", "lookahead_affinity", "propose_groups",
     "random_groups", "with_affinity",
     "TaskPolicy", "TaskPolicyState", "best_final_gap", "plateau_policy",
+    "SafeStep", "safe_step", "skip_nonfinite",
 ]
