@@ -1,23 +1,96 @@
-"""Checkpoints of one run (moved unchanged from ``experiments/harness.py``).
+"""Checkpoints of one run, verified byte for byte before a resume.
 
 Orbax ``CheckpointManager``, one per run under ``<out>/runs/<method>/seed<k>/ckpt``: the state
-leaves are saved with ``StandardSave`` and a JSON item holds the step, key, history and a SHA-256
-of every leaf. Restoring verifies the structure and the checksum; a corrupt or partial checkpoint
-is reported (one line naming it), renamed to ``<step>.corrupt`` (kept for inspection, never
-deleted) and the previous good one is used.
+leaves (parameters, optimizer state, method state) are saved with ``StandardSave`` and a JSON
+item (``meta``) holds everything else the resumed run reads: the step, the PRNG key data, the
+history, the counters (``skipped_total``, ...), the plateau state, the configuration fingerprint
+(benchmark, method, seed, hence the data order), and two integrity fields:
+
+* ``checksum``: SHA-256 over every restored leaf (dtype, shape and bytes);
+* ``digest``: SHA-256 over the canonical JSON of the whole metadata (``checksum`` included,
+  ``digest`` itself excluded).
+
+After orbax has finished, ``<step>/integrity.json`` records the SHA-256 of every file of the
+checkpoint; it is written last, so a save that was interrupted has none. Before orbax reads
+anything, the files are checked against it (so orbax never parses a damaged file).
+
+So every byte that affects the resumed run is covered: an edited step, key, counter or history
+entry changes ``digest``; damaged array data (or array metadata that restores different values)
+changes ``checksum``. The metadata's ``step`` must also equal the number of the directory it is
+in. A checkpoint that fails any of these checks, or that orbax cannot read, is reported in one
+line naming it and the reason, renamed to ``<step>.corrupt`` (kept for inspection, never deleted)
+and the previous good checkpoint is used; when no good one is left, :class:`CheckpointError` says
+so in one line. A save that fails (disk full, file-size limit, permissions) removes its partial
+directory, leaves the earlier checkpoints as they were and raises :class:`StorageError` (one line:
+the cause and the remedy).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import json
+import logging
 import os
+import shutil
+import sys
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 
-from experiments.cli import CheckpointError, one_line
+from experiments.cli import CheckpointError, HarnessError, one_line
 
-__all__ = ["RunCheckpoints"]
+__all__ = ["RunCheckpoints", "StorageError", "storage_error", "FORMAT"]
+
+FORMAT = 2  # 1: leaves checksum only (before issue 14); 2: + file manifest, metadata digest, step check
+MANIFEST = "integrity.json"
+
+_STORAGE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EFBIG: "a file-size limit was reached",
+                   errno.EDQUOT: "the disk quota is exceeded", errno.EROFS: "the file system is read-only",
+                   errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
+_STORAGE_TEXT = (("no space left", errno.ENOSPC), ("file too large", errno.EFBIG),
+                 ("quota exceeded", errno.EDQUOT), ("read-only file system", errno.EROFS),
+                 ("permission denied", errno.EACCES))
+
+
+class StorageError(HarnessError):
+    """A file could not be written (disk full, file-size limit, quota, permissions)."""
+
+
+def _storage_errno(exc: BaseException) -> Optional[int]:
+    """The storage errno behind ``exc`` (its cause/context chain, or the message of a
+    tensorstore/orbax error that wraps it), or None."""
+    seen = set()
+    e: Optional[BaseException] = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+            return e.errno
+        text = str(e).lower()
+        for needle, code in _STORAGE_TEXT:
+            if needle in text:
+                return code
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def storage_error(exc: BaseException, what: str) -> Optional[StorageError]:
+    """A one-line :class:`StorageError` for ``exc`` when it is a storage failure, else None.
+
+    ``what`` names what was being written, e.g. ``"checkpoint runs/x/ckpt/20"``.
+    """
+    code = _storage_errno(exc)
+    if code is None:
+        return None
+    cause = _STORAGE_ERRNOS[code]
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        remedy = "make the output folder writable or pass another --out"
+    else:
+        remedy = "free space (or raise the limit) and rerun with --resume"
+    return StorageError(f"could not write {what}: {cause} ({errno.errorcode.get(code, code)}); "
+                        f"earlier checkpoints and results are intact; {remedy}")
 
 
 def _leaves_checksum(leaves) -> str:
@@ -29,12 +102,98 @@ def _leaves_checksum(leaves) -> str:
     return h.hexdigest()
 
 
+def _meta_digest(meta: dict) -> str:
+    """SHA-256 of the canonical JSON of ``meta`` without its ``digest`` entry."""
+    body = {k: v for k, v in meta.items() if k != "digest"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _quiet_absl():
     try:
         from absl import logging as absl_logging
         absl_logging.set_verbosity(absl_logging.ERROR)
     except Exception:  # pragma: no cover
         pass
+
+
+@contextlib.contextmanager
+def _orbax_silenced():
+    """Mutes orbax's own error logs (multi-line tracebacks from its writer threads) while we
+    save or restore: the exception itself reaches us and is reported in one line, or re-raised."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(step_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(step_dir)) for p in step_dir.rglob("*")
+                  if p.is_file() and p.name != MANIFEST)
+
+
+def _write_manifest(step_dir: Path) -> None:
+    """``<step>/integrity.json``: the SHA-256 of every file orbax wrote, written last (atomically),
+    so a checkpoint without it is one whose save did not finish."""
+    files = {name: _file_sha256(step_dir / name) for name in _files(step_dir)}
+    tmp = step_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"format": FORMAT, "files": files}, indent=0, sort_keys=True))
+    os.replace(tmp, step_dir / MANIFEST)
+
+
+def _check_manifest(step_dir: Path) -> None:
+    path = step_dir / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"no {MANIFEST}: the save did not finish (interrupted or an older format)")
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{MANIFEST} is damaged ({type(e).__name__})") from None
+    present = _files(step_dir)
+    if sorted(files) != present:
+        missing = sorted(set(files) - set(present))
+        extra = sorted(set(present) - set(files))
+        raise ValueError(f"files differ from {MANIFEST} (missing {missing[:3]}, unexpected {extra[:3]})")
+    for name, digest in files.items():
+        if _file_sha256(step_dir / name) != digest:
+            raise ValueError(f"file {name} differs from its SHA-256 in {MANIFEST}")
+
+
+def _is_closed_loop_noise(exc_type, exc, tb) -> bool:
+    """RuntimeError('Event loop is closed') raised in asyncio's call_soon_threadsafe: a
+    tensorstore read that completes after orbax gave up on a failed restore and closed its loop."""
+    if exc_type is not RuntimeError or str(exc) != "Event loop is closed":
+        return False
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name == "_check_closed"
+
+
+def _install_noise_filter() -> None:
+    """Drops only :func:`_is_closed_loop_noise` tracebacks (reported through
+    ``sys.unraisablehook`` from tensorstore's threads); everything else is reported as before."""
+    if getattr(sys.unraisablehook, "_imtl_noise_filter", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _is_closed_loop_noise(unraisable.exc_type, unraisable.exc_value,
+                                     unraisable.exc_traceback):
+            previous(unraisable)
+
+    hook._imtl_noise_filter = True
+    sys.unraisablehook = hook
 
 
 class RunCheckpoints:
@@ -44,12 +203,13 @@ class RunCheckpoints:
     leaves, ``{"00000": leaf0, ...}``: restoring needs only the leaf shapes/dtypes of a fresh
     initial state, and empty nodes (stateless methods, optax ``EmptyState``) need no handling.
     The metadata (JSON) holds the step, the PRNG key data, the history, counters, the
-    configuration fingerprint and a SHA-256 over all leaves.
+    configuration fingerprint, a SHA-256 over all leaves and a SHA-256 over the metadata.
     """
 
     def __init__(self, directory: os.PathLike, keep: int = 2):
         import orbax.checkpoint as ocp
         _quiet_absl()
+        _install_noise_filter()
         self.ocp = ocp
         self.directory = Path(directory).absolute()
         self.keep = max(1, int(keep))
@@ -64,70 +224,118 @@ class RunCheckpoints:
         return self._manager
 
     def steps(self) -> list[int]:
+        """The steps of the finished checkpoints on disk (``<step>`` directories), ascending."""
         if not self.directory.is_dir():
             return []
         return sorted(int(p.name) for p in self.directory.iterdir() if p.is_dir() and p.name.isdigit())
 
     def save(self, step: int, leaves: list, meta: dict) -> None:
-        meta = dict(meta, step=int(step), num_leaves=len(leaves), checksum=_leaves_checksum(leaves))
-        tree = {f"{i:05d}": x for i, x in enumerate(leaves)}
-        m = self._mngr()
-        if step in m.all_steps():  # re-save after a fallback: replace
-            m.delete(step)
-        m.save(step, args=self.ocp.args.Composite(state=self.ocp.args.StandardSave(tree),
-                                                  meta=self.ocp.args.JsonSave(meta)))
-        m.wait_until_finished()
+        """Writes checkpoint ``step``. On a storage failure the partial directory is removed,
+        older checkpoints are untouched and :class:`StorageError` is raised (one line)."""
+        step = int(step)
+        meta = dict(meta, step=step, num_leaves=len(leaves), checksum=_leaves_checksum(leaves),
+                    format=FORMAT)
+        meta["digest"] = _meta_digest(meta)
+        tree = {f"{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}
+        before = set(self._entries())
+        try:
+            with _orbax_silenced():
+                m = self._mngr()
+                if step in m.all_steps():  # re-save after a fallback: replace
+                    m.delete(step)
+                m.save(step, args=self.ocp.args.Composite(state=self.ocp.args.StandardSave(tree),
+                                                          meta=self.ocp.args.JsonSave(meta)), force=True)
+                m.wait_until_finished()
+            _write_manifest(self.directory / str(step))
+        except Exception as e:  # noqa: BLE001 - classified below, re-raised otherwise
+            self.close(quiet=True)
+            self._remove_partial(step, before)
+            err = storage_error(e, f"checkpoint {self.directory / str(step)}")
+            if err is None:
+                raise
+            raise err from None
 
-    def close(self):
-        if self._manager is not None:
-            self._manager.close()
-            self._manager = None
+    def _entries(self) -> list[str]:
+        try:
+            return [p.name for p in self.directory.iterdir()]
+        except OSError:
+            return []
+
+    def _remove_partial(self, step: int, before: set) -> None:
+        """Removes what a failed save of ``step`` left (its tmp or final directory)."""
+        for name in set(self._entries()) - before:
+            if name == str(step) or name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                shutil.rmtree(self.directory / name, ignore_errors=True)
+
+    def close(self, quiet: bool = False):
+        """Closes the orbax manager (joins its threads; no 'Event loop is closed' at exit)."""
+        m, self._manager = self._manager, None
+        if m is not None:
+            try:
+                m.close()
+            except Exception:  # noqa: BLE001
+                if not quiet:
+                    raise
+
+    def _verify(self, step: int, leaves: list, meta) -> None:
+        if not isinstance(meta, dict):
+            raise ValueError("metadata missing")
+        missing = [k for k in ("digest", "checksum", "step", "num_leaves") if k not in meta]
+        if missing:
+            raise ValueError(f"metadata incomplete (no {', '.join(missing)}; a checkpoint of an older "
+                             "format cannot be verified)")
+        if meta["digest"] != _meta_digest(meta):
+            raise ValueError("metadata digest mismatch: the metadata was altered or damaged")
+        if meta["step"] != step:
+            raise ValueError(f"metadata says step {meta['step']!r} but the directory is {step}")
+        if meta["num_leaves"] != len(leaves) or meta["checksum"] != _leaves_checksum(leaves):
+            raise ValueError("checksum mismatch: the array data are damaged")
 
     def _restore_step(self, step: int, template_leaves: list):
         import jax
-        abstract = {f"{i:05d}": jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype)
+        _check_manifest(self.directory / str(step))  # before orbax reads a byte
+        abstract = {f"{i:05d}": jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
                     for i, x in enumerate(template_leaves)}
         r = self._mngr().restore(step, args=self.ocp.args.Composite(
             state=self.ocp.args.StandardRestore(abstract), meta=self.ocp.args.JsonRestore()))
-        meta = r.meta
-        if not isinstance(meta, dict) or "checksum" not in meta:
-            raise ValueError("metadata missing or incomplete")
-        state = r.state
-        if sorted(state) != sorted(abstract):
+        state, meta = r.state, r.meta
+        if not isinstance(state, dict) or sorted(state) != sorted(abstract):
             raise ValueError("state leaves do not match the model")
         leaves = [np.asarray(state[f"{i:05d}"]) for i in range(len(template_leaves))]
         for a, t in zip(leaves, template_leaves):
             if a.shape != np.shape(t) or a.dtype != np.asarray(t).dtype:
                 raise ValueError(f"leaf shape/dtype mismatch ({a.shape} {a.dtype} vs {np.shape(t)})")
-        if meta.get("num_leaves") != len(leaves) or meta["checksum"] != _leaves_checksum(leaves):
-            raise ValueError("checksum mismatch: the array data are damaged")
+        self._verify(step, leaves, meta)
         return leaves, meta
 
-    def restore_latest(self, template_leaves: list, log=print):
-        """(step, leaves, meta) of the newest checkpoint that restores and verifies, or None.
+    def restore_latest(self, template_leaves: list, log: Callable[[str], None] = print):
+        """(step, leaves, meta, bad) of the newest checkpoint that restores and verifies, or None.
 
-        A checkpoint that fails (missing/truncated/altered files) is reported in one line,
-        renamed to ``<step>.corrupt`` (never deleted) and the next older one is tried. Raises
+        A checkpoint that fails (missing/truncated/altered files, altered metadata, a step that
+        differs from its directory) is reported in one line, renamed to ``<step>.corrupt``
+        (never deleted) and the next older one is tried; ``bad`` lists those paths. Raises
         :class:`CheckpointError` when checkpoints exist but none is usable.
         """
+        template_leaves = [np.asarray(x) for x in template_leaves]
         steps = self.steps()
         bad = []
         for step in reversed(steps):
             path = self.directory / str(step)
             try:
-                leaves, meta = self._restore_step(step, template_leaves)
-            except Exception as e:  # orbax/tensorstore raise assorted types
+                with _orbax_silenced():
+                    leaves, meta = self._restore_step(step, template_leaves)
+            except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise assorted types
                 reason = one_line(f"{type(e).__name__}: {e}")[:240]
-                self._manager = None  # re-list the steps after the rename below
+                self.close(quiet=True)  # re-list the steps after the rename below
                 target = self._quarantine(path)
                 bad.append(str(path))
-                log(f"warning: checkpoint {path} is corrupt or partial ({reason}); moved to "
-                    f"{target.name}, falling back to the previous checkpoint")
+                log(f"warning: checkpoint {path} is corrupt or partial ({reason}); moved to {target.name}, "
+                    "falling back to the previous checkpoint")
                 continue
             return step, leaves, meta, bad
         if steps:
             raise CheckpointError(
-                f"no usable checkpoint in {self.directory} (all of steps {steps} are corrupt, kept as "
+                f"no usable checkpoint in {self.directory} (steps {steps} are all corrupt, kept as "
                 "*.corrupt); rerun without --resume and with --overwrite to start over")
         return None
 
