@@ -1,47 +1,55 @@
-"""Flax NNX helpers: learnable loss scales and a train step for encoder + stacked heads models.
+"""Flax NNX helpers: learnable loss scales and a train step for shared-encoder + heads models.
 
-The pattern: a model with three attributes — ``encoder`` (an ``nnx.Module`` mapping the batch's
-inputs to the shared feature z), ``heads`` (an ``nnx.Module`` whose parameters are stacked on a
-leading task axis T) and ``loss_scales`` (a :class:`LossScales`) — trained with
-:func:`imtl_jax.mtl_step` on the pure parameter pytrees (``nnx.split``/``nnx.merge``), and
-updated with ``nnx.Optimizer``. Non-parameter state of the encoder (e.g. BatchNorm statistics) is
-read but not updated by this helper: use norm layers without running statistics, or thread the
-statistics yourself.
+:func:`make_train_step` trains an ``nnx.Module`` with :func:`imtl_jax.mtl_step` and an
+``nnx.Optimizer``, in place, inside ``nnx.jit``. You say which submodule is shared (``shared=``,
+default ``"encoder"``), which are the task heads (``heads=``: one module stacked over a leading
+task axis, or a tuple/``nnx.List`` of modules, or a tuple of attribute names) and where the
+IMTL-L log-scales live (``loss_scales=``, a :class:`LossScales`). The shared encoder may hold
+``nnx.BatchNorm`` and ``nnx.Dropout`` in training mode: it runs once per step (one forward, as in
+a plain training step), its batch statistics are updated and its RNG streams advance. The heads
+must hold parameters only (put normalization and dropout in the encoder).
 
 Example:
   >>> import jax, jax.numpy as jnp, optax
   >>> from flax import nnx
   >>> import imtl_jax
   >>> from imtl_jax.nnx import LossScales, make_train_step
-  >>> class Heads(nnx.Module):  # T linear regression heads, stacked
-  ...     def __init__(self, num_tasks, features, rngs):
-  ...         self.w = nnx.Param(jax.random.normal(rngs.params(), (num_tasks, features)))
   >>> class Model(nnx.Module):
   ...     def __init__(self, rngs):
-  ...         self.encoder = nnx.Sequential(nnx.Linear(3, 8, rngs=rngs), nnx.tanh)
-  ...         self.heads = Heads(2, 8, rngs)
+  ...         self.trunk = nnx.Sequential(nnx.Linear(3, 8, rngs=rngs), nnx.BatchNorm(8, rngs=rngs),
+  ...                                     nnx.relu, nnx.Dropout(0.1, rngs=rngs))
+  ...         self.heads = nnx.List([nnx.Linear(8, 1, rngs=rngs), nnx.Linear(8, 4, rngs=rngs)])
   ...         self.loss_scales = LossScales(2)
-  >>> def head_loss(head_t, z, batch, t):  # head_t: task t's slice of the heads' parameters
-  ...     return jnp.mean((z @ head_t["w"][...] - batch["y"][:, t]) ** 2)
+  >>> def loss(head, z, batch, t):  # head: task t's module; t: a Python int for a list of heads
+  ...     out = head(z)
+  ...     if t == 0:
+  ...         return jnp.mean((out[:, 0] - batch["y"]) ** 2)
+  ...     return optax.softmax_cross_entropy_with_integer_labels(out, batch["label"]).mean()
   >>> model = Model(nnx.Rngs(0))
   >>> optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
-  >>> train_step = nnx.jit(make_train_step(head_loss, "imtl_h"))
-  >>> batch = {"x": jnp.ones((4, 3)), "y": jnp.zeros((4, 2))}
-  >>> _, aux = train_step(model, optimizer, batch, ())
-  >>> aux.weights.shape
-  (2,)
+  >>> train_step = make_train_step(loss, "imtl_h", shared="trunk", heads="heads")
+  >>> step = nnx.jit(train_step)
+  >>> batch = {"x": jnp.ones((4, 3)), "y": jnp.zeros(4), "label": jnp.arange(4)}
+  >>> method_state = train_step.init(model)
+  >>> method_state, aux = step(model, optimizer, batch, method_state)
+  >>> aux.weights.shape, int(model.trunk.layers[3].rngs.count[...])  # dropout stream advanced
+  ((2,), 1)
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from collections.abc import Mapping
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from imtl_jax._method import Method
-from imtl_jax._step import MTLParams, mtl_step, stacked_task_losses
+from imtl_jax._method import Method, PyTree
+from imtl_jax._step import MTLParams, StepAux, _stacked_num_tasks, mtl_step, stacked_task_losses
+from imtl_jax.methods import get_method
+
+Path = tuple
 
 
 class LossScales(nnx.Module):
@@ -50,10 +58,15 @@ class LossScales(nnx.Module):
     They are ordinary parameters: the optimizer's weight decay pulls them towards 0 (scale 1);
     give them their own rule with ``optax.partition`` / an ``nnx.Optimizer`` ``wrt`` filter if
     that is not wanted.
+
+    Example:
+      >>> from imtl_jax.nnx import LossScales
+      >>> LossScales(3)()  # the scales e^s
+      Array([1., 1., 1.], dtype=float32)
     """
 
     def __init__(self, num_tasks: int, *, dtype: Any = jnp.float32):
-        if not isinstance(num_tasks, int) or num_tasks < 1:
+        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
             raise ValueError(f"`num_tasks` must be a positive int, got {num_tasks!r}.")
         self.log_scales = nnx.Param(jnp.zeros((num_tasks,), dtype))
 
@@ -62,42 +75,302 @@ class LossScales(nnx.Module):
         return jnp.exp(self.log_scales[...])
 
 
-def make_train_step(head_loss: Callable[..., jax.Array], method: Union[str, Method] = "imtl_h", *,
-                    inputs: Callable[[Any], Any] = lambda batch: batch["x"],
-                    reduction: str = "sum") -> Callable:
-    """A train step ``(model, optimizer, batch, method_state) -> (method_state, aux)``.
+def _default_inputs(batch: Any) -> Any:
+    if not isinstance(batch, Mapping) or "x" not in batch:
+        raise TypeError("make_train_step: the batch has no 'x' entry to feed the shared encoder; "
+                        "say which part of the batch is the input with inputs=, e.g. "
+                        "make_train_step(loss, inputs=lambda batch: batch['image']).")
+    return batch["x"]
 
-    Wrap it in ``nnx.jit``. The model must have ``encoder``, ``heads`` and ``loss_scales``
-    attributes and no other parameters; ``optimizer`` is an ``nnx.Optimizer(model, tx,
-    wrt=nnx.Param)``.
 
-    Args:
-      head_loss: ``head_loss(head_params_t, z, batch, t) -> scalar`` where ``head_params_t`` is
-        task t's slice of ``nnx.state(model.heads, nnx.Param)`` (read arrays with ``[...]``).
-      method: registered method name or :class:`imtl_jax.Method`.
-      inputs: picks the encoder's input from the batch.
-      reduction: batch reduction of the feature gradients (see :func:`imtl_jax.mtl_step`).
+def _split_spec(spec: str) -> Path:
+    return tuple(int(p) if p.isdigit() else p for p in spec.split("."))
 
-    Returns:
-      ``train_step(model, optimizer, batch, method_state)`` returning the new method state (``()``
-      for IMTL) and the step's :class:`imtl_jax.StepAux`; the model is updated in place.
+
+def _resolve(model: nnx.Module, spec: str, arg: str) -> tuple[Path, Any]:
+    if not isinstance(spec, str) or not spec:
+        raise TypeError(f"`{arg}=` must be an attribute name of the model (a str such as "
+                        f"'encoder' or 'backbone.trunk'), got {spec!r}.")
+    obj: Any = model
+    path = _split_spec(spec)
+    for i, part in enumerate(path):
+        try:
+            obj = obj[part] if isinstance(part, int) else getattr(obj, part)
+        except (AttributeError, IndexError, KeyError, TypeError):
+            have = sorted(k for k in vars(obj) if not k.startswith("_")) if hasattr(obj, "__dict__") else []
+            where = ".".join(str(p) for p in path[:i]) or type(model).__name__
+            raise ValueError(
+                f"`{arg}={spec!r}`: {where} has no attribute {part!r} (it has {have}). Name the "
+                f"model's submodule with {arg}=, e.g. make_train_step(loss, {arg}='backbone')."
+            ) from None
+    return path, obj
+
+
+def _resolve_heads(model, heads) -> tuple[list[tuple[Path, Any]], bool]:
+    """[(path, module)] and whether the heads are stacked (one module over a task axis)."""
+    if isinstance(heads, str):
+        path, obj = _resolve(model, heads, "heads")
+        if isinstance(obj, _SEQUENCES) and len(obj):
+            return [(path + (i,), m) for i, m in enumerate(obj)], False
+        if isinstance(obj, nnx.Module) and not isinstance(obj, _SEQUENCES):
+            return [(path, obj)], True
+        raise TypeError(f"`heads={heads!r}` is a {type(obj).__name__}; it must be one nnx.Module "
+                        "whose parameters are stacked over the tasks (nnx.vmap), or a non-empty "
+                        "tuple / nnx.List of head modules.")
+    if isinstance(heads, (tuple, list)) and heads and all(isinstance(h, str) for h in heads):
+        return [_resolve(model, h, "heads") for h in heads], False
+    raise TypeError("`heads=` must be an attribute name (str) or a tuple of attribute names, got "
+                    f"{heads!r}.")
+
+
+_SEQUENCES = (list, tuple, nnx.List)
+
+
+def _is_prefix(prefix: Path, path: Path) -> bool:
+    return path[:len(prefix)] == prefix
+
+
+def _set_at(state: nnx.State, path: Path, value: Any) -> None:
+    node = state
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+
+
+class NNXTrainStep:
+    """An NNX train step; create with :func:`make_train_step`.
+
+    ``train_step.init(model)`` returns the method's initial state; ``train_step(model, optimizer,
+    batch, method_state, *, key=None, priorities=None)`` returns ``(method_state, aux)`` and
+    updates the model (parameters, batch statistics, RNG streams) and the optimizer in place.
+    Wrap the call in ``nnx.jit``.
     """
 
-    def train_step(model, optimizer, batch, method_state):
-        enc_def, enc_params, enc_rest = nnx.split(model.encoder, nnx.Param, ...)
+    def __init__(self, loss: Union[Callable[..., jax.Array], Sequence[Callable[..., jax.Array]]],
+                 method: Union[str, Method], *, shared: str, heads: Union[str, Sequence[str]],
+                 loss_scales: Optional[str], inputs: Callable[[Any], Any], reduction: str):
+        if isinstance(loss, (list, tuple)):
+            if not loss or not all(callable(f) for f in loss):
+                raise TypeError("`loss` given as a sequence must hold one callable "
+                                "(head, z, batch) -> scalar per task.")
+            loss = tuple(loss)
+        elif not callable(loss):
+            raise TypeError("`loss` must be a callable (head, z, batch, t) -> scalar or a tuple of "
+                            f"callables (head, z, batch) -> scalar, got {loss!r}.")
+        if not callable(inputs):
+            raise TypeError(f"`inputs` must be a callable batch -> encoder input, got {inputs!r}.")
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"`reduction` must be 'sum' or 'mean', got {reduction!r}.")
+        self.loss = loss
+        self.method = get_method(method)
+        self.shared, self.heads, self.loss_scales = shared, heads, loss_scales
+        self.inputs, self.reduction = inputs, reduction
 
-        def encoder(shared, b):
-            return nnx.merge(enc_def, shared, enc_rest)(inputs(b))
+    def __repr__(self) -> str:
+        return (f"NNXTrainStep(method={self.method.name!r}, shared={self.shared!r}, "
+                f"heads={self.heads!r}, loss_scales={self.loss_scales!r})")
 
-        step = mtl_step(encoder, stacked_task_losses(head_loss), method, reduction=reduction)
-        scales_param = model.loss_scales.log_scales
-        params = MTLParams(enc_params, nnx.state(model.heads, nnx.Param), scales_param[...])
-        grads, method_state, aux = step(params, method_state, batch)
-        grad_state = nnx.state(model, nnx.Param)
-        grad_state["encoder"] = grads.shared
-        grad_state["heads"] = grads.heads
-        grad_state["loss_scales"]["log_scales"] = scales_param.replace(grads.log_scales)
+    # ------------------------------------------------------------------------------------
+    def _layout(self, model):
+        if not isinstance(model, nnx.Module):
+            raise TypeError(f"`model` must be an nnx.Module, got {type(model).__name__}.")
+        enc_path, encoder = _resolve(model, self.shared, "shared")
+        if not isinstance(encoder, nnx.Module):
+            raise TypeError(f"`shared={self.shared!r}` is a {type(encoder).__name__}, not an nnx.Module.")
+        head_items, stacked = _resolve_heads(model, self.heads)
+        for path, head in head_items:
+            if not isinstance(head, nnx.Module):
+                raise TypeError(f"head {'.'.join(map(str, path))!r} is a {type(head).__name__}, "
+                                "not an nnx.Module.")
+            other = jax.tree_util.tree_leaves(nnx.state(head, nnx.Not(nnx.Param)))
+            if other:
+                raise ValueError(
+                    f"head {'.'.join(map(str, path))!r} holds state other than nnx.Param (batch "
+                    "statistics or dropout RNG streams): the heads are differentiated per task "
+                    "and must be pure functions of their parameters. Move BatchNorm/Dropout into "
+                    f"the shared module ({self.shared!r}).")
+        if stacked:
+            try:
+                num_tasks = _stacked_num_tasks(nnx.state(head_items[0][1], nnx.Param))
+            except ValueError as err:
+                raise ValueError(
+                    f"`heads={self.heads!r}` is one module, so its parameters must be stacked over a "
+                    f"leading task axis (nnx.vmap); {err} For heads of different sizes give a "
+                    "tuple or nnx.List of head modules instead.") from None
+        else:
+            num_tasks = len(head_items)
+        if isinstance(self.loss, tuple) and len(self.loss) != num_tasks:
+            raise ValueError(f"`loss` has {len(self.loss)} functions but the model has {num_tasks} heads.")
+        scales_path, scales = None, None
+        if self.loss_scales is not None:
+            try:
+                scales_path, scales = _resolve(model, self.loss_scales, "loss_scales")
+            except ValueError:
+                if self.method.scaling.trainable:
+                    raise ValueError(
+                        f"method {self.method.name!r} trains per-task loss scales but the model has no "
+                        f"attribute {self.loss_scales!r}: add `self.{self.loss_scales} = "
+                        f"imtl_jax.nnx.LossScales({num_tasks})` to the model, or name yours with "
+                        "loss_scales=.") from None
+        elif self.method.scaling.trainable:
+            raise ValueError(f"method {self.method.name!r} trains per-task loss scales: give the model "
+                             f"an imtl_jax.nnx.LossScales({num_tasks}) and name it with loss_scales=.")
+        if scales is not None:
+            leaves = jax.tree_util.tree_leaves(nnx.state(scales, nnx.Param))
+            if len(leaves) != 1 or jnp.shape(leaves[0]) != (num_tasks,):
+                raise ValueError(f"`loss_scales={self.loss_scales!r}` must hold one (T,) = ({num_tasks},) "
+                                 "nnx.Param (an imtl_jax.nnx.LossScales); got shapes "
+                                 f"{[jnp.shape(x) for x in leaves]}.")
+        covered = [enc_path] + [p for p, _ in head_items] + ([scales_path] if scales_path else [])
+        for i, a in enumerate(covered):
+            for b in covered[i + 1:]:
+                if _is_prefix(a, b) or _is_prefix(b, a):
+                    raise ValueError(f"`shared=`, `heads=` and `loss_scales=` overlap at "
+                                     f"{'.'.join(map(str, min(a, b, key=len)))!r}; name disjoint submodules.")
+        stray = [p for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))
+                 if not any(_is_prefix(c, p) for c in covered)]
+        if stray:
+            names = ", ".join(".".join(map(str, p)) for p in stray[:4])
+            raise ValueError(
+                f"the model has parameters outside shared={self.shared!r}, heads={self.heads!r} and "
+                f"loss_scales={self.loss_scales!r}: {names}{' ...' if len(stray) > 4 else ''}. Put "
+                "them inside the shared module or a head (or name those with shared=/heads=).")
+        return encoder, head_items, stacked, num_tasks, scales
+
+    def init(self, model: nnx.Module) -> PyTree:
+        """The method's initial state for ``model`` (``()`` for stateless methods)."""
+        _, _, _, num_tasks, scales = self._layout(model)
+        dtype = jnp.float32 if scales is None else jax.tree_util.tree_leaves(
+            nnx.state(scales, nnx.Param))[0].dtype
+        return self.method.weighting.init(num_tasks, dtype)
+
+    def __call__(self, model: nnx.Module, optimizer: nnx.Optimizer, batch: Any,
+                 method_state: PyTree, *, key: Optional[jax.Array] = None,
+                 priorities: Optional[jax.Array] = None) -> tuple[PyTree, StepAux]:
+        encoder, head_items, stacked, num_tasks, scales = self._layout(model)
+        if not isinstance(optimizer, nnx.Optimizer):
+            raise TypeError("`optimizer` must be an nnx.Optimizer(model, tx, wrt=nnx.Param), got "
+                            f"{type(optimizer).__name__}.")
+        expected = jax.tree_util.tree_structure(self.method.weighting.init(num_tasks, jnp.float32))
+        if jax.tree_util.tree_structure(method_state) != expected:
+            raise TypeError(f"`method_state` does not match method {self.method.name!r}'s state; start "
+                            "from train_step.init(model) and pass back the state each call returns.")
+        inputs = self.inputs
+        enc_def, enc_params, enc_rest = nnx.split(encoder, nnx.Param, ...)
+
+        def encoder_fn(shared, rest, b, k):
+            del k  # NNX modules draw from their own RNG streams
+            module = nnx.merge(enc_def, shared, rest, copy=True)
+            z = module(inputs(b))
+            _, _, new_rest = nnx.split(module, nnx.Param, ...)
+            return z, new_rest
+
+        loss = self.loss
+        task_losses: Any
+        if stacked:
+            head_def, head_params = nnx.split(head_items[0][1], nnx.Param)
+            if isinstance(loss, tuple):
+                raise TypeError("stacked heads share one graph: give one `loss(head, z, batch, t)`, "
+                                "not a tuple of functions.")
+            task_losses = stacked_task_losses(
+                lambda hp, z, b, t: loss(nnx.merge(head_def, hp, copy=True), z, b, t))
+        else:
+            defs, head_params = [], []
+            for _, head in head_items:
+                d, p = nnx.split(head, nnx.Param)
+                defs.append(d)
+                head_params.append(p)
+            head_params = tuple(head_params)
+            if isinstance(loss, tuple):
+                task_losses = tuple(
+                    (lambda hp, z, b, d=d, f=f: f(nnx.merge(d, hp, copy=True), z, b))
+                    for d, f in zip(defs, loss))
+            else:
+                task_losses = tuple(
+                    (lambda hp, z, b, d=d, t=t: loss(nnx.merge(d, hp, copy=True), z, b, t))
+                    for t, d in enumerate(defs))
+        if scales is not None:
+            scales_state = nnx.state(scales, nnx.Param)
+            log_scales = jax.tree_util.tree_leaves(scales_state)[0]
+        else:
+            log_scales = jnp.zeros((num_tasks,), jnp.float32)
+        step = mtl_step(encoder_fn, task_losses, self.method, reduction=self.reduction, has_state=True)
+        params = MTLParams(enc_params, head_params, log_scales)
+        grads, method_state, new_rest, aux = step(params, method_state, batch, encoder_state=enc_rest,
+                                                  key=key, priorities=priorities)
+        nnx.update(encoder, new_rest)
+
+        grad_state = jax.tree_util.tree_map(jnp.zeros_like, nnx.state(model, nnx.Param))
+        enc_path = _split_spec(self.shared)
+        _set_at(grad_state, enc_path, grads.shared)
+        if stacked:
+            _set_at(grad_state, head_items[0][0], grads.heads)
+        else:
+            for (path, _), g in zip(head_items, grads.heads):
+                _set_at(grad_state, path, g)
+        if scales is not None and self.loss_scales is not None:
+            _set_at(grad_state, _split_spec(self.loss_scales),
+                    jax.tree_util.tree_map(lambda _: grads.log_scales, scales_state))
         optimizer.update(model, grad_state)
         return method_state, aux
 
-    return train_step
+
+def make_train_step(loss: Union[Callable[..., jax.Array], Sequence[Callable[..., jax.Array]]],
+                    method: Union[str, Method] = "imtl_h", *, shared: str = "encoder",
+                    heads: Union[str, Sequence[str]] = "heads",
+                    loss_scales: Optional[str] = "loss_scales",
+                    inputs: Callable[[Any], Any] = _default_inputs,
+                    reduction: str = "sum") -> NNXTrainStep:
+    """A train step ``(model, optimizer, batch, method_state, *, key=None, priorities=None)
+    -> (method_state, aux)`` for an NNX model with a shared module and task heads.
+
+    The step splits the model (``nnx.split``) into the shared module's parameters and its other
+    state (``nnx.BatchStat``, RNG streams), runs :func:`imtl_jax.mtl_step` with
+    ``has_state=True`` (the shared module runs once: statistics updated, dropout streams
+    advanced), applies the gradients with ``optimizer`` (an ``nnx.Optimizer(model, tx,
+    wrt=nnx.Param)``) and writes the shared module's new state back, all in place. Wrap it in
+    ``nnx.jit``: it compiles once (the method state has a fixed structure).
+
+    Args:
+      loss: ``loss(head, z, batch, t) -> scalar``, task t's loss from its head module ``head``
+        (for stacked heads, task t's slice merged into one head; ``t`` is traced there, a Python
+        int for a tuple of heads) and the shared feature ``z``. Or a tuple of T functions
+        ``(head, z, batch) -> scalar``, one per (heterogeneous) head.
+      method: registered method name or :class:`imtl_jax.Method`; stateful methods (GradNorm,
+        DWA, FAMO, PCGrad) start from ``train_step.init(model)``.
+      shared: the attribute (dotted path, e.g. ``"backbone.trunk"``) of the shared module.
+      heads: the attribute of the heads: one module whose parameters have a leading task axis
+        (created with ``nnx.vmap``), or a tuple / ``nnx.List`` of head modules (heterogeneous
+        output sizes); or a tuple of attribute names, one per head.
+      loss_scales: the attribute of the :class:`LossScales` (needed by methods with a trainable
+        loss scaling: IMTL-H, IMTL-L, uncertainty); ``None`` for a model without one.
+      inputs: ``inputs(batch)`` is the shared module's input (default ``batch["x"]``).
+      reduction: batch reduction of the feature gradients (see :func:`imtl_jax.mtl_step`).
+
+    Returns:
+      An :class:`NNXTrainStep`. Every parameter of the model must belong to the shared module,
+      a head or the loss scales (else a ``ValueError`` lists the others).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from flax import nnx
+      >>> from imtl_jax.nnx import make_train_step
+      >>> class Net(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.body = nnx.Linear(3, 8, rngs=rngs)
+      ...         self.heads = nnx.List([nnx.Linear(8, 1, rngs=rngs) for _ in range(2)])
+      >>> def loss(head, z, batch, t): return jnp.mean((head(z)[:, 0] - batch["y"][:, t]) ** 2)
+      >>> model = Net(nnx.Rngs(0))
+      >>> optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+      >>> train_step = make_train_step(loss, "pcgrad", shared="body", loss_scales=None)
+      >>> state = train_step.init(model)
+      >>> state, aux = nnx.jit(train_step)(model, optimizer, {"x": jnp.ones((4, 3)),
+      ...                                  "y": jnp.ones((4, 2))}, state, key=jax.random.key(0))
+      >>> aux.losses.shape
+      (2,)
+    """
+    return NNXTrainStep(loss, method, shared=shared, heads=heads, loss_scales=loss_scales,
+                        inputs=inputs, reduction=reduction)
+
+
+__all__ = ["LossScales", "NNXTrainStep", "make_train_step"]

@@ -117,8 +117,8 @@ class _Model(nnx.Module):
         self.loss_scales = LossScales(2)
 
 
-def _head_loss(head_t, z, batch, t):
-    return jnp.mean((z @ head_t["w"][...] - batch["y"][:, t]) ** 2)
+def _head_loss(head_t, z, batch, t):  # head_t: task t's head module (its slice of the stack)
+    return jnp.mean((z @ head_t.w[...] - batch["y"][:, t]) ** 2)
 
 
 def test_nnx_train_step_matches_functional_step_and_trains():
@@ -145,7 +145,7 @@ def test_nnx_train_step_matches_functional_step_and_trains():
 
     optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
     train_step = nnx.jit(make_train_step(_head_loss, "imtl_h"))
-    _, aux = train_step(model, optimizer, batch, ())
+    _, aux = train_step(model, optimizer, batch, ())  # the default layout: encoder/heads/loss_scales
     np.testing.assert_allclose(aux.weights, ref_aux.weights, rtol=1e-5)
     np.testing.assert_allclose(model.encoder.layers[0].kernel[...], expected.shared["k"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(model.heads.w[...], expected.heads, rtol=1e-5, atol=1e-6)
@@ -198,3 +198,216 @@ def test_scale_losses_bad_inputs():
         imtl_jax.scale_losses(jnp.ones((3, 1)), jnp.zeros(3))
     with pytest.raises(TypeError, match="log_scales"):
         imtl_jax.scale_losses(jnp.ones(3), jnp.zeros(3, jnp.int32))
+
+
+# ------------------------------------------------------------------------------------------------
+# NNX: BatchNorm + Dropout in training mode, any layout, heterogeneous heads, every method
+
+
+class _Trunk(nnx.Module):
+    def __init__(self, din, dz, *, rngs, dtype=jnp.float32):
+        self.lin = nnx.Linear(din, dz, rngs=rngs, dtype=dtype, param_dtype=dtype)
+        self.bn = nnx.BatchNorm(dz, momentum=0.8, rngs=rngs, dtype=dtype, param_dtype=dtype)
+        self.drop = nnx.Dropout(0.3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.drop(jnp.tanh(self.bn(self.lin(x))))
+
+
+class _HeteroNet(nnx.Module):
+    """User-named parts: `backbone` shared, `outs` heads of sizes 1, 3 and 2, `scales`."""
+
+    def __init__(self, rngs, dtype=jnp.float32):
+        self.backbone = _Trunk(4, 6, rngs=rngs, dtype=dtype)
+        self.outs = nnx.List([nnx.Linear(6, n, rngs=rngs, dtype=dtype, param_dtype=dtype) for n in (1, 3, 2)])
+        self.scales = LossScales(3, dtype=dtype)
+
+
+def _hetero_loss(head, z, batch, t):
+    out = head(z)
+    if t == 0:
+        return jnp.mean((out[:, 0] - batch[1]["y"]) ** 2)
+    labels = batch[1]["c3"] if t == 1 else batch[1]["c2"]
+    return optax.softmax_cross_entropy_with_integer_labels(out, labels).mean()
+
+
+def _hetero_batch(n=16, dtype=jnp.float32):
+    k = jax.random.split(jax.random.key(7), 4)
+    x = jax.random.normal(k[0], (n, 4), dtype)
+    return (x, {"y": jax.random.normal(k[1], (n,), dtype), "c3": jax.random.randint(k[2], (n,), 0, 3),
+                "c2": jax.random.randint(k[3], (n,), 0, 2)})
+
+
+def _make_hetero_step(method, **kw):
+    return make_train_step(_hetero_loss, method, shared="backbone", heads="outs", loss_scales="scales",
+                           inputs=lambda b: b[0], **kw)
+
+
+def _rng_count(model):
+    return int(model.backbone.drop.rngs.count[...])
+
+
+def test_nnx_equal_reproduces_a_plain_nnx_training_step():
+    """method="equal" == nnx.value_and_grad of the summed losses: params, batch stats, RNG, losses."""
+    batch = _hetero_batch()
+    ours, plain = _HeteroNet(nnx.Rngs(0, dropout=1)), _HeteroNet(nnx.Rngs(0, dropout=1))
+    opt_ours = nnx.Optimizer(ours, optax.adam(1e-2), wrt=nnx.Param)
+    opt_plain = nnx.Optimizer(plain, optax.adam(1e-2), wrt=nnx.Param)
+    train_step = _make_hetero_step("equal")
+    step = nnx.jit(train_step)
+
+    @nnx.jit
+    def plain_step(model, optimizer, batch):
+        def loss_fn(model):
+            z = model.backbone(batch[0])
+            losses = jnp.stack([_hetero_loss(h, z, batch, t) for t, h in enumerate(model.outs)])
+            return losses.sum(), losses
+        (_, losses), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        optimizer.update(model, grads)
+        return losses
+
+    state = train_step.init(ours)
+    for _ in range(3):
+        state, aux = step(ours, opt_ours, batch, state)
+        losses = plain_step(plain, opt_plain, batch)
+        np.testing.assert_allclose(aux.losses, losses, rtol=2e-6, atol=1e-7)
+    assert _rng_count(ours) == _rng_count(plain) == 3
+    for a, b in zip(jax.tree_util.tree_leaves(nnx.state(ours)), jax.tree_util.tree_leaves(nnx.state(plain)),
+                    strict=True):
+        if jnp.issubdtype(jnp.result_type(a), jnp.floating):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(ours.backbone.bn.mean[...], plain.backbone.bn.mean[...], rtol=1e-6, atol=1e-7)
+    assert float(jnp.abs(ours.backbone.bn.mean[...]).max()) > 0  # the statistics did move
+
+
+def test_nnx_imtl_h_shared_gradient_is_alpha_weighted_per_task_gradients_same_mask():
+    with x64():
+        dt = jnp.float64
+        batch = _hetero_batch(dtype=dt)
+        model = _HeteroNet(nnx.Rngs(3, dropout=4), dtype=dt)
+        model.scales.log_scales[...] = jnp.asarray([0.2, -0.4, 0.7], dt)
+        before = nnx.clone(model)
+        s = np.asarray(model.scales.log_scales[...])
+        rows, per_task = [], []
+        for t in range(3):
+            m = nnx.clone(before)  # the same RNG state: the same dropout mask in every task's pass
+            z = m.backbone(batch[0])
+            head = before.outs[t]
+            gz = jax.grad(lambda z_, t=t, head=head: np.exp(s[t]) * _hetero_loss(head, z_, batch, t))(z)
+            rows.append(np.asarray(gz).sum(axis=0))
+            m = nnx.clone(before)
+
+            def scaled(trunk, t=t, head=head):
+                return np.exp(s[t]) * _hetero_loss(head, trunk(batch[0]), batch, t) - s[t]
+
+            per_task.append(nnx.grad(scaled)(m.backbone))
+        alpha = paper_alpha(np.stack(rows))
+        want = jax.tree_util.tree_map(lambda *g: sum(a * x for a, x in zip(alpha, g)), *per_task)
+
+        optimizer = nnx.Optimizer(model, optax.sgd(1.0), wrt=nnx.Param)
+        train_step = _make_hetero_step("imtl_h")
+        _, aux = nnx.jit(train_step)(model, optimizer, batch, train_step.init(model))
+        np.testing.assert_allclose(aux.weights, alpha, rtol=1e-9, atol=1e-12)
+        got = jax.tree_util.tree_map(lambda b, a: b - a, nnx.state(before.backbone, nnx.Param),
+                                     nnx.state(model.backbone, nnx.Param))  # sgd(1): -grad
+        for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("method", imtl_jax.methods.method_names())
+def test_nnx_every_method_two_steps_one_compilation(method):
+    batch = _hetero_batch()
+    model = _HeteroNet(nnx.Rngs(0, dropout=1))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    train_step = _make_hetero_step(method)
+    traces = []
+
+    @nnx.jit
+    def step(model, optimizer, batch, state, key):
+        traces.append(1)
+        return train_step(model, optimizer, batch, state, key=key)
+
+    state = train_step.init(model)
+    structure = jax.tree_util.tree_structure(state)
+    for i in range(2):
+        state, aux = step(model, optimizer, batch, state, jax.random.key(i))
+        assert bool(aux.all_finite)
+    assert len(traces) == 1
+    assert jax.tree_util.tree_structure(state) == structure
+    assert _rng_count(model) == 2
+    init_leaves = jax.tree_util.tree_leaves(train_step.init(model))
+    if init_leaves:  # a stateful method's state is threaded through and moves
+        assert any(not np.array_equal(a, b) for a, b in zip(init_leaves, jax.tree_util.tree_leaves(state)))
+
+
+def test_nnx_stacked_heads_tuple_of_attribute_names_and_priorities():
+    class TwoHeads(nnx.Module):
+        def __init__(self, rngs):
+            self.encoder = _Trunk(4, 6, rngs=rngs)
+            self.seg = nnx.Linear(6, 3, rngs=rngs)
+            self.depth = nnx.Linear(6, 1, rngs=rngs)
+            self.loss_scales = LossScales(2)
+
+    def seg_loss(head, z, batch):
+        return optax.softmax_cross_entropy_with_integer_labels(head(z), batch[1]["c3"]).mean()
+
+    def depth_loss(head, z, batch):
+        return jnp.mean((head(z)[:, 0] - batch[1]["y"]) ** 2)
+
+    batch = _hetero_batch()
+    model = TwoHeads(nnx.Rngs(0, dropout=1))
+    reference = nnx.clone(model)
+    train_step = make_train_step((seg_loss, depth_loss), "imtl_g", heads=("seg", "depth"),
+                                 inputs=lambda b: b[0])
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    priorities = jnp.asarray([0.8, 0.2])
+    _, aux = nnx.jit(train_step)(model, optimizer, batch, (), priorities=priorities)
+    # The functional step on the same (cloned) model with the same priorities.
+    enc_def, enc_p, enc_rest = nnx.split(reference.encoder, nnx.Param, ...)
+
+    def encoder(p, rest, b, key):
+        m = nnx.merge(enc_def, p, rest, copy=True)
+        return m(b[0]), nnx.split(m, nnx.Param, ...)[2]
+
+    heads = tuple(nnx.split(h, nnx.Param) for h in (reference.seg, reference.depth))
+    step = imtl_jax.mtl_step(encoder, (lambda p, z, b: seg_loss(nnx.merge(heads[0][0], p), z, b),
+                                       lambda p, z, b: depth_loss(nnx.merge(heads[1][0], p), z, b)),
+                             "imtl_g", has_state=True)
+    params = imtl_jax.MTLParams(enc_p, (heads[0][1], heads[1][1]), jnp.zeros(2))
+    _, _, _, ref = step(params, (), batch, encoder_state=enc_rest, priorities=priorities)
+    np.testing.assert_allclose(aux.weights, ref.weights, rtol=1e-5, atol=1e-6)
+    _, _, _, no_prio = step(params, (), batch, encoder_state=enc_rest)
+    assert not np.allclose(ref.weights, no_prio.weights)
+
+
+def test_nnx_wrong_layouts_name_the_missing_piece():
+    batch = _hetero_batch()
+    model = _HeteroNet(nnx.Rngs(0, dropout=1))
+    opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    with pytest.raises(ValueError, match=r"no attribute 'encoder'.*shared="):
+        make_train_step(_hetero_loss, heads="outs", loss_scales="scales", inputs=lambda b: b[0]).init(model)
+    with pytest.raises(ValueError, match=r"no attribute 'heads'"):
+        make_train_step(_hetero_loss, shared="backbone", loss_scales="scales").init(model)
+    with pytest.raises(ValueError, match=r"LossScales\(3\)"):
+        make_train_step(_hetero_loss, "imtl_h", shared="backbone", heads="outs").init(model)
+    with pytest.raises(ValueError, match="outside shared"):
+        make_train_step(_hetero_loss, "equal", shared="backbone", heads="outs", loss_scales=None).init(model)
+    with pytest.raises(TypeError, match="inputs="):
+        make_train_step(_hetero_loss, "imtl_h", shared="backbone", heads="outs",
+                        loss_scales="scales")(model, opt, batch, ())
+    with pytest.raises(TypeError, match=r"train_step.init\(model\)"):
+        _make_hetero_step("dwa")(model, opt, batch, ())
+
+    class BadHeads(nnx.Module):
+        def __init__(self, rngs):
+            self.encoder = nnx.Linear(4, 6, rngs=rngs)
+            self.heads = nnx.List([nnx.Sequential(nnx.Linear(6, 1, rngs=rngs), nnx.BatchNorm(1, rngs=rngs))])
+    with pytest.raises(ValueError, match="Move BatchNorm/Dropout into"):
+        make_train_step(_hetero_loss, "equal", loss_scales=None).init(BadHeads(nnx.Rngs(0)))
+
+    class Unstacked(nnx.Module):
+        def __init__(self, rngs):
+            self.encoder = nnx.Linear(4, 6, rngs=rngs)
+            self.heads = nnx.Linear(6, 3, rngs=rngs)  # one module but not stacked over tasks
+    with pytest.raises(ValueError, match="tuple or nnx.List of head modules"):
+        make_train_step(_hetero_loss, "equal", loss_scales=None).init(Unstacked(nnx.Rngs(0)))
