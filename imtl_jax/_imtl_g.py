@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from imtl_jax._linalg import ldexp, pow2_normalize, spd_inverse
 from imtl_jax._validation import check_float_array, check_task_vector
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -170,42 +171,16 @@ def _compensated_residual(g, n_hi, n_lo, beta, target):
     return r_hi + (r_err - x_lo)
 
 
-def _solve_cosine_system(k: jax.Array, rhs: jax.Array) -> jax.Array:
-    """``K^+ rhs`` for the symmetric PSD cosine matrix ``K`` (unit diagonal).
-
-    Well-conditioned ``K`` (smallest eigenvalue above ``10 T eps`` times the largest; the unit
-    diagonal makes this test scale-free) is solved by Cholesky, the most accurate route in
-    float32 (measured). Otherwise (duplicate/parallel rows, rank deficiency, T > D) a symmetric
-    pseudo-inverse with the same relative cutoff gives the finite least-squares answer.
-    """
-    num_tasks = k.shape[0]
-    evals, evecs = jnp.linalg.eigh(k)
-    cutoff = 10.0 * num_tasks * jnp.finfo(k.dtype).eps * jnp.max(jnp.abs(evals))
-    keep = evals > cutoff
-    inv = jnp.where(keep, 1.0 / jnp.where(keep, evals, 1.0), 0.0)
-    coords = jnp.matmul(evecs.T, rhs, precision=_HIGHEST)
-    pinv_solution = jnp.matmul(evecs, inv * coords, precision=_HIGHEST)
-    well_conditioned = jnp.all(keep)
-    # Cholesky of a singular K yields NaN; feed it the identity then and discard the result.
-    chol_factor = jax.scipy.linalg.cho_factor(
-        jnp.where(well_conditioned, k, jnp.eye(num_tasks, dtype=k.dtype)))
-    chol_solution = jax.scipy.linalg.cho_solve(chol_factor, rhs)
-    use_chol = well_conditioned & jnp.all(jnp.isfinite(chol_solution))
-    return jnp.where(use_chol, chol_solution, pinv_solution)
-
-
 def _imtl_g_impl(grads: jax.Array, priorities: Optional[jax.Array],
                  nonconflicting: bool) -> ImtlGResult:
     num_tasks = grads.shape[0]
     dtype = grads.dtype
     eps = jnp.finfo(dtype).eps
 
-    # Uniform rescale: alpha is invariant, so every later test is relative to the data.
-    absmax = jnp.max(jnp.abs(grads))
-    # A power of two, so that the division is exact and the refinement below sees the data.
-    _, exponent = jnp.frexp(jnp.where(absmax > 0, absmax, jnp.ones((), dtype)))
-    scale = jnp.ldexp(jnp.ones((), dtype), exponent)
-    g = grads / scale
+    # Uniform rescale by an exact power of two 2^-k (alpha is invariant, Theorem 2), taken from
+    # the bit patterns: exact for every finite input, float32's largest values and subnormals
+    # included, so every later test is relative to the data and the refinement sees the data.
+    g, shift = pow2_normalize(grads)
     norms, norms_lo = _compensated_norms(g)
     valid = norms > (eps * eps) * jnp.max(norms)
     safe_norms = jnp.where(valid, norms, 1.0)
@@ -219,7 +194,12 @@ def _imtl_g_impl(grads: jax.Array, priorities: Optional[jax.Array],
 
     target = jnp.ones((num_tasks,), dtype) if priorities is None else priorities.astype(dtype)
     target = jnp.where(valid, target, 0.0)
-    beta = _solve_cosine_system(cosines, target)
+    # K^-1 by Cholesky when cond_1(K) <= 1 / (10 T eps) (K has a unit diagonal, so the test is
+    # scale-free), else the pseudo-inverse with that relative cutoff; lax.cond, so accelerators
+    # run the eigendecomposition only for ill-conditioned K. One factorisation serves the solve
+    # and the refinement.
+    inverse, _ = spd_inverse(cosines, 1.0 / (10.0 * num_tasks * eps))
+    beta = jnp.matmul(inverse, target, precision=_HIGHEST)
     # One step of iterative refinement with the residual evaluated on the unit rows themselves
     # (not on the rounded K): the projections then match to the round-off of U (U^T beta)
     # instead of cond(U)^2 times the round-off of K (halves the float32 spread, measured).
@@ -229,7 +209,7 @@ def _imtl_g_impl(grads: jax.Array, priorities: Optional[jax.Array],
     for _ in range(_REFINE if grads.size <= _REFINE_MAX_SIZE else 0):
         residual = _compensated_residual(g, safe_norms, jnp.where(valid, norms_lo, 0.0), beta, target)
         residual = jnp.where(valid, residual, 0.0)
-        beta = beta + _solve_cosine_system(cosines, residual)
+        beta = beta + jnp.matmul(inverse, residual, precision=_HIGHEST)
 
     raw = jnp.where(valid, beta / safe_norms, 0.0)
     total = jnp.sum(raw)
@@ -238,7 +218,13 @@ def _imtl_g_impl(grads: jax.Array, priorities: Optional[jax.Array],
     # When the target is (numerically) orthogonal to range(K) — e.g. a rank-1 matrix whose row
     # signs balance — beta is round-off and so would be alpha: fall back instead.
     fit = jnp.matmul(cosines, beta, precision=_HIGHEST)
-    solvable = solvable & (jnp.linalg.norm(fit) > tol * jnp.linalg.norm(target))
+    target_norm = jnp.linalg.norm(target)
+    solvable = solvable & (jnp.linalg.norm(fit) > tol * target_norm)
+    # Equal (priority-proportional) projections are reachable iff the target lies in range(K):
+    # always for full-rank K; for rank-deficient K (T > D, dependent rows) only in special cases
+    # (duplicate or parallel rows). Otherwise beta is the least-squares answer and the
+    # projections differ, so C below is their mean instead of the closed form.
+    consistent = jnp.linalg.norm(fit - target) <= jnp.sqrt(eps) * target_norm
     inverse_norms = jnp.where(valid, 1.0 / safe_norms, 0.0)
     any_valid = jnp.any(valid)
     fallback = jnp.where(any_valid, inverse_norms / jnp.where(any_valid, jnp.sum(inverse_norms), 1.0),
@@ -246,14 +232,16 @@ def _imtl_g_impl(grads: jax.Array, priorities: Optional[jax.Array],
     safe_total = jnp.where(solvable, total, 1.0)
     weights = jnp.where(solvable, raw / safe_total, fallback)
 
-    aggregate = jnp.matmul(weights, grads, precision=_HIGHEST)
-    # C in input units. Where the closed form applies, C = scale / sum_t beta_t/|g_t|; in the
-    # fallback the projections are not equal and C is their mean over the non-zero rows.
-    projections = jnp.matmul(units, jnp.matmul(weights, g, precision=_HIGHEST),
-                             precision=_HIGHEST) * scale
-    mean_projection = jnp.sum(jnp.where(valid, projections, 0.0)) / jnp.maximum(
+    scaled_aggregate = jnp.matmul(weights, g, precision=_HIGHEST)
+    aggregate = ldexp(scaled_aggregate, shift)
+    # C in input units. Where equal projections are reached, C = 2^k / sum_t beta_t/|g_t| (the
+    # closed form, more accurate than any computed projection); otherwise (least-squares or
+    # fallback weights) the projections g . u_t / p_t differ and C is their mean over the
+    # non-zero rows, so that its sign is the sign of the average task's first-order change.
+    ratios = jnp.matmul(units, scaled_aggregate, precision=_HIGHEST) / jnp.where(valid, target, 1.0)
+    mean_ratio = jnp.sum(jnp.where(valid, ratios, 0.0)) / jnp.maximum(
         jnp.sum(valid), 1).astype(dtype)
-    common = jnp.where(solvable, scale / safe_total, mean_projection)
+    common = ldexp(jnp.where(solvable & consistent, 1.0 / safe_total, mean_ratio), shift)
 
     if nonconflicting:
         sign = jnp.where(common < 0, -1.0, 1.0).astype(dtype)

@@ -7,6 +7,7 @@ Registered name: ``nash_mtl``.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import jax
 import jax.scipy.linalg
@@ -20,8 +21,20 @@ from imtl_jax.methods._common import (HIGHEST, check_grads, check_matrix, comput
 from imtl_jax.methods.equal import IDENTITY
 
 
-def nash_solve(gram: jax.Array, iterations: int) -> jax.Array:
-    r"""Solves ``M alpha = 1 / alpha`` (elementwise), ``alpha > 0``, for a PD matrix ``M``.
+def default_tol(dtype) -> float:
+    """The default certificate tolerance: ``16 eps`` of the working dtype."""
+    return 16.0 * float(jnp.finfo(dtype).eps)
+
+
+def bargaining_residual(gram: jax.Array, alpha: jax.Array) -> jax.Array:
+    """``max_t |alpha_t (M alpha)_t - 1|``: the relative residual of ``M alpha = 1 / alpha``
+    (dimensionless, so already relative to the data's scale)."""
+    return jnp.max(jnp.abs(alpha * jnp.matmul(gram, alpha, precision=HIGHEST) - 1.0))
+
+
+def nash_solve(gram: jax.Array, max_iterations: int, tol: Optional[float] = None):
+    r"""Solves ``M alpha = 1 / alpha`` (elementwise), ``alpha > 0``, for a PD matrix ``M``; returns
+    ``(alpha, certificate, iterations)``.
 
     The equation is the stationarity condition of the strictly convex, self-concordant
     ``phi(alpha) = alpha^T M alpha / 2 - sum_t log alpha_t``, minimised by damped Newton steps
@@ -29,16 +42,18 @@ def nash_solve(gram: jax.Array, iterations: int) -> jax.Array:
     ``phi`` decreases, and convergence is quadratic near the solution. Start: ``1/sqrt(diag M)``
     rescaled by the exact minimiser of ``phi`` along that ray (exact for orthogonal or duplicate
     rows). Each step solves ``(D M D + I) y = -D grad`` with ``D = diag(alpha)`` (eigenvalues
-    >= 1, so the Cholesky factorisation cannot fail). Measured in float64 on random Gramians with
-    T <= 40: ``max_t |(M alpha)_t alpha_t - 1| < 1e-14`` after 10 iterations.
+    >= 1, so the Cholesky factorisation cannot fail). Under ``lax.while_loop`` until
+    :func:`bargaining_residual` ``<= tol`` (default ``16 eps``), the step no longer changes
+    alpha, or ``max_iterations`` steps.
     """
     num_tasks = gram.shape[0]
     dtype = gram.dtype
+    tol = default_tol(dtype) if tol is None else float(tol)
     eye = jnp.eye(num_tasks, dtype=dtype)
     a0 = 1.0 / jnp.sqrt(jnp.diag(gram))
     a0 = a0 * jnp.sqrt(num_tasks / jnp.dot(a0, jnp.matmul(gram, a0, precision=HIGHEST)))
 
-    def body(_, a):
+    def newton(a):
         grad = jnp.matmul(gram, a, precision=HIGHEST) - 1.0 / a
         scaled = a[:, None] * gram * a[None, :] + eye
         factor = jax.scipy.linalg.cho_factor(scaled)
@@ -48,10 +63,21 @@ def nash_solve(gram: jax.Array, iterations: int) -> jax.Array:
         ok = jnp.all(jnp.isfinite(new) & (new > 0))
         return jnp.where(ok, new, a)
 
-    return lax.fori_loop(0, iterations, body, a0)
+    def cond(carry):
+        _, res, it, moved = carry
+        return (res > tol) & (it < max_iterations) & moved
+
+    def body(carry):
+        a, _, it, _ = carry
+        new = newton(a)
+        return new, bargaining_residual(gram, new), it + 1, jnp.any(new != a)
+
+    a, res, it, _ = lax.while_loop(cond, body, (a0, bargaining_residual(gram, a0),
+                                                 jnp.zeros((), jnp.int32), jnp.ones((), bool)))
+    return a, res, it
 
 
-def _nash_weights(grads, iterations):
+def _nash_weights(grads, max_iterations, tol):
     num_tasks = grads.shape[0]
     cdt = compute_dtype(grads.dtype)
     gram, _ = normalized_gramian(grads.astype(cdt))
@@ -60,40 +86,49 @@ def _nash_weights(grads, iterations):
     # The authors' normalisation GTG / ||GTG||_F, plus a ridge eps * I that keeps alpha finite
     # (<= 1 / sqrt(eps)) when some direction v >= 0 has M v = 0 (a zero row, rows g and -g).
     gram = gram / jnp.where(nonzero, fro, 1.0) + jnp.finfo(cdt).eps * jnp.eye(num_tasks, dtype=cdt)
-    alpha = nash_solve(gram, iterations)
+    alpha, res, it = nash_solve(gram, max_iterations, tol)
     alpha = jnp.where(nonzero, alpha, jnp.ones_like(alpha))
-    return nan_if_not_finite(alpha, grads).astype(grads.dtype)
+    info = {"certificate": jnp.where(nonzero, res, 0.0).astype(grads.dtype), "iterations": it}
+    return nan_if_not_finite(alpha, grads).astype(grads.dtype), info
 
 
-@functools.partial(jax.jit, static_argnames=("iterations",))
-def nash_mtl_weights(grads: jax.Array, *, iterations: int = 20) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("max_iterations", "tol"))
+def nash_mtl_weights(grads: jax.Array, *, max_iterations: int = 50,
+                     tol: Optional[float] = None) -> jax.Array:
     """Nash-MTL weights for the (T, F) gradients ``grads`` (see :func:`nash_mtl_weighting`)."""
     grads = check_matrix(grads, "nash_mtl")
-    return _nash_weights(grads, _check_iterations(iterations))
+    return _nash_weights(grads, *_check_args(max_iterations, tol))[0]
 
 
-def _check_iterations(iterations):
-    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
-        raise ValueError(f"`iterations` must be a positive int, got {iterations!r}.")
-    return iterations
+def _check_args(max_iterations, tol):
+    if not isinstance(max_iterations, int) or isinstance(max_iterations, bool) or max_iterations < 1:
+        raise ValueError(f"`max_iterations` must be a positive int, got {max_iterations!r}.")
+    if tol is not None and not float(tol) >= 0:
+        raise ValueError(f"`tol` must be >= 0 or None, got {tol!r}.")
+    return max_iterations, None if tol is None else float(tol)
 
 
-def _nash_weigh(grads, losses, state, key, priorities, *, iterations):
+def _nash_weigh(grads, losses, state, key, priorities, *, max_iterations, tol):
     del key
     grads, losses = check_grads(grads, losses, priorities, "nash_mtl")
-    return WeightingOutput(_nash_weights(grads, iterations), state, {})
+    w, info = _nash_weights(grads, max_iterations, tol)
+    return WeightingOutput(w, state, info)
 
 
-def nash_mtl_weighting(*, iterations: int = 20) -> Weighting:
+def nash_mtl_weighting(*, max_iterations: int = 50, tol: Optional[float] = None) -> Weighting:
     r"""Nash-MTL as a :class:`~imtl_jax.Weighting` (Navon et al., ICML 2022).
 
     The Nash bargaining solution of the tasks' utilities ``g_t . Delta`` over the ball gives
     ``Delta = sum_t alpha_t g_t`` with ``G G^T alpha = 1 / alpha`` (elementwise reciprocal),
-    ``alpha > 0``: the equation this solves, on the Gramian normalised by its Frobenius norm as
-    in the authors' code (so the weights are invariant to a uniform rescaling of the gradients,
-    and the update scales like equal weighting's), plus a ridge ``eps I`` (eps of the dtype).
-    Solver: a fixed number of damped Newton steps on the convex ``alpha^T M alpha / 2 -
-    sum log alpha`` (:func:`nash_solve`), instead of the authors' sequence of cvxpy problems.
+    ``alpha > 0``. We solve it on the Gramian normalised by its Frobenius norm, plus a ridge
+    ``eps I`` (eps of the dtype): the weights are invariant to a uniform rescaling of the
+    gradients and the update scales like equal weighting's. The authors' code divides
+    ``G G^T`` by its Frobenius norm too but re-uses that factor inside its constraint, so its
+    weights solve the raw equation ``G G^T a = 1 / a``: ours are ``sqrt(||G G^T||_F)`` times
+    theirs, the same direction (their update's scale follows the gradients' scale instead).
+    Solver: damped Newton steps on the convex ``alpha^T M alpha / 2 - sum log alpha``
+    (:func:`nash_solve`) until the residual ``max_t |alpha_t (M alpha)_t - 1| <= tol``, instead
+    of the authors' sequence of cvxpy problems.
 
     Not included from the authors' code: gradient-norm clipping (``max_norm=1``; add
     ``optax.clip_by_global_norm`` to the optimizer) and updating the weights only every k steps.
@@ -103,14 +138,16 @@ def nash_mtl_weighting(*, iterations: int = 20) -> Weighting:
     ``alpha_t g_t`` stays bounded); all-zero gradients give weights 1; T = 1 gives ~1.
 
     Args:
-      iterations: damped Newton iterations (default 20).
+      max_iterations: cap on the damped Newton iterations (default 50).
+      tol: certificate tolerance (default ``16 eps`` of the working dtype).
 
-    Cost per step: the per-task gradients, the Gramian O(T^2 F), then O(iterations T^3) (one
-    (T, T) Cholesky per iteration). Gradient method: heads get their own loss gradient.
+    Cost per step: the per-task gradients, the Gramian O(T^2 F), then O(T^3) per Newton
+    iteration (one (T, T) Cholesky). ``info``: ``certificate`` (the final residual) and
+    ``iterations`` (int32). Gradient method: heads get their own loss gradient.
     """
-    iterations = _check_iterations(iterations)
+    max_iterations, tol = _check_args(max_iterations, tol)
     return Weighting(name="nash_mtl", init=stateless_init,
-                     weigh=functools.partial(_nash_weigh, iterations=iterations),
+                     weigh=functools.partial(_nash_weigh, max_iterations=max_iterations, tol=tol),
                      needs_grads=True, weights_heads=False)
 
 
