@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from imtl_jax._exact import parameter_level
 from imtl_jax._method import Method, PyTree
 from imtl_jax._validation import check_float_array
 from imtl_jax.methods import get_method
@@ -385,26 +386,22 @@ class MTLStep:
         if raw.shape != (num_tasks,):
             raise ValueError(f"task losses have shape {raw.shape} but `params.log_scales` has "
                              f"shape ({num_tasks},).")
-        per_example = gz.reshape(num_tasks, z.shape[0], -1)
-        if method.level == "representation":
+        if method.level == "parameters":  # exact: T encoder VJPs, Gramian, see _exact.py
+            raw, scaled = self._pmean((raw, scaled))
+            shared_grads, out = parameter_level(encoder_vjp, gz, weighting, lax.stop_gradient(scaled),
+                                                state, key, priorities, self._pmean)
+            w = lax.stop_gradient(out.weights).astype(scaled.dtype)
+        else:
+            per_example = gz.reshape(num_tasks, z.shape[0], -1)
             matrix = jnp.sum(per_example, axis=1) if self.reduction == "sum" else jnp.mean(per_example, axis=1)
-            param_grads = None
-        else:  # exact: T encoder VJPs, batched with vmap over one jax.vjp
-            param_grads = jax.vmap(encoder_vjp)(gz)[0]
-            matrix = jnp.concatenate(
-                [x.reshape(num_tasks, -1) for x in jax.tree_util.tree_leaves(param_grads)], axis=1)
-        if self.axis_name is not None:
-            # One all-reduce carries the (T, F) matrix and the (T,) losses together.
-            packed = self._pmean(jnp.concatenate([matrix, raw[:, None], scaled[:, None]], axis=1))
-            matrix, raw, scaled = packed[:, :-2], packed[:, -2], packed[:, -1]
-        out = weighting.weigh(lax.stop_gradient(matrix), lax.stop_gradient(scaled), state, key, priorities)
-        w = lax.stop_gradient(out.weights).astype(scaled.dtype)
-
-        if method.level == "representation":
+            if self.axis_name is not None:
+                # One all-reduce carries the (T, F) matrix and the (T,) losses together.
+                packed = self._pmean(jnp.concatenate([matrix, raw[:, None], scaled[:, None]], axis=1))
+                matrix, raw, scaled = packed[:, :-2], packed[:, -2], packed[:, -1]
+            out = weighting.weigh(lax.stop_gradient(matrix), lax.stop_gradient(scaled), state, key, priorities)
+            w = lax.stop_gradient(out.weights).astype(scaled.dtype)
             (shared_grads,) = encoder_vjp(self._varying(self._weighted_z_cotangent(
                 params.heads, z, batch, params.log_scales, w, gh).astype(z.dtype)))
-        else:
-            shared_grads = jax.tree_util.tree_map(lambda x: jnp.tensordot(w, x, axes=1).astype(x.dtype), param_grads)
 
         head_w = w if weighting.weights_heads else jnp.ones_like(w)
         if gs is None:  # generic heads: one more VJP with the head cotangent

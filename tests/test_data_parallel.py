@@ -27,7 +27,7 @@ import sys
 
 import pytest
 
-METHODS = ("imtl_h", "imtl_g", "imtl_g_exact", "equal")
+METHODS = ("imtl_h", "imtl_g", "imtl_g_exact", "imtl_g_exact:gramian", "equal")
 NUM_DEVICES = 8
 NUM_TASKS, BATCH, IN_FEATURES, HIDDEN, FEATURES, OUT = 3, 64, 12, 32, 16, 4
 RTOL = 1e-6
@@ -90,17 +90,44 @@ def _worker() -> dict:
             worst = max(worst, float(err))
         return worst
 
-    def all_reduces(hlo: str) -> list[str]:
-        """The result shapes of the all-reduce ops in an optimized HLO module."""
-        out = []
+    def all_reduces(hlo: str) -> dict:
+        """The result shapes of the all-reduce ops in an optimized HLO module: those that always
+        run ("main") and those inside the branches of a conditional ("in_branches")."""
+        computations, current = {}, None
         for line in hlo.splitlines():
-            m = re.search(r"=\s*(.+?)\s+all-reduce(?:-start)?\(", line)
-            if m:
-                out.append(re.sub(r"\{[0-9,]*\}", "", m.group(1)))
+            head = re.match(r"\s*(?:ENTRY\s+)?%(\S+)\s.*\{\s*$", line)
+            if head:
+                current = head.group(1)
+                computations[current] = []
+            elif current is not None:
+                computations[current].append(line)
+        branches = set()
+        for lines in computations.values():
+            for line in lines:
+                m = re.search(r"branch_computations=\{([^}]*)\}", line)
+                if m:
+                    branches.update(x.strip().lstrip("%") for x in m.group(1).split(","))
+                m = re.search(r"true_computation=%(\S+?),\s*false_computation=%(\S+?)[,\s]", line)
+                if m:
+                    branches.update(m.groups())
+        out = {"main": [], "in_branches": []}
+        for comp, lines in computations.items():
+            for line in lines:
+                m = re.search(r"=\s*(.+?)\s+all-reduce(?:-start)?\(", line)
+                if m:
+                    out["in_branches" if comp in branches else "main"].append(
+                        re.sub(r"\{[0-9,]*\}", "", m.group(1)))
         return out
 
+    from imtl_jax import _exact
+
     results = {}
-    for method in METHODS:
+    default_min_size = _exact._GRAMIAN_MIN_SIZE
+    for name in METHODS:
+        # "imtl_g_exact:gramian": the exact level's gramian route, taken above a size (large
+        # models); forced here for this small model by lowering the threshold while tracing.
+        method, _, route = name.partition(":")
+        _exact._GRAMIAN_MIN_SIZE = 0 if route == "gramian" else default_min_size
         step = imtl_jax.mtl_step(encoder, losses, method)
         mstate, opt_state = step.init(params), opt.init(params)
         reference = jax.jit(make_train(step))(params, opt_state, mstate, batch)
@@ -118,17 +145,17 @@ def _worker() -> dict:
             runs["shard_map_no_check_vma"] = jax.jit(jax.shard_map(
                 make_train(step_dp), mesh=mesh, in_specs=(P(), P(), P(), P("data")),
                 out_specs=P(), check_vma=False))
-        results[method] = {"reference_norm": ref_norm}
+        results[name] = {"reference_norm": ref_norm}
         for mode, fn in runs.items():
             try:
                 compiled = fn.lower(*args).compile()
                 got = compiled(*args)
-                results[method][mode] = {
+                results[name][mode] = {
                     "rel_error": rel_error(got, reference), "error": None,
                     "all_reduces": all_reduces(compiled.as_text()),
                     "output_devices": len(got[0].shared["w1"].sharding.device_set)}
             except Exception as e:  # reported by the test, not raised here
-                results[method][mode] = {"rel_error": None, "error": f"{type(e).__name__}: {e}"[:600],
+                results[name][mode] = {"rel_error": None, "error": f"{type(e).__name__}: {e}"[:600],
                                          "all_reduces": None, "output_devices": None}
     return results
 
@@ -199,17 +226,35 @@ def test_shard_map_no_check_vma_matches_single_device(results, method):
 @pytest.mark.parametrize("method, mode", [(m, "shard_map") for m in METHODS] + [
     (m, "shard_map_no_check_vma") for m in NO_CHECK_VMA_METHODS])
 def test_shard_map_all_reduce_count(results, method, mode):
-    """One all-reduce of the packed (T, F + 2) matrix and losses, one of the gradients."""
+    """Two all-reduces for the gradient methods, one for equal weighting.
+
+    Representation level: one of the packed (T, F + 2) matrix and losses, one of the gradients.
+    Exact level: one of the per-task parameter gradients (the flattened (T, P) matrix for small
+    models; a tuple of the (T, ...) leaves on the gramian route), one of the gradients; the
+    gramian route's over/underflow branch (lax.cond, not run here) holds one more.
+    """
     r = results[method][mode]
     assert r["error"] is None, f"{method} / {mode}: {r['error']}"
-    shapes = r["all_reduces"]
+    shapes, in_branches = r["all_reduces"]["main"], r["all_reduces"]["in_branches"]
     if method == "equal":  # losses only, reduced together with the gradients
-        assert len(shapes) == 1, shapes
+        assert len(shapes) == 1 and not in_branches, r["all_reduces"]
         return
-    features = FEATURES if method != "imtl_g_exact" else (
-        IN_FEATURES * HIDDEN + HIDDEN * FEATURES)  # parameter level: F = #shared parameters
-    packed = f"f32[{NUM_TASKS},{features + 2}]"
     assert len(shapes) == 2, shapes
+    if method == "imtl_g_exact:gramian":
+        leaves = sorted(["f32[%d,%d,%d]" % (NUM_TASKS, IN_FEATURES, HIDDEN),
+                         "f32[%d,%d,%d]" % (NUM_TASKS, HIDDEN, FEATURES)])
+        jacobian = [s for s in shapes if s.startswith("(") and
+                    sorted(x.strip() for x in s.strip("()").split(", ")) in (
+                        leaves, sorted(["f32[%d,%d,%d]" % (NUM_TASKS, HIDDEN, IN_FEATURES),
+                                        "f32[%d,%d,%d]" % (NUM_TASKS, FEATURES, HIDDEN)]))]
+        assert len(jacobian) == 1, shapes
+        assert len(in_branches) == 1, in_branches
+        return
+    assert not in_branches, in_branches
+    if method == "imtl_g_exact":  # parameter level: the (T, #shared parameters) matrix
+        packed = f"f32[{NUM_TASKS},{IN_FEATURES * HIDDEN + HIDDEN * FEATURES}]"
+    else:
+        packed = f"f32[{NUM_TASKS},{FEATURES + 2}]"
     assert shapes.count(packed) == 1, (packed, shapes)
 
 
