@@ -12,6 +12,9 @@ from oracles import x64  # noqa: F401  (fdtype fixture: tests/conftest.py)
 from hypothesis import given, settings, strategies as st
 from scipy.optimize import minimize
 
+import inputs
+from properties import property_tests
+
 from imtl_jax.methods.mgda import (mgda_closed_form_weighting, mgda_closed_form_weights,
                                    mgda_weighting, mgda_weights)
 
@@ -173,3 +176,59 @@ def test_closed_form_degenerate_cases():
     np.testing.assert_allclose(np.asarray(mgda_closed_form_weights(jnp.ones((1, 3)))), [1.0])
     with pytest.raises(ValueError, match="grads"):
         mgda_closed_form_weights(jnp.ones(3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hard families (tests/inputs.py): conflicting rows, norms over 1e+-2 and 1e+-4, T = 5, 10.
+
+
+def exhaustive_min_norm(grads):
+    """The min-norm point of the hull by enumerating supports (float64, independent of Wolfe's
+    algorithm): for every subset S the affine min-norm point (bordered KKT system, least
+    squares); the optimum is the feasible one that satisfies the KKT conditions."""
+    import itertools
+    g = np.asarray(grads, np.float64)
+    m = g @ g.T
+    num_tasks = m.shape[0]
+    best, best_value = None, np.inf
+    for size in range(1, num_tasks + 1):
+        for subset in itertools.combinations(range(num_tasks), size):
+            s = list(subset)
+            kkt = np.block([[m[np.ix_(s, s)], np.ones((size, 1))], [np.ones((1, size)), np.zeros((1, 1))]])
+            sol = np.linalg.lstsq(kkt, np.r_[np.zeros(size), 1.0], rcond=None)[0][:size]
+            if np.all(sol >= 0) and abs(sol.sum() - 1) < 1e-9:
+                w = np.zeros(num_tasks)
+                w[s] = sol
+                value = w @ m @ w
+                if value < best_value:
+                    best, best_value = w, value
+    return best
+
+
+@pytest.mark.parametrize("case", [c for c in inputs.HARD if c[1] <= 10])
+def test_mgda_hard_families(fdtype, case):
+    """Certificate <= tol, the true Frank-Wolfe gap (float64, on the rounded data) <= 8 eps, and
+    the aggregate within the gap's bound of the exhaustive oracle:
+    ||v - v*||^2 <= 2 (||v||^2 - min_t g_t . v)."""
+    eps = np.finfo(fdtype).eps
+    for seed in range(2 if case[1] == 10 else 3):
+        g = inputs.draw(case[0], seed, *case[1:]).astype(fdtype)
+        out = _mgda(jnp.asarray(g))
+        assert float(out.info["certificate"]) <= 4 * eps
+        assert 0 <= int(out.info["iterations"]) <= case[1] + 2   # measured: Wolfe needs <= T + 2
+        g64 = g.astype(np.float64)
+        scale = np.max(np.sum(g64 * g64, axis=1))
+        w = np.asarray(out.weights, np.float64)
+        assert np.all(w >= 0) and abs(w.sum() - 1) <= 10 * case[1] * eps
+        v = w @ g64
+        gap = v @ v - np.min(g64 @ v)
+        assert gap <= 8 * eps * scale, gap / scale
+        if case[1] <= 5 or fdtype == np.float64:
+            v_ref = exhaustive_min_norm(g64) @ g64
+            assert np.sum((v - v_ref) ** 2) <= 2 * gap + 16 * np.finfo(np.float64).eps * scale
+
+
+TestMgdaProperties = property_tests(
+    "mgda", mgda_weighting(),
+    ("sums_to_one", "scale_invariant", "permutation_equivariant", "finite_on_degenerate",
+     "compiles_once"))
