@@ -1,28 +1,65 @@
-"""``python -m experiments SCRIPT [flags]``: run one of the experiment scripts.
+"""``python -m experiments <benchmark> [flags]`` compares methods on a benchmark;
+``python -m experiments <study> [--benchmark NAME] [flags]`` runs a study.
 
-Scripts: multimnist (the main job), qm9, celeba, nyuv2, cityscapes, robustness,
-ablation_z_vs_theta. ``python -m experiments SCRIPT --help`` lists the flags.
+Benchmarks: multimnist (the main job), multifashion, multi_fashion_mnist, qm9, celeba, nyuv2,
+cityscapes. Studies: compare (the default), robustness, ablation_z_vs_theta, priorities.
+``python -m experiments <name> --help`` lists every flag with its real default;
+``--tiny`` runs any of them in seconds on tiny data.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
 
-SCRIPTS = ("multimnist", "qm9", "celeba", "nyuv2", "cityscapes", "robustness", "ablation_z_vs_theta")
+PROG = "python -m experiments"
+
+
+def _benchmark_arg(argv, default: str) -> str:
+    for i, a in enumerate(argv):
+        if a == "--benchmark" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--benchmark="):
+            return a.split("=", 1)[1]
+    return default
 
 
 def main(argv=None) -> int:
+    from experiments import benchmarks, cli, studies
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        return 0 if argv else 2
+        return 0 if argv else cli.EXIT_USAGE
     name, rest = argv[0], argv[1:]
-    if name not in SCRIPTS:
-        print(f"python -m experiments: error: unknown script {name!r}; choose from {', '.join(SCRIPTS)}",
-              file=sys.stderr)
-        return 2
-    return importlib.import_module(f"experiments.{name}").main(rest)
+    if name in benchmarks.REGISTRY:
+        study, bench_name, prog = "compare", name, f"{PROG} {name}"
+    elif name in studies.STUDIES:
+        mod = studies.module(name)
+        study, prog = name, f"{PROG} {name}"
+        bench_name = _benchmark_arg(rest, getattr(mod, "DEFAULT_BENCHMARK", "multimnist"))
+    else:
+        print(f"{PROG}: error: unknown benchmark or study {name!r}; benchmarks: "
+              f"{', '.join(benchmarks.REGISTRY)}; studies: {', '.join(studies.STUDIES)}", file=sys.stderr)
+        return cli.EXIT_USAGE
+
+    def body():
+        mod = studies.module(study)
+        bmod = benchmarks.module(bench_name)
+        defaults = {**cli.BASE_DEFAULTS, **bmod.DEFAULTS[bench_name], **getattr(mod, "DEFAULTS", {})}
+        defaults["out"] = f"runs/{bench_name}" if study == "compare" else f"runs/{study}/{bench_name}"
+        tiny = {**benchmarks.tiny_defaults(bench_name), **getattr(mod, "TINY", {})}
+        parser = cli.make_parser(prog, mod.DESCRIPTION, defaults, tiny, epilog=getattr(mod, "USAGE", ""))
+        if study != "compare":
+            parser.add_argument("--benchmark", default=bench_name, choices=list(benchmarks.REGISTRY),
+                                help=f"the benchmark to run the study on (default: "
+                                     f"{getattr(mod, 'DEFAULT_BENCHMARK', 'multimnist')})")
+        benchmarks.add_flags(parser, bench_name)
+        keys = mod.add_flags(parser) if hasattr(mod, "add_flags") else ()
+        o = cli.parse_options(parser, rest, benchmark=bench_name, study=study, defaults=defaults, tiny=tiny,
+                              extra_keys=tuple(keys or ()))
+        mod.run(o, cli.command_line(prog, rest))
+
+    return cli.run_main(prog, body)
 
 
 if __name__ == "__main__":

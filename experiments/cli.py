@@ -1,58 +1,38 @@
-"""Shared command-line flags of the experiment scripts, and their error handling.
+"""The shared command-line flags and their error handling.
 
-Every script (``python -m experiments.multimnist``, ``.qm9``, ``.celeba``, ``.nyuv2``,
-``.cityscapes``, ``.robustness``, ``.ablation_z_vs_theta``) builds its parser with
-:func:`make_parser` and runs through :func:`run_main`, so that
-
-* every script has the same flags (``--method``, ``--seeds``, ``--steps``/``--epochs``,
-  ``--batch-size``, ``--lr``, ``--out``, ``--data-dir``, ``--eval-every``,
-  ``--checkpoint-every``, ``--resume``, ``--overwrite``, ``--max-skipped``,
-  ``--loss-scale-task``/``--loss-scale``, ``--max-train``, ``--tiny``, ``--quiet``);
-* a bad flag, a missing data set or an unusable checkpoint ends the process with **one line**
-  on stderr that names the fix, exit status 2, and no traceback.
-
-Flags left unset take the script's defaults, or the ``--tiny`` defaults (a handful of steps on
-tiny generated or sub-sampled data: the smoke-test mode).
+``python -m experiments <benchmark> [flags]`` and ``python -m experiments <study> --benchmark
+<name> [flags]`` build one parser from :func:`make_parser` (shared flags, with the chosen
+benchmark's real defaults in ``--help``), the benchmark's own flags and the study's; the result
+is an :class:`experiments.options.Options`. A bad flag, missing data or an unusable checkpoint
+ends the process with **one line** on stderr naming the fix (exit status 2); Ctrl-C ends it
+with one line saying whether and how the run can be resumed (exit status 130).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = [
-    "CLIError",
-    "HarnessError",
-    "CheckpointError",
-    "Settings",
-    "make_parser",
-    "parse_settings",
-    "run_main",
-    "one_line",
-]
+from experiments.errors import CheckpointError, CLIError, ExperimentError, HarnessError, one_line
+from experiments.options import Options
+
+__all__ = ["CLIError", "HarnessError", "ExperimentError", "CheckpointError", "one_line", "BASE_DEFAULTS",
+           "make_parser", "parse_options", "run_main", "command_line", "EXIT_USAGE", "EXIT_INTERRUPTED"]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-
-class HarnessError(RuntimeError):
-    """An error the user can fix (bad flag, missing data, unusable checkpoint): one line, exit 2."""
-
-
-class CLIError(HarnessError):
-    """A bad command-line flag."""
-
-
-class CheckpointError(HarnessError):
-    """No usable checkpoint, or a checkpoint written by a different configuration."""
-
-
-def one_line(text: str) -> str:
-    """``text`` squeezed onto one line (newlines and runs of spaces become single spaces)."""
-    return " ".join(str(text).split())
+#: defaults every benchmark starts from; the benchmark's ``DEFAULTS`` override them; ``--tiny``
+#: applies the benchmark's ``TINY`` on top.
+BASE_DEFAULTS = dict(
+    methods=["imtl_h", "equal"], seeds=[0], steps=1000, epochs=None, batch_size=128, lr=1e-3,
+    weight_decay=0.0, schedule="constant", warmup=0, plateau_patience=3, plateau_factor=0.5,
+    eval_every=100, checkpoint_every=None, max_skipped=20, loss_scale_task=None, loss_scale=1.0,
+    max_train=None, max_eval=None, image_size=None, norm=None, targets=None, data_dir=None,
+    parallel_seeds=0,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,73 +42,16 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see `{self.prog} --help`)")
 
 
-@dataclasses.dataclass
-class Settings:
-    """The resolved flags of one invocation (see :func:`make_parser` for their meaning)."""
-
-    prog: str
-    methods: list[str]
-    seeds: list[int]
-    steps: Optional[int]
-    epochs: Optional[float]
-    batch_size: int
-    lr: float
-    out: str
-    data_dir: Optional[str]
-    eval_every: int
-    checkpoint_every: int
-    resume: bool
-    overwrite: bool
-    max_skipped: int
-    loss_scale_task: Optional[str]
-    loss_scale: float
-    max_train: Optional[int]
-    tiny: bool
-    quiet: bool
-    extra: dict = dataclasses.field(default_factory=dict)
-
-
-# Defaults every script starts from; scripts override some of them; --tiny overrides again.
-BASE_DEFAULTS = dict(
-    methods=["imtl_h", "equal"], seeds=[0], steps=1000, epochs=None, batch_size=128, lr=1e-3,
-    out=None, data_dir=None, eval_every=0, checkpoint_every=0, max_skipped=20,
-    loss_scale_task=None, loss_scale=1.0, max_train=None,
-)
-TINY_DEFAULTS = dict(seeds=[0], steps=4, batch_size=4, eval_every=2)
-
-
-def _positive_int(name):
-    def parse(s):
+def number(kind: type, name: str, low: float, *, strict: bool = False) -> Callable[[str], Any]:
+    """An argparse type: ``kind`` (int/float) >= ``low`` (> ``low`` when ``strict``), finite."""
+    def parse(s: str):
         try:
-            v = int(s)
+            v = kind(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
-        return v
-    return parse
-
-
-def _nonneg_int(name):
-    def parse(s):
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v}")
-        return v
-    return parse
-
-
-def _positive_float(name):
-    def parse(s):
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
-        if not (v > 0 and math.isfinite(v)):
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {s}")
+            raise argparse.ArgumentTypeError(f"{name} must be {'an integer' if kind is int else 'a number'}, "
+                                             f"got {s!r}") from None
+        if (v <= low if strict else v < low) or not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{name} must be {'>' if strict else '>='} {low:g}, got {s}")
         return v
     return parse
 
@@ -136,7 +59,7 @@ def _positive_float(name):
 def _seed_list(s: str) -> list[int]:
     out = []
     for part in s.replace(",", " ").split():
-        if "-" in part[1:]:  # a range "0-4"
+        if "-" in part[1:]:
             a, b = part.split("-", 1)
             try:
                 lo, hi = int(a), int(b)
@@ -156,65 +79,107 @@ def _seed_list(s: str) -> list[int]:
     return out
 
 
-def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """The shared parser; scripts may add their own flags before calling :func:`parse_settings`."""
-    p = _Parser(prog=prog, description=description,
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _fmt(v) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, (list, tuple)):
+        return " ".join(str(x) for x in v)
+    return str(v)
+
+
+def make_parser(prog: str, description: str, defaults: dict, tiny: dict, epilog: str = "") -> argparse.ArgumentParser:
+    """The shared parser; ``defaults``/``tiny`` are shown in each flag's help."""
+    p = _Parser(prog=prog, description=description, epilog=epilog,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def d(key: str, extra: str = "") -> str:
+        s = f" (default: {_fmt(defaults.get(key))}"
+        if key in tiny and tiny[key] != defaults.get(key):
+            s += f"; with --tiny: {_fmt(tiny[key])}"
+        return s + (f"; {extra}" if extra else "") + ")"
+
     g = p.add_argument_group("methods and runs")
     g.add_argument("--method", "--methods", dest="methods", nargs="+", metavar="NAME", default=None,
-                   help="registered method names (see imtl_jax.methods.method_names()), 'all' for "
-                        "every registered method, and/or 'single_task' (T single-task runs, the "
-                        "baseline of Δm)")
+                   help="registered method names (imtl_jax.methods.method_names()), 'linear' (constant "
+                        "weights), 'all' (every registered method) and/or 'single_task' (one run per task, "
+                        "the baseline of Δm)" + d("methods"))
     g.add_argument("--seeds", nargs="+", type=_seed_list, default=None, metavar="SEED",
-                   help="seeds: '0 1 2', '0,1,2' or '0-2'")
+                   help="seeds: '0 1 2', '0,1,2' or '0-2'" + d("seeds"))
+    g.add_argument("--parallel-seeds", type=number(int, "--parallel-seeds", 0), default=None, metavar="K",
+                   help="train at most K runs of a method as one vmapped program; 0 = all of them, 1 = one "
+                        "by one" + d("parallel_seeds"))
     steps = g.add_mutually_exclusive_group()
-    steps.add_argument("--steps", type=_positive_int("--steps"), default=None,
-                       help="training steps per run")
-    steps.add_argument("--epochs", type=_positive_float("--epochs"), default=None,
-                       help="training epochs per run (instead of --steps)")
-    g.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None)
-    g.add_argument("--lr", type=_positive_float("--lr"), default=None, help="Adam learning rate")
-    g.add_argument("--max-train", type=_positive_int("--max-train"), default=None,
-                   help="use at most this many training examples")
+    steps.add_argument("--steps", type=number(int, "--steps", 1), default=None,
+                       help="training steps per run" + d("steps"))
+    steps.add_argument("--epochs", type=number(float, "--epochs", 0, strict=True), default=None,
+                       help="training epochs per run, instead of --steps")
+    g.add_argument("--batch-size", type=number(int, "--batch-size", 1), default=None,
+                   help="training batch size" + d("batch_size"))
+    g.add_argument("--max-train", type=number(int, "--max-train", 1), default=None,
+                   help="use at most this many training examples" + d("max_train", "none = all"))
+    g = p.add_argument_group("optimizer and schedule")
+    g.add_argument("--lr", type=number(float, "--lr", 0, strict=True), default=None,
+                   help="Adam learning rate" + d("lr"))
+    g.add_argument("--weight-decay", type=number(float, "--weight-decay", 0), default=None,
+                   help="decoupled weight decay (AdamW)" + d("weight_decay"))
+    g.add_argument("--schedule", choices=("constant", "cosine", "plateau"), default=None,
+                   help="learning-rate schedule: constant, cosine decay to 0, or reduce-on-plateau of the "
+                        "validation Δm (checked every --eval-every steps)" + d("schedule"))
+    g.add_argument("--warmup", type=number(int, "--warmup", 0), default=None,
+                   help="linear warm-up steps" + d("warmup"))
+    g.add_argument("--plateau-patience", type=number(int, "--plateau-patience", 1), default=None,
+                   help="evaluations without improvement before the rate is cut" + d("plateau_patience"))
+    g.add_argument("--plateau-factor", type=number(float, "--plateau-factor", 0, strict=True), default=None,
+                   help="factor the rate is multiplied by on a plateau" + d("plateau_factor"))
     g = p.add_argument_group("input and output")
-    g.add_argument("--out", default=None, help="output folder (results.json, results.md, plots, runs/)")
-    g.add_argument("--data-dir", default=None,
-                   help="root of the real data set (CelebA, NYUv2, Cityscapes; QM9: a folder of "
-                        "qm9pack CSVs)")
+    g.add_argument("--out", default=None, help="output folder: results.json, results.md, plots/, runs/ "
+                                               f"(default: {defaults.get('out')})")
+    g.add_argument("--data-dir", default=None, help="root of the real data set (CelebA, NYUv2, Cityscapes; "
+                                                    "QM9: a folder of qm9pack CSVs)" + d("data_dir"))
+    g.add_argument("--norm", choices=("batch", "group", "none"), default=None,
+                   help="normalization layers of the conv encoders (CelebA, NYUv2, Cityscapes)" + d("norm"))
     g.add_argument("--tiny", action="store_true",
-                   help="a handful of steps on tiny generated/sub-sampled data (smoke test)")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+                   help="a handful of steps on tiny generated or sub-sampled data (a smoke test, seconds)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars (the one-line summaries stay)")
+    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
+                   help="do not write TensorBoard event files (runs/<method>/seed<k>/tb)")
+    g.add_argument("--no-plots", dest="plots", action="store_false", help="do not draw the PNG plots")
     g = p.add_argument_group("evaluation, checkpoints, safety")
-    g.add_argument("--eval-every", type=_nonneg_int("--eval-every"), default=None,
-                   help="evaluate on val every k steps (0: only at the end)")
-    g.add_argument("--checkpoint-every", type=_nonneg_int("--checkpoint-every"), default=None,
-                   help="orbax checkpoint every k steps and at the end (0: no checkpoints)")
+    g.add_argument("--eval-every", type=number(int, "--eval-every", 0), default=None,
+                   help="evaluate validation and test every k steps; the reported test metrics are those "
+                        "at the step with the best validation Δm (0: only at the end)" + d("eval_every"))
+    g.add_argument("--checkpoint-every", type=number(int, "--checkpoint-every", 0), default=None,
+                   help="checkpoint every k steps and at the end; 0 = never; unset = every minute of "
+                        "training and on Ctrl-C")
     g.add_argument("--resume", action="store_true",
                    help="continue each run from its latest good checkpoint; skip finished runs")
     g.add_argument("--overwrite", action="store_true",
                    help="discard checkpoints of earlier runs in --out instead of refusing to start")
-    g.add_argument("--max-skipped", type=_positive_int("--max-skipped"), default=None,
-                   help="stop a run after this many consecutive non-finite (skipped) steps")
+    g.add_argument("--max-skipped", type=number(int, "--max-skipped", 1), default=None,
+                   help="stop a run after this many consecutive non-finite (skipped) steps" + d("max_skipped"))
     g = p.add_argument_group("loss rescaling (robustness)")
     g.add_argument("--loss-scale-task", default=None, metavar="TASK",
-                   help="task index or name whose training loss is multiplied by --loss-scale")
-    g.add_argument("--loss-scale", type=_positive_float("--loss-scale"), default=None, metavar="K")
+                   help="task index or name whose training loss is multiplied by --loss-scale"
+                        + d("loss_scale_task"))
+    g.add_argument("--loss-scale", type=number(float, "--loss-scale", 0, strict=True), default=None, metavar="K",
+                   help="the factor" + d("loss_scale"))
     return p
 
 
-def parse_settings(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
-                   defaults: Optional[dict] = None, tiny_defaults: Optional[dict] = None,
-                   extra_keys: Sequence[str] = ()) -> Settings:
-    """Parses ``argv`` and fills unset flags from ``tiny_defaults`` (with --tiny), ``defaults``
-    and the shared :data:`BASE_DEFAULTS`, in that order. Raises :class:`CLIError`."""
+_KEYS = [f.name for f in __import__("dataclasses").fields(Options)
+         if f.name not in ("benchmark", "study", "out", "tiny", "quiet", "resume", "overwrite", "extra",
+                           "tensorboard", "plots")]
+
+
+def parse_options(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], *, benchmark: str,
+                  study: str, defaults: dict, tiny: dict, extra_keys: Sequence[str] = ()) -> Options:
+    """Parses ``argv``; unset flags come from ``tiny`` (with --tiny), then ``defaults``."""
     ns = parser.parse_args(list(argv) if argv is not None else None)
-    merged = dict(BASE_DEFAULTS)
-    merged.update(defaults or {})
+    merged = dict(BASE_DEFAULTS, **defaults)
     if ns.tiny:
-        merged.update(TINY_DEFAULTS)
-        merged.update(tiny_defaults or {})
+        merged.update(tiny)
     values = {}
-    for key in BASE_DEFAULTS:
+    for key in _KEYS:
         given = getattr(ns, key, None)
         values[key] = given if given is not None else merged.get(key)
     if ns.seeds is not None:
@@ -223,44 +188,40 @@ def parse_settings(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]
             raise CLIError(f"--seeds: give at least one seed (see `{parser.prog} --help`)")
     if ns.epochs is not None:
         values["steps"] = None
-    elif ns.steps is None and values.get("epochs") is not None:
-        values["steps"] = None
     if values["steps"] is None and values["epochs"] is None:
         raise CLIError(f"give --steps or --epochs (see `{parser.prog} --help`)")
-    if ns.loss_scale is not None and ns.loss_scale != 1.0 and ns.loss_scale_task is None \
-            and values.get("loss_scale_task") is None:
+    if ns.loss_scale is not None and ns.loss_scale != 1.0 and values.get("loss_scale_task") is None:
         raise CLIError("--loss-scale needs --loss-scale-task TASK (a task index or name)")
-    if values["out"] is None:
-        raise CLIError("give --out FOLDER")
-    extra = {k: getattr(ns, k) for k in extra_keys}
-    return Settings(prog=parser.prog, methods=list(values["methods"] or []), seeds=list(values["seeds"]),
-                    steps=values["steps"], epochs=values["epochs"],
-                    batch_size=int(values["batch_size"]), lr=float(values["lr"]), out=values["out"],
-                    data_dir=values["data_dir"], eval_every=int(values["eval_every"]),
-                    checkpoint_every=int(values["checkpoint_every"]), resume=bool(ns.resume),
-                    overwrite=bool(ns.overwrite), max_skipped=int(values["max_skipped"]),
-                    loss_scale_task=values["loss_scale_task"], loss_scale=float(values["loss_scale"]),
-                    max_train=values["max_train"], tiny=bool(ns.tiny), quiet=bool(ns.quiet),
-                    extra=extra)
+    if values.get("image_size") is not None:
+        values["image_size"] = tuple(values["image_size"])
+    out = ns.out or merged.get("out") or (f"runs/{benchmark}" if study == "compare" else f"runs/{study}/{benchmark}")
+    return Options(benchmark=benchmark, study=study, out=out, tiny=bool(ns.tiny), quiet=bool(ns.quiet),
+                   resume=bool(ns.resume), overwrite=bool(ns.overwrite), tensorboard=bool(ns.tensorboard),
+                   plots=bool(ns.plots), extra={k: getattr(ns, k, None) for k in extra_keys},
+                   **{k: values[k] for k in _KEYS})
 
 
 def run_main(prog: str, body: Callable[[], Any]) -> int:
-    """Runs ``body()`` and turns user-fixable errors into one stderr line and exit status 2.
-
-    Returns the exit status (0 on success) so that ``main(argv)`` can be called in-process;
-    the ``__main__`` blocks pass it to ``sys.exit``.
-    """
-    from experiments.data import DataUnavailableError  # local: keep `--help` fast
+    """Runs ``body()``; user-fixable errors become one stderr line and exit status 2, Ctrl-C one
+    line (what was saved, how to continue) and 130. Returns the exit status."""
+    from experiments.data import DataUnavailableError
 
     try:
         body()
     except SystemExit as e:  # argparse --help
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
-    except (HarnessError, DataUnavailableError) as e:
+    except (ExperimentError, DataUnavailableError) as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; rerun with --resume to continue from the last checkpoint "
-              "(needs --checkpoint-every > 0)", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        msg = str(e) or "interrupted before training started; nothing to resume"
+        print(f"{prog}: {one_line(msg)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
+
+
+def command_line(prog: str, argv) -> str:
+    """The command as typed (``argv`` None: this process's own arguments)."""
+    import shlex
+    args = list(argv) if argv is not None else sys.argv[1:]
+    return " ".join([prog] + [shlex.quote(a) for a in args])

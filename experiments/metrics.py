@@ -3,7 +3,8 @@
 Metrics are accumulated across batches as *sufficient statistics*: a ``*_stats``
 function (pure ``jax.numpy``, jit-able) maps one batch of predictions to a dict of
 arrays, :func:`accumulate` adds such dicts (in float64 / int64 numpy), and a
-``finalize`` function turns the totals into metric values. Split-level metrics are
+``*_from_stats`` function turns the totals into metric values. Which metrics a benchmark
+reports, and how, is declared in its own file (``experiments/benchmarks/``). Split-level metrics are
 therefore exact over the whole split (segmentation from one confusion matrix over all
 pixels; depth errors averaged over all valid pixels; normal-angle percentages exact,
 the median from a 0.01-degree histogram).
@@ -32,7 +33,6 @@ __all__ = [
     "MetricSpec",
     "NORMAL_THRESHOLDS",
     "NORMAL_HIST_BIN_DEG",
-    "BENCHMARK_METRICS",
     "accumulate",
     "classification_stats",
     "binary_stats",
@@ -47,8 +47,6 @@ __all__ = [
     "normal_angles",
     "normal_stats",
     "normal_from_stats",
-    "metric_stats",
-    "finalize_metrics",
     "higher_is_better_map",
     "task_of_metric_map",
     "delta_m",
@@ -231,94 +229,6 @@ def normal_from_stats(stats: Mapping[str, Any]) -> dict[str, float]:
     for t, v in zip(NORMAL_THRESHOLDS, within):
         out[f"within_{t:g}"] = float(v)
     return out
-
-
-# -------------------------------------------------------------------- benchmarks
-
-_QM9_TARGETS = ("mu", "alpha", "homo", "lumo", "r2", "zpve", "U0", "U", "H", "G", "cv")
-_CELEBA_ATTRS = (
-    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs",
-    "Big_Lips", "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows",
-    "Chubby", "Double_Chin", "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones",
-    "Male", "Mouth_Slightly_Open", "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin",
-    "Pointy_Nose", "Receding_Hairline", "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair",
-    "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace",
-    "Wearing_Necktie", "Young",
-)
-_SEG = [MetricSpec("seg_miou", "segmentation", True), MetricSpec("seg_pixel_acc", "segmentation", True)]
-_DEPTH = [MetricSpec("depth_abs_err", "depth", False), MetricSpec("depth_rel_err", "depth", False)]
-_NORMAL = [
-    MetricSpec("normal_mean", "normal", False),
-    MetricSpec("normal_median", "normal", False),
-    *[MetricSpec(f"normal_within_{t:g}", "normal", True) for t in NORMAL_THRESHOLDS],
-]
-
-#: Metrics reported per benchmark (names are the keys :func:`finalize_metrics` returns).
-#: Accuracies are fractions in [0, 1]; segmentation mIoU / pixel accuracy too; normal
-#: "within" values are percentages; MAEs are in the targets' original units.
-BENCHMARK_METRICS: dict[str, tuple[MetricSpec, ...]] = {
-    "multimnist": (MetricSpec("task1_acc", "task1", True), MetricSpec("task2_acc", "task2", True)),
-    "qm9": tuple(MetricSpec(f"{t}_mae", t, False) for t in _QM9_TARGETS),
-    "celeba": tuple(MetricSpec(f"{a}_acc", a, True) for a in _CELEBA_ATTRS),
-    "nyuv2": tuple(_SEG + _DEPTH + _NORMAL),
-    "cityscapes": tuple(_SEG + _DEPTH),
-}
-
-
-def metric_stats(benchmark: str, preds: Any, batch: Mapping[str, jax.Array], *, target_std: jax.Array | None = None) -> dict[str, jax.Array]:
-    """One batch's sufficient statistics for ``benchmark`` (``multimnist``, ``qm9``, ``celeba``, ``nyuv2``, ``cityscapes``).
-
-    ``preds``: stacked (T, B, ...) for the first three, a dict task -> (B, H, W, C) for dense ones.
-    QM9 needs ``target_std`` (T,) to report MAE in original units. MultiFashion and
-    Multi-(Fashion+MNIST) use ``multimnist``.
-    """
-    if benchmark == "multimnist":
-        return classification_stats(preds, batch["labels"])
-    if benchmark == "qm9":
-        if target_std is None:
-            raise ValueError("qm9 metrics need target_std to report MAE in original units")
-        return regression_stats(preds, batch["y"], target_std)
-    if benchmark == "celeba":
-        return binary_stats(preds, batch["attributes"])
-    if benchmark in ("nyuv2", "cityscapes"):
-        out = {}
-        for k, v in segmentation_stats(preds["segmentation"], batch["label"]).items():
-            out[f"seg_{k}"] = v
-        for k, v in depth_stats(preds["depth"], batch["depth"]).items():
-            out[f"depth_{k}"] = v
-        if benchmark == "nyuv2":
-            for k, v in normal_stats(preds["normal"], batch["normal"]).items():
-                out[f"normal_{k}"] = v
-        return out
-    raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {sorted(BENCHMARK_METRICS)}")
-
-
-def _sub(stats: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    return {k[len(prefix) :]: v for k, v in stats.items() if k.startswith(prefix)}
-
-
-def finalize_metrics(benchmark: str, stats: Mapping[str, Any]) -> dict[str, float]:
-    """Metric values keyed by the names in ``BENCHMARK_METRICS[benchmark]`` from accumulated stats."""
-    specs = BENCHMARK_METRICS.get(benchmark)
-    if specs is None:
-        raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {sorted(BENCHMARK_METRICS)}")
-    if benchmark in ("multimnist", "celeba"):
-        vals = accuracy_from_stats(stats)
-    elif benchmark == "qm9":
-        vals = mae_from_stats(stats)
-    else:
-        out = {}
-        seg = segmentation_from_confusion(stats["seg_confusion"])
-        out["seg_miou"], out["seg_pixel_acc"] = seg["miou"], seg["pixel_acc"]
-        d = depth_from_stats(_sub(stats, "depth_"))
-        out["depth_abs_err"], out["depth_rel_err"] = d["abs_err"], d["rel_err"]
-        if benchmark == "nyuv2":
-            for k, v in normal_from_stats(_sub(stats, "normal_")).items():
-                out[f"normal_{k}"] = v
-        return {s.name: out[s.name] for s in specs}
-    if len(vals) != len(specs):
-        raise ValueError(f"{benchmark}: got {len(vals)} task values, expected {len(specs)}")
-    return {s.name: float(v) for s, v in zip(specs, vals)}
 
 
 # ------------------------------------------------------------------ Δm and Δp

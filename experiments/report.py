@@ -292,8 +292,8 @@ def write_reports(out: os.PathLike, bench, results: Sequence[dict], histories: d
         "summary": summary["methods"], "runs": list(results), "total_wall_s": total_wall_s,
         "notes": bench.notes,
     }
-    from experiments.harness import _jsonable
-    (out / "results.json").write_text(json.dumps(_jsonable(payload), indent=1, allow_nan=False, default=_default))
+    from experiments.records import to_json
+    (out / "results.json").write_text(json.dumps(to_json(payload), indent=1, allow_nan=False, default=_default))
     steps = sorted({r.get("steps_planned") for r in results})
     lines = [f"# {title or bench.name}: results", ""]
     if command:

@@ -185,7 +185,7 @@ results = {method: train(method) for method in METHODS}
 # ## Results
 #
 # The table compares the test accuracies of the two tasks. A single seed and a few hundred steps
-# make this a demonstration, not a benchmark: `python -m experiments.multimnist` runs the full
+# make this a demonstration, not a benchmark: `python -m experiments multimnist` runs the full
 # comparison over several seeds and reports mean ± std.
 
 # %%
@@ -244,7 +244,7 @@ print(f"saved {figure_path}")
 #
 # * Change `METHODS` to compare other registered methods (`imtl_jax.methods.method_names()`),
 #   for example `"imtl_g"`, `"imtl_l"`, `"mgda"` or `"pcgrad"` (PCGrad also wants a `key`).
-# * `python -m experiments.multimnist --method imtl_h imtl_g imtl_l equal --seeds 0-2` runs the
+# * `python -m experiments multimnist --method imtl_h imtl_g imtl_l equal --seeds 0-2` runs the
 #   full comparison with evaluation, checkpoints and result tables.
 # * The documentation's "The method" page explains what `alpha` is and why it can be negative with
 #   three or more tasks.

@@ -14,7 +14,7 @@ from typing import Iterator, Mapping, Protocol
 
 import numpy as np
 
-__all__ = ["Dataset", "ArrayDataset", "BatchIterator", "stack_examples"]
+__all__ = ["Dataset", "ArrayDataset", "BatchIterator", "Subset", "first_n", "stack_examples"]
 
 
 class Dataset(Protocol):
@@ -61,6 +61,34 @@ class ArrayDataset:
     def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """Examples ``indices`` as a dict of batched arrays (fancy indexing)."""
         return {k: v[indices] for k, v in self.arrays.items()}
+
+
+class Subset:
+    """The examples ``indices`` of ``dataset`` (keeps a fast ``get_batch`` if it has one)."""
+
+    def __init__(self, dataset: Dataset, indices):
+        self.dataset = dataset
+        self.indices = np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return self.dataset[int(self.indices[i])]
+
+    def get_batch(self, idx) -> dict[str, np.ndarray]:
+        idx = self.indices[np.asarray(idx)]
+        get = getattr(self.dataset, "get_batch", None)
+        if get is not None:
+            return get(idx)
+        return stack_examples([self.dataset[int(i)] for i in idx])
+
+
+def first_n(dataset: Dataset, n: int | None) -> Dataset:
+    """The first ``n`` examples of ``dataset`` (all of them when ``n`` is None or too large)."""
+    if n is None or n >= len(dataset):
+        return dataset
+    return Subset(dataset, np.arange(n))
 
 
 class BatchIterator:

@@ -1,0 +1,163 @@
+"""The benchmark registry: one file per benchmark declares its data, model, losses, metrics,
+defaults and tiny settings.
+
+A benchmark module defines
+
+* ``DEFAULTS``: ``{name: {flag: value}}``, the full-size defaults shown by ``--help``;
+* ``TINY``: ``{flag: value}``, what ``--tiny`` overrides (a handful of steps on tiny data);
+* ``add_flags(parser, name)``: its own flags (optional);
+* ``build(name, options) -> Benchmark``.
+
+Adding a benchmark is one new module here plus one line in :data:`REGISTRY`
+(see ``docs/contributing_experiments.md``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from experiments.errors import CLIError, DataUnavailableError
+from experiments.metrics import MetricSpec
+
+__all__ = ["Benchmark", "REGISTRY", "names", "module", "defaults", "tiny_defaults", "add_flags", "build",
+           "tmpdir", "need_data_dir"]
+
+#: benchmark name -> module that builds it (a module may serve several names).
+REGISTRY: dict[str, str] = {
+    "multimnist": "experiments.benchmarks.multimnist",
+    "multifashion": "experiments.benchmarks.multimnist",
+    "multi_fashion_mnist": "experiments.benchmarks.multimnist",
+    "qm9": "experiments.benchmarks.qm9",
+    "celeba": "experiments.benchmarks.celeba",
+    "nyuv2": "experiments.benchmarks.dense",
+    "cityscapes": "experiments.benchmarks.dense",
+}
+
+
+@dataclasses.dataclass
+class Benchmark:
+    """A data set, its model and how to score it.
+
+    Attributes:
+      name: used in folder names and tables.
+      task_names: the T task names, in head order.
+      train, val, test: datasets (``len`` + ``__getitem__``, optionally ``get_batch``).
+      make_model: ``seed -> nnx.Module`` with ``.encoder`` and ``.heads``.
+      pure_model: ``(model, loss_factors) -> experiments.pure_model.PureModel``.
+      metrics: the reported metrics (each names its task, one of ``task_names``).
+      stats: ``(preds, batch) -> dict`` of summable statistics (jit-able).
+      finalize: ``totals -> {metric name: value}``.
+      eval_batch_size, num_workers: evaluation batch size, loader threads.
+      notes: lines describing data and model (written to results.md).
+      fingerprint: what must match for a checkpoint to be resumed.
+      cleanup: called once when every run is done (removes generated fixtures).
+    """
+
+    name: str
+    task_names: tuple
+    train: Any
+    val: Any
+    test: Any
+    make_model: Callable[[int], Any]
+    pure_model: Callable[..., Any]
+    metrics: tuple
+    stats: Callable
+    finalize: Callable
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    notes: list = dataclasses.field(default_factory=list)
+    fingerprint: dict = dataclasses.field(default_factory=dict)
+    cleanup: Optional[Callable[[], None]] = None
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+    def metric_specs(self) -> tuple:
+        return tuple(self.metrics)
+
+    @property
+    def higher_is_better(self) -> dict:
+        return {s.name: s.higher_is_better for s in self.metrics}
+
+    @property
+    def metric_tasks(self) -> dict:
+        return {s.name: s.task for s in self.metrics}
+
+    def task_of_metric_index(self) -> dict:
+        """{metric name: index of its task in ``task_names``}."""
+        return {s.name: list(self.task_names).index(s.task) for s in self.metrics}
+
+    def metric_names_of_task(self, t: int) -> list:
+        return [s.name for s in self.metrics if s.task == self.task_names[t]]
+
+    def close(self) -> None:
+        if self.cleanup is not None:
+            self.cleanup()
+            self.cleanup = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def names() -> list:
+    return list(REGISTRY)
+
+
+def module(name: str):
+    if name not in REGISTRY:
+        raise CLIError(f"unknown benchmark {name!r}; choose from {', '.join(REGISTRY)}")
+    return importlib.import_module(REGISTRY[name])
+
+
+def defaults(name: str) -> dict:
+    return dict(module(name).DEFAULTS[name])
+
+
+def tiny_defaults(name: str) -> dict:
+    m = module(name)
+    tiny = getattr(m, "TINY", {})
+    return dict(tiny.get(name, tiny) if name in tiny else tiny)
+
+
+def add_flags(parser, name: str) -> None:
+    fn = getattr(module(name), "add_flags", None)
+    if fn is not None:
+        fn(parser, name)
+
+
+def build(name: str, options) -> Benchmark:
+    bench = module(name).build(name, options)
+    specs: Sequence[MetricSpec] = bench.metrics
+    missing = {s.task for s in specs} - set(bench.task_names)
+    if missing:
+        raise ValueError(f"{name}: metrics name tasks {sorted(missing)} that are not in task_names")
+    return bench
+
+
+# ------------------------------------------------------------------ helpers for benchmark files
+
+
+def tmpdir(prefix: str):
+    """A fresh temporary folder and the function that removes it."""
+    d = tempfile.mkdtemp(prefix=f"imtl-{prefix}-")
+    return Path(d), (lambda: shutil.rmtree(d, ignore_errors=True))
+
+
+def need_data_dir(name: str, layout: str, data_dir) -> Path:
+    """``--data-dir`` as a Path, or a one-line error naming the expected layout."""
+    if data_dir is None:
+        raise CLIError(f"{name} needs the real data set: pass --data-dir ROOT with {layout} "
+                       "(or --tiny to run on generated fixtures)")
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataUnavailableError(f"--data-dir {root} does not exist; pass the {name} root holding {layout}")
+    return root

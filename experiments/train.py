@@ -1,0 +1,384 @@
+"""The one training loop: K runs of a method as one vmapped program, evaluation every
+``eval_every`` steps, model selection on validation, checkpoints, records.
+
+``run_experiment(bench, specs, seeds, cfg, out)`` trains every (spec, seed) run; runs of one
+spec (and, for ``linear``, every priority vector of it) are grouped into vmapped programs of
+at most ``cfg.parallel_seeds`` runs. Each run keeps its own folder ``out/runs/<label>/seed<k>``
+with ``result.json``, ``history.json``, TensorBoard events and checkpoints.
+
+Determinism and resume: batch ``k`` of a run is ``BatchIterator(train, seed=seed).batch_at(k)``,
+its PRNG key ``fold_in(key(seed), k)``; a checkpoint holds the run's state, step, key,
+history, counters, plateau state and priorities, so a resumed run ends bit-identical to an
+uninterrupted one. Checkpoints: ``checkpoint_every`` k > 0: every k steps and at the end; None
+(the default): every minute of training and when the run is interrupted (Ctrl-C); 0: never.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from experiments import records, selection
+from experiments.checkpoints import RunCheckpoints, _diff
+from experiments.errors import CheckpointError
+from experiments.program import Program, stack, unstack
+from experiments.runs import RunConfig, RunSpec, run_dir
+from experiments.schedules import Plateau, Schedule
+
+__all__ = ["run_experiment", "RunInterrupted", "AUTO_CHECKPOINT_SECONDS", "log"]
+
+AUTO_CHECKPOINT_SECONDS = 60.0
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; ``str()`` says what was saved and how to continue."""
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class _Run:
+    spec: RunSpec
+    seed: int
+    dir: Path
+    fingerprint: dict
+    ckpt: Optional[RunCheckpoints] = None
+    state: Optional[dict] = None
+    history: Optional[dict] = None
+    start: int = 0
+    skipped: int = 0
+    consecutive: int = 0
+    timing: dict = dataclasses.field(default_factory=lambda: {"step_time_sum": 0.0, "step_time_count": 0,
+                                                              "first_step_s": 0.0, "wall_before_s": 0.0})
+    plateau: Optional[Plateau] = None
+    priorities: Optional[np.ndarray] = None
+    key: Optional[np.ndarray] = None
+    status: str = "ok"
+    message: str = ""
+    resumed_from: Optional[int] = None
+    corrupt: list = dataclasses.field(default_factory=list)
+    result: Optional[dict] = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.spec.label} seed {self.seed}"
+
+
+def _metric_names(bench, spec: RunSpec) -> list:
+    if spec.single_task is not None:
+        return bench.metric_names_of_task(spec.single_task)
+    return [s.name for s in bench.metrics]
+
+
+def _prepare(bench, spec, seed, cfg, out, program, log) -> _Run:
+    """Finished (``--resume``): the stored result. Otherwise the initial or restored state."""
+    import jax
+    d = run_dir(out, spec, seed)
+    fp = records.to_json({"benchmark": bench.name, "run": spec.label, **spec.fingerprint(), "seed": int(seed),
+                          **cfg.fingerprint(), **bench.fingerprint})
+    run = _Run(spec, int(seed), d, fp)
+    prev = records.read_json(d / "result.json")
+    if cfg.resume and prev and prev.get("fingerprint") == fp and prev.get("steps_planned") == cfg.steps \
+            and prev.get("complete"):
+        log(f"{bench.name} {run.name}: finished earlier, skipped (--resume)")
+        run.result = prev
+        return run
+    run.ckpt = RunCheckpoints(d / "ckpt", keep=cfg.keep_checkpoints)
+    existing = run.ckpt.steps()
+    if existing and not cfg.resume:
+        if not cfg.overwrite:
+            raise CheckpointError(f"{d / 'ckpt'} holds checkpoints of an earlier run (steps {existing}); pass "
+                                  "--resume to continue it or --overwrite to discard them")
+        shutil.rmtree(d / "ckpt")
+    d.mkdir(parents=True, exist_ok=True)
+    run.state = program.init_state(seed)
+    run.history = records.new_history(bench.task_names)
+    run.plateau = Plateau(_schedule(cfg))
+    run.priorities = None if spec.priorities is None else np.asarray(spec.priorities, np.float32)
+    run.key = np.asarray(jax.random.key_data(jax.random.key(seed)))
+    if cfg.resume and existing:
+        treedef = jax.tree_util.tree_structure(run.state)
+        got = run.ckpt.restore_latest(jax.tree_util.tree_leaves(run.state), log=log)
+        if got is not None:
+            step0, leaves, meta, run.corrupt = got
+            if meta.get("fingerprint") != fp:
+                raise CheckpointError(
+                    f"checkpoint {run.ckpt.directory / str(step0)} was written with a different configuration "
+                    f"({_diff(meta.get('fingerprint'), fp)}); use the same flags or --overwrite")
+            run.state = jax.tree_util.tree_unflatten(treedef, [np.asarray(x) for x in leaves])
+            run.key = np.asarray(meta["key"], dtype=run.key.dtype)
+            run.history, run.timing = meta["history"], meta["timing"]
+            run.start, run.skipped, run.consecutive = meta["step"], meta["skipped_total"], meta["consecutive_skipped"]
+            run.plateau = Plateau(_schedule(cfg), meta.get("plateau"))
+            if meta.get("priorities") is not None:
+                run.priorities = np.asarray(meta["priorities"], np.float32)
+            run.status, run.message = meta.get("status", "ok"), meta.get("message", "")
+            run.resumed_from = run.start
+            log(f"{bench.name} {run.name}: resumed from step {run.start} ({run.ckpt.directory / str(run.start)})")
+    if run.start > cfg.steps:
+        raise CheckpointError(f"checkpoint {run.ckpt.directory / str(run.start)} is at step {run.start}, beyond "
+                              f"--steps {cfg.steps}; pass --steps >= {run.start} or --overwrite")
+    return run
+
+
+def _schedule(cfg: RunConfig) -> Schedule:
+    return Schedule(cfg.schedule, cfg.lr, cfg.steps, warmup=cfg.warmup, factor=cfg.plateau_factor,
+                    patience=cfg.plateau_patience)
+
+
+def _save(run: _Run, step_done: int, state: dict, wall0: float) -> None:
+    import jax
+    t = dict(run.timing, wall_before_s=run.timing["wall_before_s"] + (time.perf_counter() - wall0))
+    run.ckpt.save(step_done, [np.asarray(x) for x in jax.tree_util.tree_leaves(state)], records.to_json({
+        "fingerprint": run.fingerprint, "key": run.key.tolist(), "history": run.history,
+        "skipped_total": run.skipped, "consecutive_skipped": run.consecutive, "timing": t,
+        "plateau": run.plateau.state(), "status": run.status, "message": run.message,
+        "priorities": None if run.priorities is None else run.priorities.tolist()}))
+
+
+def _train_group(bench, program: Program, runs: list, cfg: RunConfig, *, reference, on_eval, probe,
+                 probe_every: int, log) -> None:
+    """Trains ``runs`` (same method, same start step) as one vmapped program."""
+    import jax
+    import jax.numpy as jnp
+    from experiments.data import BatchIterator
+
+    K, start = len(runs), runs[0].start
+    wall0 = time.perf_counter()
+    state = stack([r.state for r in runs])
+    keys = jnp.asarray(np.stack([r.key for r in runs]))
+    iters = [BatchIterator(bench.train, cfg.batch_size, seed=r.seed, num_workers=bench.num_workers) for r in runs]
+    with_p = runs[0].priorities is not None
+    probe_fn = program.probe(probe) if probe is not None and probe_every > 0 else None
+    bar = None
+    if not cfg.quiet:
+        from tqdm import tqdm
+        seeds = ",".join(str(r.seed) for r in runs)
+        labels = sorted({r.spec.label for r in runs})
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"{bench.name} {'/'.join(labels)[:40]} s{seeds}",
+                   dynamic_ncols=True, leave=True, file=sys.stderr, mininterval=0.2 if sys.stderr.isatty() else 5.0)
+    auto = cfg.checkpoint_every is None
+    last_save, first, done = time.perf_counter(), True, start
+
+    def save_all(step_done, st):
+        for r, s in zip(runs, unstack(st, K)):
+            _save(r, step_done, s, wall0)
+
+    try:
+        for step in range(start, cfg.steps):
+            active = np.asarray([r.status == "ok" for r in runs])
+            if not active.any():
+                break
+            batch = stack([it.batch_at(step) for it in iters])
+            if probe_fn is not None and step % probe_every == 0:
+                pkeys = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), step))(keys)
+                pv = jax.device_get(probe_fn(state["params"], state["method_state"], batch, pkeys))
+                for i, r in enumerate(runs):
+                    r.history["probe"].append({"step": step, **records.to_json({k: v[i] for k, v in pv.items()})})
+            lr = np.asarray([r.plateau.lr(step) for r in runs], np.float32)
+            pr = jnp.asarray(np.stack([r.priorities for r in runs])) if with_p else None
+            t0 = time.perf_counter()
+            state, out, ok = program.train_step(state, batch, keys, jnp.asarray(step, jnp.uint32),
+                                                jnp.asarray(lr), pr, jnp.asarray(active))
+            (losses, weights, scales, info), ok = jax.device_get((out, ok))
+            dt = time.perf_counter() - t0
+            done = step + 1
+            stopped = []
+            for i, r in enumerate(runs):
+                if not active[i]:
+                    continue
+                tm = r.timing
+                if first:
+                    tm["first_step_s"] += dt
+                else:
+                    tm["step_time_sum"] += dt
+                    tm["step_time_count"] += 1
+                h = r.history
+                h["step"].append(done)
+                h["loss"].append(np.asarray(losses[i], np.float64).tolist())
+                h["weight"].append(np.asarray(weights[i], np.float64).tolist())
+                h["scale"].append(np.asarray(scales[i], np.float64).tolist())
+                h["finite"].append(bool(ok[i]))
+                h["lr"].append(float(lr[i]))
+                for k, v in info.items():
+                    h["info"].setdefault(k, []).append(np.asarray(v[i], np.float64).tolist())
+                if ok[i]:
+                    r.consecutive = 0
+                else:
+                    r.skipped += 1
+                    r.consecutive += 1
+                if r.consecutive >= cfg.max_skipped:
+                    stopped.append(i)
+                    r.status = "diverged"
+                    r.message = (f"{bench.name} {r.name}: stopped at step {done} after {r.consecutive} consecutive "
+                                 "non-finite steps (skipped); lower --lr or check the data")
+                    log(r.message)
+            first = False
+            if bar is not None:
+                bar.update(1)
+                if step % 10 == 0 or done == cfg.steps:
+                    l0 = np.asarray(losses[0])
+                    bar.set_postfix_str("loss " + " ".join(f"{v:.3g}" for v in l0[:6]) + (" ..." if len(l0) > 6 else ""))
+            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+                _evaluate(bench, program, runs, state, done, reference, on_eval,
+                          [i for i, r in enumerate(runs) if r.status == "ok" or i in stopped])
+            elif stopped:  # a stopped run is evaluated once, where it stopped
+                _evaluate(bench, program, runs, state, done, reference, on_eval, stopped)
+            if cfg.checkpoint_every:
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                    save_all(done, state)
+            elif auto and time.perf_counter() - last_save > AUTO_CHECKPOINT_SECONDS and done < cfg.steps:
+                save_all(done, state)
+                last_save = time.perf_counter()
+            if cfg.interrupt_at is not None and done == cfg.interrupt_at:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+            bar = None
+        if cfg.checkpoint_every != 0:
+            if done > start:
+                save_all(done, state)
+            msg = (f"interrupted at step {done}; checkpoints in {runs[0].dir.parent.parent} — rerun the same "
+                   "command with --resume to continue")
+        else:
+            msg = f"interrupted at step {done}; checkpoints are off (--checkpoint-every 0), nothing can be resumed"
+        raise RunInterrupted(msg) from None
+    finally:
+        if bar is not None:
+            bar.close()
+        for it in iters:
+            it.close()
+        for r in runs:
+            r.ckpt.close()
+    wall = time.perf_counter() - wall0
+    for r, s in zip(runs, unstack(state, K)):
+        r.state = s
+        r.timing["wall_before_s"] += wall / K
+        r.timing["group_size"] = K
+
+
+def _evaluate(bench, program, runs, state, done, reference, on_eval, which) -> None:
+    """Validation and test metrics of every run; recorded for the runs ``which``."""
+    K = len(runs)
+    vm, vl = program.evaluate(state["params"], bench.val, K)
+    tm, tl = program.evaluate(state["params"], bench.test, K)
+    for i in which:
+        r = runs[i]
+        r.history["val"].append({"step": done, "metrics": vm[i], "losses": vl[i], "test_metrics": tm[i],
+                                 "test_losses": tl[i], "lr": r.plateau.lr(max(done - 1, 0))})
+        names = _metric_names(bench, r.spec)
+        ref = reference if reference is not None else r.history["val"][0]["metrics"]
+        r.plateau.update(selection.score(vm[i], ref, bench.higher_is_better, names))
+        if on_eval is not None:
+            new = on_eval(r.spec, r.seed, r.history["val"], None if r.priorities is None else r.priorities.copy())
+            if new is not None:
+                if r.priorities is None:
+                    raise ValueError("on_eval returned priorities for a run trained without priorities")
+                r.priorities = np.asarray(new, np.float32)
+
+
+def _finish(bench, run: _Run, cfg: RunConfig, out: Path, reference, log) -> dict:
+    h = run.history
+    evals = h["val"]
+    names = _metric_names(bench, run.spec)
+    i = selection.select(evals, bench.higher_is_better, names, reference)
+    sel, last = evals[i], evals[-1]
+    tm = run.timing
+    n_t = tm["step_time_count"]
+    steps_done = h["step"][-1] if h["step"] else run.start
+    result = {
+        "record_version": records.RECORD_VERSION,
+        "benchmark": bench.name, "method": run.spec.label, "base_method": run.spec.method,
+        "priorities": list(run.spec.priorities) if run.spec.priorities else None,
+        "final_priorities": None if run.priorities is None else run.priorities.tolist(),
+        "single_task": run.spec.single_task, "seed": run.seed, "tasks": list(bench.task_names),
+        "run_dir": str(run.dir.relative_to(out)),
+        "status": run.status, "message": run.message, "complete": run.status == "ok",
+        "steps_planned": cfg.steps, "steps_done": steps_done if run.status != "ok" else cfg.steps,
+        "skipped_steps": run.skipped, "resumed_from": run.resumed_from, "corrupt_checkpoints": run.corrupt,
+        "selection": {"criterion": "best validation Δm% over " + ("the task's metrics" if run.spec.single_task
+                      is not None else "every task's metrics"),
+                      "reference": "single-task validation metrics" if reference is not None else "first evaluation",
+                      "metrics": names},
+        "selected": {"step": sel["step"], "val": sel["metrics"], "test": sel["test_metrics"]},
+        "last": {"step": last["step"], "val": last["metrics"], "test": last["test_metrics"]},
+        "val": sel["metrics"], "test": sel["test_metrics"], "val_losses": sel["losses"],
+        "test_losses": sel["test_losses"], "val_last": last["metrics"], "test_last": last["test_metrics"],
+        "per_task_best": selection.per_task_best(evals, bench.higher_is_better, bench.metric_tasks, reference),
+        "final_weights": h["weight"][-1] if h["weight"] else None,
+        "final_scales": h["scale"][-1] if h["scale"] else None,
+        "wall_time_s": tm["wall_before_s"], "group_size": tm.get("group_size", 1),
+        "step_time_ms": 1e3 * tm["step_time_sum"] / n_t if n_t else None, "first_step_s": tm["first_step_s"],
+        "config": cfg.describe(), "fingerprint": run.fingerprint, "machine": records.machine(),
+    }
+    if h.get("probe"):
+        result["probe_summary"] = _probe_summary(h["probe"])
+    result = records.to_json(result)
+    records.write_run(run.dir, result, h, tensorboard=cfg.tensorboard)
+    first_metric = names[0]
+    log(f"{bench.name} {run.name}: {run.status}, {result['steps_done']} steps, {result['wall_time_s']:.1f} s; "
+        f"selected step {sel['step']} of {last['step']} on validation; test {first_metric} "
+        f"{sel['test_metrics'].get(first_metric)!s:.8} (last step {last['test_metrics'].get(first_metric)!s:.8})")
+    return result
+
+
+def _probe_summary(probes: list) -> dict:
+    out = {}
+    for k in [k for k in probes[0] if k != "step"]:
+        vals = [p[k] for p in probes if isinstance(p.get(k), (int, float))]
+        if vals:
+            out[k] = {"mean": float(np.mean(vals)), "min": float(np.min(vals)), "max": float(np.max(vals)),
+                      "last": float(vals[-1]), "n": len(vals)}
+    return out
+
+
+def run_experiment(bench, specs: Sequence[RunSpec], seeds: Sequence[int], cfg: RunConfig, out, *,
+                   reference: Optional[dict] = None, on_eval: Optional[Callable] = None,
+                   probe: Optional[Callable] = None, probe_every: int = 0,
+                   log: Callable[[str], None] = log) -> list[dict]:
+    """Every (spec, seed) run into ``out/runs/...``; returns their results (spec-major order).
+
+    ``reference``: validation metrics model selection measures Δm against (the single-task
+    runs' when known; None: each run's first evaluation). ``on_eval(spec, seed, evals,
+    priorities) -> new priorities or None`` is called after each evaluation (priority policies).
+    ``probe(program) -> fn(params, method_state, batch, key) -> dict`` runs every
+    ``probe_every`` steps before the update (the z-vs-θ ablation).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    by_group: dict = {}
+    for spec in specs:
+        by_group.setdefault((spec.method, spec.priorities is not None), []).append(spec)
+    for (method, with_p), group_specs in by_group.items():
+        program = Program(bench, method, cfg, with_priorities=with_p)
+        runs = []
+        for spec in group_specs:
+            for seed in seeds:
+                run = _prepare(bench, spec, seed, cfg, out, program, log)
+                if run.result is not None:
+                    results[(spec.label, seed)] = run.result
+                else:
+                    runs.append(run)
+        size = cfg.parallel_seeds if cfg.parallel_seeds and cfg.parallel_seeds > 0 else max(len(runs), 1)
+        by_start: dict = {}
+        for r in runs:
+            by_start.setdefault(r.start, []).append(r)
+        for start_runs in by_start.values():
+            for i in range(0, len(start_runs), size):
+                chunk = start_runs[i:i + size]
+                if chunk[0].start < cfg.steps:
+                    _train_group(bench, program, chunk, cfg, reference=reference, on_eval=on_eval, probe=probe,
+                                 probe_every=probe_every, log=log)
+                for r in chunk:
+                    results[(r.spec.label, r.seed)] = _finish(bench, r, cfg, out, reference, log)
+    return [results[(s.label, seed)] for s in specs for seed in seeds]
