@@ -408,3 +408,70 @@ def test_shapes_cover_all_pairs_once():
     """Guards the shape list above: T <= D everywhere (full row rank is possible)."""
     assert all(t <= d for t, d in SHAPES)
     assert len(set(itertools.chain(SHAPES))) == len(SHAPES)
+
+
+# Edges of the float range (issue 16): exact power-of-two rescale, honest common projection.
+
+
+@pytest.mark.parametrize("scale_exp", [127, 100, -100, -140])
+def test_extreme_float32_scales_behave_like_one(scale_exp):
+    """Inputs at float32's largest exponent and at subnormal scale (2^-140: XLA's CPU backend reads
+    subnormals as zero in arithmetic) give the weights of the same rows at scale 1."""
+    base = np.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0], [0.5, -3.0, 2.0]], np.float32)
+    base = base / np.abs(base).max() * np.float32(1.9)        # max entry 1.9: exact power-of-2 scaling
+    scaled = (base.astype(np.float64) * 2.0 ** scale_exp).astype(np.float32)
+    if scale_exp < -126:
+        base = (scaled.astype(np.float64) * 2.0 ** -scale_exp).astype(np.float32)  # subnormal rounding
+    assert np.all(np.isfinite(scaled)) and np.abs(scaled).max() > 0
+    ref = solve(jnp.asarray(base))
+    res = solve(jnp.asarray(scaled))
+    np.testing.assert_array_equal(np.asarray(res.weights), np.asarray(ref.weights))
+    expected_c = float(ref.common_projection) * 2.0 ** scale_exp
+    if abs(expected_c) >= np.finfo(np.float32).tiny:   # a subnormal C (input units) is flushed
+        np.testing.assert_allclose(float(res.common_projection), expected_c, rtol=1e-6)
+
+
+def test_float32_max_entry():
+    big = np.finfo(np.float32).max
+    g = np.array([[big, 0.0], [0.0, big / 4]], np.float32)
+    res = solve(jnp.asarray(g))
+    np.testing.assert_allclose(np.asarray(res.weights), [0.2, 0.8], rtol=1e-6)   # T = 2: |g_2|, |g_1|
+    assert np.isfinite(float(res.common_projection)) and float(res.common_projection) > 0
+
+
+def test_float64_max_and_subnormal():
+    with x64():
+        for s in (np.finfo(np.float64).max / 8, 2.0 ** -1060):
+            g = np.array([[3.0, 0.0], [0.0, 1.0]]) * s
+            np.testing.assert_allclose(np.asarray(solve(jnp.asarray(g)).weights), [0.25, 0.75], rtol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_nonconflicting_guarantee_when_projections_differ(seed):
+    """T > D: equal projections are out of reach; C is then the mean projection and the flag
+    makes every projection >= 0 whenever some sign does (here: all rows in one half-plane
+    except for the sign pattern the draw gives)."""
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal((5, 2))
+    if seed % 2:
+        g = g * np.sign(g @ rng.standard_normal(2))[:, None]     # every row in one half-plane
+    g = g.astype(np.float32)
+    res = solve(jnp.asarray(g), nonconflicting=True)
+    p = projections(g, np.asarray(res.weights, np.float64))
+    np.testing.assert_allclose(float(res.common_projection), p.mean(), rtol=1e-4, atol=1e-6 * np.abs(p).max())
+    assert float(res.common_projection) >= 0
+    if np.all(p >= -1e-5 * np.abs(p).max()) or np.all(p <= 1e-5 * np.abs(p).max()):
+        assert np.all(p >= -1e-5 * np.abs(p).max())
+
+
+def test_compiles_once_with_chex():
+    import chex
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(g):
+        return imtl_jax.imtl_g_solve(g)
+
+    chex.clear_trace_counter()
+    f(jnp.ones((3, 4)) + jnp.eye(3, 4))
+    f(jnp.arange(12.0).reshape(3, 4) + 1)
