@@ -3,11 +3,12 @@
 The public API, re-exported flat (as optax does):
 
 * math: :func:`imtl_g_weights`, :func:`imtl_g_solve`, :func:`scale_losses`
-* training: :func:`mtl_step`, :class:`MTLParams`, :func:`stacked_task_losses`
-* optax: :func:`imtl_g`, :func:`aggregate`, :func:`safe_optimizer`, :func:`skipped_steps`,
+* training: :func:`mtl_step`, :class:`MTLParams`, :func:`stacked_task_losses`, :func:`accumulate_step`
+* optax: :func:`imtl_g`, :func:`aggregate`, :func:`multi_steps`, :func:`safe_optimizer`, :func:`skipped_steps`,
   :func:`flag_nonfinite`
 * skipping non-finite steps whole: :func:`skip_nonfinite`, :func:`safe_step`
 * Flax NNX: :mod:`imtl_jax.nnx` (:class:`~imtl_jax.nnx.LossScales`, :func:`~imtl_jax.nnx.make_train_step`)
+* Flax Linen: :mod:`imtl_jax.linen` (:func:`~imtl_jax.linen.encoder`)
 * task affinity and grouping: :func:`affinity_tracker`, :func:`with_affinity`,
   :func:`propose_groups`; overfitting tasks: :func:`plateau_policy`
 * methods: :mod:`imtl_jax.methods` (registry), :class:`Method`, :class:`Weighting`,
@@ -23,6 +24,7 @@ from imtl_jax import methods
 from imtl_jax._step import (MTLParams, MTLStep, StackedTaskLosses, StepAux, mtl_step,
                             stacked_task_losses)
 from imtl_jax._aggregator import AggregatorState, aggregate, imtl_g
+from imtl_jax._accumulate import AccumulatedStep, MultiStepsState, accumulate_step, multi_steps
 from imtl_jax._affinity import (AffinityState, AffinityStats, AffinityTracker, TrackedState,
                                 affinity_stats, affinity_tracker, cosine_matrix, grouping_score,
                                 lookahead_affinity, propose_groups, random_groups, with_affinity)
@@ -35,6 +37,7 @@ __all__ = [
     "StackedTaskLosses", "StepAux", "Weighting", "WeightingOutput", "aggregate", "imtl_g",
     "imtl_g_solve", "imtl_g_weights", "methods", "mtl_step", "scale_losses",
     "stacked_task_losses", "flag_nonfinite", "safe_optimizer", "skipped_steps",
+    "AccumulatedStep", "MultiStepsState", "accumulate_step", "multi_steps",
     "AffinityState", "AffinityStats", "AffinityTracker", "TrackedState", "affinity_stats",
     "affinity_tracker", "cosine_matrix", "grouping_score", "lookahead_affinity", "propose_groups",
     "random_groups", "with_affinity",
