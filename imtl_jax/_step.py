@@ -26,7 +26,7 @@ from jax import lax
 
 from imtl_jax._exact import parameter_level
 from imtl_jax._method import Method, PyTree
-from imtl_jax._validation import check_float_array
+from imtl_jax._validation import check_array, check_float_array, check_step_task_reads
 from imtl_jax.methods import get_method
 
 
@@ -234,6 +234,7 @@ class MTLStep:
         if not isinstance(params, MTLParams):
             raise TypeError("`params` must be an imtl_jax.MTLParams(shared, heads, log_scales), "
                             f"got {type(params).__name__}.")
+        check_array(params.log_scales, "params.log_scales")
         log_scales = check_float_array(params.log_scales, "params.log_scales", ndim=1)
         num_tasks = log_scales.shape[0]
         if num_tasks < 1:
@@ -377,6 +378,7 @@ class MTLStep:
         z = check_float_array(z, "encoder(...) output")
         if z.ndim < 1 or z.shape[0] < 1:
             raise ValueError(f"`encoder` output must have a non-empty leading batch axis, got shape {z.shape}.")
+        check_step_task_reads(self.task_losses, params.heads, z, batch, num_tasks)
 
         if not weighting.needs_grads and method.level == "representation":
             grads, new_state, aux = self._loss_weighted(params, state, batch, z, encoder_vjp, key, priorities)

@@ -247,6 +247,63 @@ def test_step_per_task_loss_not_scalar(method, form):
         run_step(step, params(heads=heads))
 
 
+# --- list/tuple arrays, and targets for every task (issue 14) ----------------------------------
+
+@pytest.mark.parametrize("method", ["imtl_h", "equal", "dwa"])
+@pytest.mark.parametrize("container", [list, tuple])
+def test_step_log_scales_as_python_sequence(method, container):
+    """A list used to pass validation and fail later with AttributeError: 'list' ... 'shape'."""
+    step = imtl_jax.mtl_step(encoder, imtl_jax.stacked_task_losses(head_loss), method)
+    p = imtl_jax.MTLParams(shared=jnp.zeros((DIN, F)), heads=jnp.zeros((2, F)),
+                           log_scales=container([0.0, 0.0]))
+    match = rf"`params.log_scales` must be an array.*Python {container.__name__} of length 2.*jnp.asarray"
+    with pytest.raises(TypeError, match=match):
+        step.init(p)
+    with pytest.raises(TypeError, match=match):
+        step(p, (), {"x": jnp.zeros((B, DIN)), "y": jnp.zeros((B, 2))})
+
+
+THREE = dict(heads=S((3, F), F32), log_scales=S((3,), F32))
+
+
+def run_full(step, p, batch=BATCH):
+    """Like run_step, with the method's own initial state (DWA has one)."""
+    return at_trace_time(lambda p_, b_: step(p_, step.init(p_), b_), p, batch)
+FEW_TARGETS = r"the loss of task 2 reads index 2 of axis 1 of batch\['y'\] \(shape \(8, 2\)\), which has 2 entries"
+
+
+@pytest.mark.parametrize("method", ["imtl_h", "imtl_g", "equal", "dwa", "imtl_g_exact"])
+def test_step_batch_without_targets_for_every_task(method):
+    """3 tasks, 2 target columns: JAX clamps y[:, 2] to y[:, 1] silently, so task 2 would train
+    on task 1's targets. The step refuses at trace time (jit lowering included)."""
+    step = imtl_jax.mtl_step(encoder, imtl_jax.stacked_task_losses(head_loss), method)
+    with pytest.raises(ValueError, match=FEW_TARGETS + r".*targets for all 3 tasks"):
+        run_full(step, params(**THREE))
+    with pytest.raises(ValueError, match=FEW_TARGETS):
+        jax.jit(lambda p, b: step(p, step.init(p), b)).lower(params(**THREE), BATCH)
+    # take() (a gather that would fill with NaN) and index arithmetic are folded too
+    taken = imtl_jax.mtl_step(encoder, imtl_jax.stacked_task_losses(
+        lambda v, z, b, t: jnp.mean((z @ v - jnp.take(b["y"], 2 * t, axis=1)) ** 2)), method)
+    with pytest.raises(ValueError, match=r"task 2 reads index 4 of axis 1 of batch\['y'\]"):
+        run_full(taken, params(**THREE), {"x": S((B, DIN), F32), "y": S((B, 4), F32)})
+    run_full(taken, params(**THREE), {"x": S((B, DIN), F32), "y": S((B, 5), F32)})
+    # enough targets (or more), and losses that use t without indexing, trace fine
+    run_full(step, params(**THREE), {"x": S((B, DIN), F32), "y": S((B, 3), F32)})
+    run_full(step, params(), {"x": S((B, DIN), F32), "y": S((B, 5), F32), "n": S((), I32)})
+    one_hot = imtl_jax.mtl_step(encoder, imtl_jax.stacked_task_losses(
+        lambda v, z, b, t: jnp.mean((z @ v - b["y"] @ jax.nn.one_hot(t, 2)) ** 2)), method)
+    run_full(one_hot, params())
+
+
+@pytest.mark.parametrize("method", ["imtl_h", "equal"])
+def test_step_tuple_losses_reading_a_missing_column(method):
+    step = imtl_jax.mtl_step(encoder, (loss0, loss1), method)
+    two = (S((F,), F32), S((F,), F32))
+    with pytest.raises(ValueError, match=r"task_losses\[1\]: the loss of task 1 reads index 1 of axis 1 "
+                                         r"of batch\['y'\] \(shape \(8, 1\)\), which has 1 entry"):
+        run_full(step, params(heads=two), {"x": S((B, DIN), F32), "y": S((B, 1), F32)})
+
+
 # --- optax aggregators: aggregate / imtl_g -------------------------------------------------
 
 AGG_PARAMS = {"w": jnp.zeros(3), "b": jnp.zeros(())}
