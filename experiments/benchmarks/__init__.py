@@ -33,6 +33,7 @@ REGISTRY: dict[str, str] = {
     "multifashion": "experiments.benchmarks.multimnist",
     "multi_fashion_mnist": "experiments.benchmarks.multimnist",
     "qm9": "experiments.benchmarks.qm9",
+    "qm9_mpnn": "experiments.benchmarks.qm9_mpnn",
     "celeba": "experiments.benchmarks.celeba",
     "nyuv2": "experiments.benchmarks.dense",
     "cityscapes": "experiments.benchmarks.dense",

@@ -184,3 +184,59 @@ def test_one_compilation_across_batches_of_different_molecules():
 def test_unpack_rejects_a_wrong_shape():
     with pytest.raises(ValueError, match="packed graph batch"):
         unpack(jnp.zeros((2, 29, 10)))
+
+
+# ------------------------------------------------------------ the benchmark and the accelerator command
+
+
+@pytest.mark.slow
+def test_mpnn_run_tiny_end_to_end(tmp_path, capsys):
+    pytest.importorskip("rdkit")
+    import json
+
+    from experiments import mpnn_run
+
+    out = tmp_path / "run"
+    rc = mpnn_run.main(["--tiny", "--methods", "equal", "imtl_h", "--out", str(out), "--quiet"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in results["runs"]} == {"equal", "imtl_h"}
+    for r in results["runs"]:
+        assert r["status"] == "ok" and r["steps_done"] == 4
+        assert all(np.isfinite(v) for v in r["test"].values())
+    report = capsys.readouterr().out
+    assert "molecules/s" in report and "full protocol" in report
+    # resuming a finished slice does not train again
+    assert mpnn_run.main(["--tiny", "--methods", "equal", "imtl_h", "--out", str(out), "--quiet", "--resume"]) == 0
+
+
+@pytest.mark.slow
+def test_full_protocol_config_and_first_batch():
+    from experiments.data import qm9 as Q
+
+    try:
+        Q.qm9pack_data_dir()
+    except Q.DataUnavailableError as e:
+        pytest.skip(str(e))
+    pytest.importorskip("rdkit")
+    from experiments import benchmarks
+    from experiments.benchmarks import qm9_mpnn
+    from experiments.data.batching import BatchIterator
+    from experiments.options import Options
+    from experiments.runs import RunConfig
+
+    benchmarks.REGISTRY.setdefault("qm9_mpnn", "experiments.benchmarks.qm9_mpnn")
+    o = Options(benchmark="qm9_mpnn", **qm9_mpnn.DEFAULTS["qm9_mpnn"])
+    bench = benchmarks.build("qm9_mpnn", o)
+    assert (len(bench.train), len(bench.val), len(bench.test)) == (110_831, 10_000, 10_000)
+    cfg = RunConfig.from_options(o, bench)
+    assert cfg.steps == 300 * 923 and cfg.batch_size == 120 and cfg.lr == 1e-3
+    assert (cfg.schedule, cfg.plateau_patience, cfg.plateau_factor, cfg.eval_every) == ("plateau", 5, 0.7, 923)
+    y = bench.train.y
+    np.testing.assert_allclose(y.mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(y.std(0, ddof=1), 1, atol=1e-4)
+    batch = BatchIterator(bench.train, 120, seed=0, shuffle=True, drop_last=True).batch_at(0)
+    assert batch["graph"].shape == (120, MAX_ATOMS, PACK_WIDTH) and batch["y"].shape == (120, 11)
+    model = bench.make_model(0)
+    pred = np.asarray(model(jnp.asarray(batch["graph"])))
+    assert pred.shape == (11, 120, 1) and np.isfinite(pred).all()
