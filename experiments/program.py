@@ -54,7 +54,9 @@ class Program:
             factors[cfg.loss_scale_task] = cfg.loss_scale
         self.loss_factors = factors
         self.pure = bench.pure_model(bench.make_model(0), factors)
-        self.step = imtl_jax.mtl_step(self.pure.encoder, self.pure.task_losses, resolve_method(method_name))
+        self.has_state = self.pure.has_state
+        self.step = imtl_jax.mtl_step(self.pure.encoder, self.pure.task_losses, resolve_method(method_name),
+                                      has_state=self.has_state)
         parts = [optax.scale_by_adam()]
         if cfg.weight_decay:
             parts.append(optax.add_decayed_weights(cfg.weight_decay))
@@ -74,12 +76,17 @@ class Program:
             self.traces += 1
             params, opt_state, mstate = state["params"], state["opt_state"], state["method_state"]
             key = jax.random.fold_in(jax.random.wrap_key_data(key_data), step_index)
-            grads, new_mstate, aux = step(params, mstate, batch, key=key, priorities=priorities)
+            new = {}
+            if self.has_state:
+                grads, new_mstate, new["encoder_state"], aux = step(
+                    params, mstate, batch, key=key, priorities=priorities, encoder_state=state["encoder_state"])
+            else:
+                grads, new_mstate, aux = step(params, mstate, batch, key=key, priorities=priorities)
             updates, new_opt = opt.update(grads, opt_state, params)
             updates = jax.tree_util.tree_map(lambda u: -lr.astype(u.dtype) * u, updates)
             new_params = optax.apply_updates(params, updates)
-            ok = aux.all_finite & all_finite(new_params)
-            new = {"params": new_params, "opt_state": new_opt, "method_state": new_mstate}
+            ok = aux.all_finite & all_finite(new_params) & all_finite(new.get("encoder_state", ()))
+            new.update(params=new_params, opt_state=new_opt, method_state=new_mstate)
             out = jax.tree_util.tree_map(lambda a, b: jnp.where(ok & active, a, b), new, state)
             return out, (aux.losses, aux.weights, aux.scales, aux.info), ok
 
@@ -87,22 +94,25 @@ class Program:
         self.train_step = jax.jit(jax.vmap(train_step, in_axes=(0, 0, 0, None, 0, p_axis, 0)))
         pure = self.pure
 
-        def eval_step(params, batch):
-            preds = pure.predict(params, batch)
+        def eval_step(params, encoder_state, batch):
+            preds = pure.predict(params, batch, encoder_state)
             return bench.stats(preds, batch), pure.eval_losses(preds, batch)
 
-        self.eval_step = jax.jit(jax.vmap(eval_step, in_axes=(0, None)))
+        self.eval_step = jax.jit(jax.vmap(eval_step, in_axes=(0, 0, None)))
 
     def init_state(self, seed: int) -> dict:
         """The initial state of the run with ``seed`` (the model initialized from ``seed``)."""
         import jax
-        params = self.bench.pure_model(self.bench.make_model(seed), self.loss_factors).params0
+        pure = self.bench.pure_model(self.bench.make_model(seed), self.loss_factors)
+        params = pure.params0
         state = {"params": params, "opt_state": self.optimizer.init(params),
                  "method_state": self.step.init(params)}
+        if self.has_state:
+            state["encoder_state"] = pure.encoder_state0
         return jax.tree_util.tree_map(np.asarray, state)
 
-    def evaluate(self, params_stacked, dataset, num_members: int) -> tuple[list, list]:
-        """Per run: (metrics, mean per-task losses) on ``dataset``."""
+    def evaluate(self, state_stacked, dataset, num_members: int) -> tuple[list, list]:
+        """Per run: (metrics, mean per-task losses) on ``dataset`` (evaluation mode)."""
         import jax
         from experiments import metrics as M
         from experiments.data import BatchIterator
@@ -112,7 +122,7 @@ class Program:
         total, loss_sum, n = None, np.zeros((num_members, bench.num_tasks)), 0
         try:
             for batch in it.epoch(0):
-                stats, losses = self.eval_step(params_stacked, batch)
+                stats, losses = self.eval_step(state_stacked["params"], state_stacked.get("encoder_state"), batch)
                 total = M.accumulate(total, stats)
                 b = len(next(iter(batch.values())))
                 loss_sum += np.asarray(jax.device_get(losses), np.float64) * b

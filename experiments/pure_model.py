@@ -10,8 +10,13 @@ the benchmark:
 * :func:`per_task`: one head module per task (the dense benchmarks); a tuple of T losses.
 
 Task ``t``'s training loss is multiplied by ``loss_factors[t]`` (the robustness study's ×k);
-evaluation losses are never scaled. Models holding non-parameter state (BatchNorm statistics)
-are refused with a clear error: the functional path trains parameter-only models.
+evaluation losses are never scaled.
+
+An encoder with non-parameter state (BatchNorm running statistics) becomes a stateful encoder
+``encoder(shared, encoder_state, batch, key) -> (z, new_encoder_state)`` in training mode (batch
+statistics, running averages updated once per step) for ``imtl_jax.mtl_step(...,
+has_state=True)``; ``predict`` runs it in evaluation mode (running averages). ``encoder_state0``
+is its initial state (None for a parameter-only encoder). Heads must be parameter-only.
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ class PureModel:
     task_losses: Any
     predict: Callable
     eval_losses: Callable
+    encoder_state0: Any = None
+
+    @property
+    def has_state(self) -> bool:
+        return self.encoder_state0 is not None
 
 
 def _split_params(module, what: str):
@@ -57,13 +67,31 @@ def _factors(num_tasks: int, loss_factors: Optional[Sequence[float]]):
 
 
 def _encoder(model, input_key: str, name: str):
+    """(train-mode encoder for the step, eval-mode ``forward(shared, state, batch)``, shared0, state0)."""
+    import jax
     from flax import nnx
-    enc_def, shared0 = _split_params(model.encoder, f"{name} encoder")
+    graphdef, params, rest = nnx.split(model.encoder, nnx.Param, ...)
+    if not jax.tree_util.tree_leaves(rest):
+        enc_def, shared0 = _split_params(model.encoder, f"{name} encoder")
 
-    def encoder(shared, batch):
-        return nnx.merge(enc_def, shared)(batch[input_key])
+        def encoder(shared, batch):
+            return nnx.merge(enc_def, shared)(batch[input_key])
 
-    return encoder, shared0
+        return encoder, (lambda shared, state, batch: encoder(shared, batch)), shared0, None
+
+    shared0, state0 = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+    def run(shared, state, batch, train):
+        module = nnx.merge(graphdef, shared, state)
+        module.train() if train else module.eval()
+        z = module(batch[input_key])
+        return z, nnx.to_pure_dict(nnx.split(module, nnx.Param, ...)[2])
+
+    def encoder(shared, state, batch, key):
+        del key  # the experiments' encoders have no dropout
+        return run(shared, state, batch, True)
+
+    return encoder, (lambda shared, state, batch: run(shared, state, batch, False)[0]), shared0, state0
 
 
 def stacked(model, *, name: str, num_tasks: int, input_key: str, target_key: str, loss: Callable,
@@ -74,7 +102,7 @@ def stacked(model, *, name: str, num_tasks: int, input_key: str, target_key: str
     from flax import nnx
     import imtl_jax
 
-    encoder, shared0 = _encoder(model, input_key, name)
+    encoder, forward, shared0, state0 = _encoder(model, input_key, name)
     heads_def, heads0 = _split_params(model.heads, f"{name} heads")
     factors, scaled = _factors(num_tasks, loss_factors)
 
@@ -85,14 +113,14 @@ def stacked(model, *, name: str, num_tasks: int, input_key: str, target_key: str
         out = loss(pred[None], target)[0]
         return out * jnp.asarray(factors)[t] if scaled else out
 
-    def predict(params, batch):
-        return nnx.merge(heads_def, params.heads)(encoder(params.shared, batch))
+    def predict(params, batch, encoder_state=None):
+        return nnx.merge(heads_def, params.heads)(forward(params.shared, encoder_state, batch))
 
     def eval_losses(preds, batch):
         return loss(preds, batch[target_key])
 
     params0 = imtl_jax.MTLParams(shared0, heads0, jnp.zeros((num_tasks,), jnp.float32))
-    return PureModel(params0, encoder, imtl_jax.stacked_task_losses(head_loss), predict, eval_losses)
+    return PureModel(params0, encoder, imtl_jax.stacked_task_losses(head_loss), predict, eval_losses, state0)
 
 
 def per_task(model, heads: Sequence[Any], *, name: str, task_names: Sequence[str], input_key: str,
@@ -102,7 +130,7 @@ def per_task(model, heads: Sequence[Any], *, name: str, task_names: Sequence[str
     from flax import nnx
     import imtl_jax
 
-    encoder, shared0 = _encoder(model, input_key, name)
+    encoder, forward, shared0, state0 = _encoder(model, input_key, name)
     names = tuple(task_names)
     defs, heads0 = [], []
     for n, h in zip(names, heads):
@@ -117,12 +145,13 @@ def per_task(model, heads: Sequence[Any], *, name: str, task_names: Sequence[str
             return out * float(factors[t]) if scaled else out
         return loss_t
 
-    def predict(params, batch):
-        z = encoder(params.shared, batch)
+    def predict(params, batch, encoder_state=None):
+        z = forward(params.shared, encoder_state, batch)
         return {n: nnx.merge(d, h)(z) for n, d, h in zip(names, defs, params.heads)}
 
     def eval_losses(preds, batch):
         return loss(preds, batch, names)
 
     params0 = imtl_jax.MTLParams(shared0, tuple(heads0), jnp.zeros((len(names),), jnp.float32))
-    return PureModel(params0, encoder, tuple(make_loss(t) for t in range(len(names))), predict, eval_losses)
+    return PureModel(params0, encoder, tuple(make_loss(t) for t in range(len(names))), predict, eval_losses,
+                     state0)

@@ -269,8 +269,8 @@ def _train_group(bench, program: Program, runs: list, cfg: RunConfig, *, referen
 def _evaluate(bench, program, runs, state, done, reference, on_eval, which) -> None:
     """Validation and test metrics of every run; recorded for the runs ``which``."""
     K = len(runs)
-    vm, vl = program.evaluate(state["params"], bench.val, K)
-    tm, tl = program.evaluate(state["params"], bench.test, K)
+    vm, vl = program.evaluate(state, bench.val, K)
+    tm, tl = program.evaluate(state, bench.test, K)
     for i in which:
         r = runs[i]
         r.history["val"].append({"step": done, "metrics": vm[i], "losses": vl[i], "test_metrics": tm[i],

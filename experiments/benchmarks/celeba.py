@@ -12,7 +12,7 @@ from experiments import metrics as M
 from experiments.benchmarks import Benchmark, need_data_dir, tmpdir
 
 DEFAULTS = {"celeba": dict(methods=["imtl_h", "equal"], seeds=[0], steps=3000, batch_size=128, lr=1e-3,
-                           eval_every=500, image_size=(64, 64), norm="group")}
+                           eval_every=500, image_size=(64, 64), norm="batch")}
 TINY = dict(seeds=[0], steps=4, batch_size=4, eval_every=2)
 
 
@@ -37,7 +37,7 @@ def build(name: str, o) -> Benchmark:
     else:
         root = need_data_dir("celeba", C.LAYOUT, o.data_dir)
         size, width = tuple(o.image_size or (64, 64)), 32
-    norm = o.norm or "group"
+    norm = o.norm or "batch"
     train = C.CelebADataset(root, "train", size, max_examples=o.max_train)
     val = C.CelebADataset(root, "val", size, max_examples=o.max_eval)
     test = C.CelebADataset(root, "test", size, max_examples=o.max_eval)

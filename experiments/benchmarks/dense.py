@@ -19,7 +19,7 @@ from experiments.data.batching import Subset, first_n
 _TASKS = {"nyuv2": ("segmentation", "depth", "normal"), "cityscapes": ("segmentation", "depth")}
 _SIZE = {"nyuv2": (144, 192), "cityscapes": (64, 128)}
 DEFAULTS = {n: dict(methods=["imtl_h", "equal"], seeds=[0], steps=2000, batch_size=8, lr=1e-3,
-                    eval_every=250, image_size=_SIZE[n], norm="group") for n in _TASKS}
+                    eval_every=250, image_size=_SIZE[n], norm="batch") for n in _TASKS}
 TINY = dict(seeds=[0], steps=4, batch_size=2, eval_every=2)
 
 _SEG = (M.MetricSpec("seg_miou", "segmentation", True), M.MetricSpec("seg_pixel_acc", "segmentation", True))
@@ -57,7 +57,7 @@ def build(name: str, o) -> Benchmark:
     else:
         root = need_data_dir(name, Dataset.layout, o.data_dir)
         resize, width, levels = tuple(o.image_size or _SIZE[name]), 16, 3
-    norm = o.norm or "group"
+    norm = o.norm or "batch"
     full = Dataset(root, "train", resize=resize)
     test = Dataset(root, "val", resize=resize)
     n_hold = len(full) // 2 if o.tiny else max(1, len(full) // 20)

@@ -34,6 +34,9 @@ def direction_probe(program):
     import jax
     import jax.numpy as jnp
     import imtl_jax
+    from experiments.errors import ExperimentError
+    if program.has_state:
+        raise ExperimentError("the z-vs-θ probe needs a parameter-only encoder; pass --norm group")
     pure = program.pure
     step_z = imtl_jax.mtl_step(pure.encoder, pure.task_losses, "imtl_g")
     step_t = imtl_jax.mtl_step(pure.encoder, pure.task_losses, "imtl_g_exact")
