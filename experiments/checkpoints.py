@@ -28,7 +28,6 @@ the cause and the remedy).
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -40,58 +39,12 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from experiments.cli import CheckpointError, HarnessError, one_line
+from experiments.errors import CheckpointError, StorageError, one_line, storage_error
 
 __all__ = ["RunCheckpoints", "StorageError", "storage_error", "FORMAT"]
 
 FORMAT = 2  # 1: leaves checksum only (before issue 14); 2: + file manifest, metadata digest, step check
 MANIFEST = "integrity.json"
-
-_STORAGE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EFBIG: "a file-size limit was reached",
-                   errno.EDQUOT: "the disk quota is exceeded", errno.EROFS: "the file system is read-only",
-                   errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
-_STORAGE_TEXT = (("no space left", errno.ENOSPC), ("file too large", errno.EFBIG),
-                 ("quota exceeded", errno.EDQUOT), ("read-only file system", errno.EROFS),
-                 ("permission denied", errno.EACCES))
-
-
-class StorageError(HarnessError):
-    """A file could not be written (disk full, file-size limit, quota, permissions)."""
-
-
-def _storage_errno(exc: BaseException) -> Optional[int]:
-    """The storage errno behind ``exc`` (its cause/context chain, or the message of a
-    tensorstore/orbax error that wraps it), or None."""
-    seen = set()
-    e: Optional[BaseException] = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
-            return e.errno
-        text = str(e).lower()
-        for needle, code in _STORAGE_TEXT:
-            if needle in text:
-                return code
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def storage_error(exc: BaseException, what: str) -> Optional[StorageError]:
-    """A one-line :class:`StorageError` for ``exc`` when it is a storage failure, else None.
-
-    ``what`` names what was being written, e.g. ``"checkpoint runs/x/ckpt/20"``.
-    """
-    code = _storage_errno(exc)
-    if code is None:
-        return None
-    cause = _STORAGE_ERRNOS[code]
-    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
-        remedy = "make the output folder writable or pass another --out"
-    else:
-        remedy = "free space (or raise the limit) and rerun with --resume"
-    return StorageError(f"could not write {what}: {cause} ({errno.errorcode.get(code, code)}); "
-                        f"earlier checkpoints and results are intact; {remedy}")
-
 
 def _leaves_checksum(leaves) -> str:
     h = hashlib.sha256()

@@ -15,14 +15,13 @@ import math
 import sys
 from typing import Any, Callable, Optional, Sequence
 
-from experiments.errors import CheckpointError, CLIError, ExperimentError, HarnessError, one_line
+from experiments.errors import (EXIT_INTERRUPTED, EXIT_USAGE, CheckpointError, CLIError, ExperimentError,
+                                HarnessError, failure, one_line)
 from experiments.options import Options
 
 __all__ = ["CLIError", "HarnessError", "ExperimentError", "CheckpointError", "one_line", "BASE_DEFAULTS",
            "make_parser", "parse_options", "run_main", "command_line", "EXIT_USAGE", "EXIT_INTERRUPTED"]
 
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 #: defaults every benchmark starts from; the benchmark's ``DEFAULTS`` override them; ``--tiny``
 #: applies the benchmark's ``TINY`` on top.
@@ -201,22 +200,37 @@ def parse_options(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]
                    **{k: values[k] for k in _KEYS})
 
 
-def run_main(prog: str, body: Callable[[], Any]) -> int:
-    """Runs ``body()``; user-fixable errors become one stderr line and exit status 2, Ctrl-C one
-    line (what was saved, how to continue) and 130. Returns the exit status."""
-    from experiments.data import DataUnavailableError
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
+
+def run_main(prog: str, body: Callable[[], Any]) -> int:
+    """Runs ``body()``; user-fixable errors (bad flag, missing data, unusable checkpoint, a
+    file that cannot be written) become one stderr line and the exit status of
+    :mod:`experiments.errors`; Ctrl-C or SIGTERM one line (what was saved, how to continue) and
+    130. Returns the exit status."""
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt) if main_thread else None
     try:
         body()
     except SystemExit as e:  # argparse --help
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
-    except (ExperimentError, DataUnavailableError) as e:
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt as e:
         msg = str(e) or "interrupted before training started; nothing to resume"
         print(f"{prog}: {one_line(msg)}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - a bug (failure() is None) keeps its traceback
+        known = failure(e)
+        if known is None:
+            raise
+        print(f"{prog}: error: {known[1]}", file=sys.stderr)
+        return known[0]
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -244,7 +244,8 @@ def test_cli_errors_are_one_line_exit_2(argv, needle, capsys, tmp_path):
     from experiments.__main__ import main
     rc = main(argv + ["--out", str(tmp_path / "o"), "--quiet"])
     err = capsys.readouterr().err.strip()
-    assert rc == 2
+    from experiments.errors import EXIT_DATA, EXIT_USAGE
+    assert rc == (EXIT_DATA if argv[:2] == ["nyuv2", "--data-dir"] else EXIT_USAGE)  # a missing folder: data
     assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err, err
     assert err.startswith(f"python -m experiments {argv[0]}: error:")
 

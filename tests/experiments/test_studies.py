@@ -11,6 +11,7 @@ import pytest
 
 from experiments import benchmarks, studies
 from experiments.__main__ import main
+from experiments.errors import EXIT_DATA
 
 ROOT = Path(__file__).resolve().parents[2] / "experiments"
 
@@ -24,7 +25,7 @@ def test_every_benchmark_runs_tiny(name, tmp_path, capsys):
     except Exception as e:  # pragma: no cover
         raise AssertionError(name) from e
     err = capsys.readouterr().err
-    if rc == 2 and ("apt-get install" in err or "pip install" in err):
+    if rc == EXIT_DATA and ("apt-get install" in err or "pip install" in err):
         pytest.skip(err.strip())
     assert rc == 0, err
     data = json.loads((out / "results.json").read_text())
