@@ -219,6 +219,16 @@ def test_summary_uses_single_task_baseline_and_both_delta_conventions():
     assert e["delta_m"]["mean"] == pytest.approx(np.mean(dm)) and e["delta_m"]["mean"] < 0
     assert e["delta_p"]["mean"] == pytest.approx(np.mean(dp)) and e["delta_p"]["mean"] > 0
     assert e["test"]["task1_acc"]["mean"] == pytest.approx(0.945)
+    # 95 % Student-t half-width with n - 1 = 1 degree of freedom, from scipy directly
+    from scipy import stats as sps
+    vals = np.array([0.99, 0.90])
+    assert e["test"]["task1_acc"]["ci95"] == pytest.approx(sps.t.ppf(0.975, 1) * vals.std(ddof=1) / np.sqrt(2))
+    assert e["test"]["task1_acc"]["n"] == 2
+    # paired difference to equal weighting: only seed 0 has both
+    ew0 = metrics.delta_m(results[4]["test"], s["baseline"], hib)
+    assert e["delta_m_minus_ew"] == {"mean": pytest.approx(dm[0] - ew0), "ci95": None, "n": 1}
+    table = report.markdown_table(b, s)
+    assert "94.50 ± " in table and "Δm − EW" in table
     s2 = report.summarize(b, results[2:])
     assert "fallback" in s2["baseline_label"] and s2["methods"]["equal"]["delta_m"]["mean"] == 0.0
 
@@ -263,3 +273,14 @@ def test_epochs_become_steps(bench):
     o = Options(benchmark="qm9", tiny=True, steps=None, epochs=1.5, batch_size=4)
     cfg = RunConfig.from_options(o, bench)
     assert cfg.steps == int(np.ceil(1.5 * (len(bench.train) // 4)))
+
+
+def test_constant_curves_are_not_plotted(tmp_path):
+    from experiments.plots import plot_method
+    steps = list(range(1, 11))
+    flat = {"step": steps, "weight": [[1.0, 1.0]] * 10, "scale": [[1.0, 1.0]] * 10,
+            "loss": [[1.0 / k, 2.0 / k] for k in steps], "val": []}
+    moving = dict(flat, weight=[[k / 10, 1 - k / 10] for k in steps])
+    assert [p.name for p in plot_method(tmp_path, "equal", [flat], [0], ("a", "b"))] == ["losses_equal.png"]
+    assert [p.name for p in plot_method(tmp_path, "imtl_g", [moving], [0], ("a", "b"))] == [
+        "weights_imtl_g.png", "losses_imtl_g.png"]
