@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from imtl_jax._method import Method, PyTree, Weighting
+from imtl_jax._method import LossScaling, Method, PyTree, Weighting
 from imtl_jax._validation import check_float_array
 from imtl_jax.methods import get_method
 
@@ -43,6 +43,51 @@ def _stack_matrix(updates: PyTree, num_tasks: int) -> jax.Array:
     return jnp.concatenate([jnp.reshape(x, (num_tasks, -1)).astype(dtype) for x in leaves], axis=1)
 
 
+def _check_chain_order(updates: PyTree, params: Optional[PyTree], num_tasks: int) -> None:
+    """With ``params`` given, every update leaf must be ``(T, *param_shape)``."""
+    if params is None:
+        return
+    u_leaves, p_leaves = jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(params)
+    same_tree = len(u_leaves) == len(p_leaves)
+    if same_tree and all(jnp.shape(u) == (num_tasks,) + jnp.shape(p) for u, p in zip(u_leaves, p_leaves)):
+        return
+    if same_tree and all(jnp.shape(u) == jnp.shape(p) for u, p in zip(u_leaves, p_leaves)):
+        raise ValueError(
+            "the aggregator received updates shaped like the parameters, not per-task updates "
+            f"(T={num_tasks}, *param_shape): it must come first in optax.chain, before anything "
+            "that combines or rescales updates, e.g. optax.chain(imtl_jax.aggregate(...), "
+            "optax.clip_by_global_norm(1.0), optax.adam(1e-3)), and it cannot be wrapped by "
+            "optax.MultiSteps (use imtl_jax.multi_steps) or optax.apply_if_finite (use "
+            "imtl_jax.safe_optimizer).")
+    shapes = [jnp.shape(u) for u in u_leaves][:3]
+    pshapes = [jnp.shape(p) for p in p_leaves][:3]
+    raise ValueError(f"the per-task updates must have the parameters' structure with a leading task "
+                     f"axis T={num_tasks} on every leaf; got update shapes {shapes} for parameter "
+                     f"shapes {pshapes}.")
+
+
+def _apply_scaling(scaling: LossScaling, name: str, losses: Any, log_scales: Any,
+                   num_tasks: int) -> tuple:
+    """``(d scaled_t / d L_t, scaled losses)``: per-task updates of the raw losses times the
+    factor are the updates of the scaled losses (chain rule)."""
+    if losses is None or log_scales is None:
+        missing = " and ".join(n for n, v in (("losses=", losses), ("log_scales=", log_scales)) if v is None)
+        raise ValueError(
+            f"method {name!r} trains a loss scaling ({scaling.name!r}) whose per-task log-scales s are "
+            f"parameters the aggregator does not hold; pass {missing} (both (T,) = ({num_tasks},)) to "
+            "update() to apply it (each task's update is multiplied by d scaled_t / d L_t), or use "
+            "imtl_jax.mtl_step, which trains the log-scales with the network.")
+    losses, log_scales = jnp.asarray(losses), jnp.asarray(log_scales)
+    for arg, value in (("losses", losses), ("log_scales", log_scales)):
+        if value.shape != (num_tasks,):
+            raise ValueError(f"`{arg}` must have shape ({num_tasks},), got {value.shape}.")
+        check_float_array(value, arg)
+    log_scales = log_scales.astype(losses.dtype)
+    scaled, factor = jax.jvp(lambda raw: scaling.scale(raw, log_scales), (losses,),
+                             (jnp.ones_like(losses),))  # the scaling is per task: a diagonal Jacobian
+    return factor, scaled
+
+
 def aggregate(method: Union[str, Method, Weighting], num_tasks: int, *,
               dtype: Any = None) -> optax.GradientTransformationExtraArgs:
     """An optax transformation that combines T stacked per-task updates with a weighting.
@@ -52,6 +97,18 @@ def aggregate(method: Union[str, Method, Weighting], num_tasks: int, *,
     one update ``sum_t w_t updates[t]`` of the unstacked shape, the weights ``w`` coming from
     the method's weighting applied to the flattened (T, P) matrix of updates. Unknown extra
     arguments are accepted and ignored, so it composes in ``optax.chain``.
+
+    Put it **first** in the chain: with ``params`` given, updates shaped like the parameters
+    (already combined) raise a ``ValueError`` naming the fix. Wrap the chain in
+    :func:`imtl_jax.safe_optimizer` (not ``optax.apply_if_finite``) and accumulate micro-batches
+    with :func:`imtl_jax.multi_steps` (not ``optax.MultiSteps``): both optax wrappers assume
+    updates shaped like the parameters.
+
+    A method with a trainable loss scaling (``"imtl_h"``, ``"imtl_l"``, ``"uncertainty"``) needs
+    ``losses=`` (raw, (T,)) and ``log_scales=`` (its s, (T,)): task t's update is multiplied by
+    ``d scaled_t / d L_t`` (``e^s`` for IMTL-L) and the weighting sees the scaled losses; without
+    them ``update`` raises a ``ValueError`` (the log-scales are parameters the aggregator does
+    not hold; :func:`imtl_jax.mtl_step` trains them).
 
     Args:
       method: a registered name, a :class:`imtl_jax.Method` (its weighting is used) or a
@@ -69,10 +126,15 @@ def aggregate(method: Union[str, Method, Weighting], num_tasks: int, *,
       >>> [round(v, 4) for v in (-updates["w"]).tolist()]  # sgd negates: the IMTL-G aggregate
       [0.0767, 1.0, 1.0]
     """
+    scaling: Optional[LossScaling] = None
+    method_name = ""
     if isinstance(method, Weighting):
         weighting = method
     else:
-        weighting = get_method(method).weighting
+        resolved = get_method(method)
+        weighting = resolved.weighting
+        scaling = resolved.scaling if resolved.scaling.trainable else None
+        method_name = resolved.name
     if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
         raise ValueError(f"`num_tasks` must be a positive int, got {num_tasks!r}.")
     dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
@@ -90,9 +152,15 @@ def aggregate(method: Union[str, Method, Weighting], num_tasks: int, *,
 
     def update_fn(updates, state, params=None, *, losses: Optional[jax.Array] = None,
                   key: Optional[jax.Array] = None, priorities: Optional[jax.Array] = None,
-                  **extra_args):
-        del params, extra_args
+                  log_scales: Optional[jax.Array] = None, **extra_args):
+        del extra_args
         matrix = _stack_matrix(updates, num_tasks)
+        _check_chain_order(updates, params, num_tasks)
+        if scaling is not None:
+            factor, losses = _apply_scaling(scaling, method_name, losses, log_scales, num_tasks)
+            updates = jax.tree_util.tree_map(
+                lambda x: x * factor.astype(x.dtype).reshape((-1,) + (1,) * (jnp.ndim(x) - 1)), updates)
+            matrix = matrix * factor.astype(matrix.dtype)[:, None]
         if losses is None:
             if not weighting.needs_grads:
                 raise ValueError(f"weighting {weighting.name!r} weighs losses: pass `losses=` "

@@ -318,6 +318,7 @@ def aggregators():
 def run_update(tx, updates, **kwargs):
     state = abstract(tx.init(AGG_PARAMS))
     kwargs.setdefault("losses", S((2,), F32))
+    kwargs.setdefault("log_scales", S((2,), F32))  # imtl_h's loss scaling needs its log-scales
     names = sorted(kwargs)
     return jax.eval_shape(lambda u, s, *extra: tx.update(u, s, None, **dict(zip(names, extra))),
                           updates, state, *(kwargs[n] for n in names))

@@ -272,6 +272,8 @@ def test_works_through_the_optax_aggregator(method):
         losses = _task_losses(params, a, b)
         per_task = jax.jacrev(_task_losses)(params, a, b)   # leaves (2, ...)
         kwargs = {"losses": losses} if needs_losses or method.weighting.weights_heads else {}
+        if method.scaling.trainable:  # a loss scaling needs the losses and its log-scales
+            kwargs.update(losses=losses, log_scales=jnp.zeros(2))
         updates, tx_state = tx.update(per_task, tx_state, params, key=key, **kwargs)
         return optax.apply_updates(params, updates), tx_state
 

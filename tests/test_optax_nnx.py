@@ -411,3 +411,55 @@ def test_nnx_wrong_layouts_name_the_missing_piece():
             self.heads = nnx.Linear(6, 3, rngs=rngs)  # one module but not stacked over tasks
     with pytest.raises(ValueError, match="tuple or nnx.List of head modules"):
         make_train_step(_hetero_loss, "equal", loss_scales=None).init(Unstacked(nnx.Rngs(0)))
+
+
+# ------------------------------------------------------------------------------------------------
+# aggregate(): loss scaling, chain order, the optax wrappers
+
+
+def test_aggregate_applies_the_loss_scaling_given_losses_and_log_scales():
+    with x64():
+        s = np.array([0.4, -0.7])
+        losses = np.array([0.8, 2.5])
+        params = {"a": jnp.zeros((1,)), "b": jnp.zeros((2, 1))}
+        j = jnp.asarray(J_BASE)
+        per_task = {"a": j[:, :1], "b": j[:, 1:].reshape(2, 2, 1)}
+        # IMTL-H: IMTL-G on the gradients of e^s L - s, i.e. e^{s_t} g_t.
+        scaled_j = np.exp(s)[:, None] * J_BASE
+        want = paper_alpha(scaled_j) @ scaled_j
+        tx = imtl_jax.aggregate("imtl_h", 2, dtype=jnp.float64)
+        out, state = tx.update(per_task, tx.init(params), params, losses=jnp.asarray(losses),
+                               log_scales=jnp.asarray(s))
+        got = np.concatenate([np.ravel(out["a"]), np.ravel(out["b"])])
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+        # Uncertainty weighting: e^{-s} L + s with equal weights: sum_t e^{-s_t} g_t.
+        tx = imtl_jax.aggregate("uncertainty", 2, dtype=jnp.float64)
+        out, _ = tx.update(per_task, tx.init(params), params, losses=jnp.asarray(losses), log_scales=jnp.asarray(s))
+        got = np.concatenate([np.ravel(out["a"]), np.ravel(out["b"])])
+        np.testing.assert_allclose(got, np.exp(-s) @ J_BASE, rtol=1e-12)
+        for name in ("imtl_h", "imtl_l", "uncertainty"):
+            tx = imtl_jax.aggregate(name, 2)
+            with pytest.raises(ValueError, match="log_scales="):
+                tx.update(per_task, tx.init(params), params, losses=jnp.ones(2))
+            with pytest.raises(ValueError, match="losses= and log_scales="):
+                tx.update(per_task, tx.init(params), params)
+
+
+def test_aggregate_rejects_parameter_shaped_updates_and_optax_wrappers_are_replaced():
+    params = {"w": jnp.zeros((2,))}  # T = 2 = the parameter's own size: the leading-axis check passes
+    tx = optax.chain(optax.sgd(1.0), imtl_jax.aggregate("imtl_g", 2))
+    with pytest.raises(ValueError, match="must come first in optax.chain"):
+        tx.update({"w": jnp.ones(2)}, tx.init(params), params)
+    per_task = {"w": jnp.asarray([[1.0, 0.0], [0.0, 2.0]])}
+    multi = optax.MultiSteps(optax.chain(imtl_jax.imtl_g(2), optax.sgd(1.0)), 2)
+    with pytest.raises(ValueError, match="use imtl_jax.multi_steps"):  # its accumulators are param-shaped
+        multi.update(per_task, multi.init(params), params)
+    # What the docs recommend instead runs, under jit, and skips a non-finite step.
+    safe = imtl_jax.safe_optimizer(optax.chain(imtl_jax.aggregate("imtl_h", 2), optax.adam(1e-2)))
+    state = safe.init(params)
+    upd, state = jax.jit(safe.update)(per_task, state, params, losses=jnp.ones(2), log_scales=jnp.zeros(2))
+    assert bool(jnp.all(jnp.isfinite(upd["w"])))
+    bad = {"w": per_task["w"].at[0, 0].set(jnp.nan)}
+    upd, state = jax.jit(safe.update)(bad, state, params, losses=jnp.ones(2), log_scales=jnp.zeros(2))
+    assert float(jnp.abs(upd["w"]).max()) == 0.0
+    assert int(imtl_jax.skipped_steps(state)["total_notfinite"]) == 1
