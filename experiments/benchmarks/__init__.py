@@ -25,7 +25,7 @@ from experiments.errors import CLIError, DataUnavailableError
 from experiments.metrics import MetricSpec
 
 __all__ = ["Benchmark", "REGISTRY", "names", "module", "defaults", "tiny_defaults", "add_flags", "build",
-           "tmpdir", "need_data_dir"]
+           "options", "tmpdir", "need_data_dir"]
 
 #: benchmark name -> module that builds it (a module may serve several names).
 REGISTRY: dict[str, str] = {
@@ -129,10 +129,28 @@ def tiny_defaults(name: str) -> dict:
     return dict(tiny.get(name, tiny) if name in tiny else tiny)
 
 
-def add_flags(parser, name: str) -> None:
+def add_flags(parser, name: str) -> tuple:
+    """Adds the benchmark's own flags; returns the keys that go to ``Options.extra``."""
     fn = getattr(module(name), "add_flags", None)
-    if fn is not None:
-        fn(parser, name)
+    return tuple(fn(parser, name) or ()) if fn is not None else ()
+
+
+def options(name: str, *, tiny: bool = False, **overrides):
+    """The :class:`experiments.options.Options` of ``python -m experiments <name> [--tiny]`` with
+    ``overrides`` (any field: ``lr=``, ``weight_decay=``, ``schedule=``, ``steps=``, ``seeds=``, ...)."""
+    import dataclasses
+    from experiments.cli import BASE_DEFAULTS
+    from experiments.options import Options
+    values = {**BASE_DEFAULTS, **defaults(name), **(tiny_defaults(name) if tiny else {})}
+    fields = {f.name for f in dataclasses.fields(Options)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"options({name!r}): unknown fields {unknown}; choose from {sorted(fields)}")
+    values = {k: v for k, v in values.items() if k in fields}
+    values.update(overrides)
+    if values.get("image_size") is not None:
+        values["image_size"] = tuple(values["image_size"])
+    return Options(benchmark=name, tiny=tiny, **values)
 
 
 def build(name: str, options) -> Benchmark:

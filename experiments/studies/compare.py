@@ -17,7 +17,7 @@ USAGE = """examples:
   python -m experiments qm9 --method all single_task --seeds 0-2 --schedule plateau
 """
 
-__all__ = ["run", "train_and_report", "single_task_reference"]
+__all__ = ["run", "train", "train_and_report", "single_task_reference"]
 
 
 def single_task_reference(bench, results) -> dict | None:
@@ -51,6 +51,31 @@ def train_and_report(bench, specs, cfg, o, command: str, *, title=None, extra_md
     if print_table:
         print(summary["markdown"])
     return dict(summary, results=results)
+
+
+def train(benchmark: str, methods, seeds, out, *, tiny: bool = False, reference=None, bench=None,
+          **overrides) -> list[dict]:
+    """Trains ``methods`` x ``seeds`` on ``benchmark`` (its defaults, ``--tiny``'s with ``tiny``,
+    then ``overrides``: ``lr=``, ``weight_decay=``, ``schedule=``, ``steps=``, ...) into ``out``
+    and returns the result records, one per run. ``r["val"]`` holds the validation metrics at the
+    step selected on validation (what a tuning study compares); ``r["test"]`` must not be used
+    for any choice. ``bench``: an already built :class:`Benchmark` to reuse (data loaded once).
+
+    >>> results = train("qm9", ["equal"], [0, 1], "/tmp/tune/lr1e-3", tiny=True, lr=1e-3)  # doctest: +SKIP
+    >>> [r["val"]["mu_mae"] for r in results]                                            # doctest: +SKIP
+    """
+    from experiments import benchmarks
+    from experiments.runs import RunConfig, expand_methods
+    from experiments.train import run_experiment
+    o = benchmarks.options(benchmark, tiny=tiny, quiet=overrides.pop("quiet", True), **overrides)
+    own = bench is None
+    bench = bench or benchmarks.build(benchmark, o)
+    try:
+        specs = expand_methods(list(methods), bench.num_tasks)
+        return run_experiment(bench, specs, list(seeds), RunConfig.from_options(o, bench), out, reference=reference)
+    finally:
+        if own:
+            bench.close()
 
 
 def run(o, command: str) -> dict:

@@ -163,3 +163,15 @@ def test_per_task_best_tracking(bench, tmp_path):
         assert pt["best_step"] == evals[best]["step"] and pt["best_val"][name] == vals[best]
         assert pt["final_val"][name] == vals[-1]
         assert pt["gap"] == pytest.approx(100 * (vals[-1] - vals[best]) / abs(ref[name]), rel=1e-9, abs=1e-12)
+
+
+def test_train_function_for_tuning_studies(tmp_path):
+    """studies.compare.train: a benchmark's defaults with overrides, validation metrics back."""
+    from experiments.studies.compare import train
+    res = train("qm9", ["equal"], [0, 1], tmp_path, tiny=True, lr=0.02, steps=4, eval_every=2,
+                targets=["mu", "homo"], tensorboard=False, checkpoint_every=0)
+    assert [(r["method"], r["seed"]) for r in res] == [("equal", 0), ("equal", 1)]
+    assert all(set(r["val"]) == {"mu_mae", "homo_mae"} for r in res)
+    assert all(r["config"]["lr"] == 0.02 and r["config"]["steps"] == 4 for r in res)
+    with pytest.raises(TypeError, match="unknown fields"):
+        train("qm9", ["equal"], [0], tmp_path, tiny=True, learning_rate=0.1)
