@@ -25,14 +25,27 @@ in float32 at cond(U) <= 10 instead of 8.2e-6).
 
 Degenerate inputs (all scale-relative, never an absolute epsilon):
 
-* the matrix is first divided by its largest absolute entry (IMTL-G is invariant to a uniform
-  scale, Theorem 2), so inputs at 1e-15 or 1e15 behave like inputs at 1;
+* the matrix is first multiplied by a power of two ``2^-k`` that brings its largest entry into
+  [0.5, 1) (IMTL-G is invariant to a uniform scale, Theorem 2), built from the bit patterns
+  (integer operations), so it is exact for every finite input: inputs at 1e-15, 1e15, float32's
+  largest value (3.4e38) or subnormal (XLA's CPU backend reads subnormals as zero in any
+  arithmetic) give the weights of the same rows at scale 1; entries below ``2^-126`` (float32)
+  times the largest become 0. Outputs in input units (``aggregate``, ``C``) below the normal
+  range are flushed by the backend;
 * a row whose norm is ``<= eps**2 * max_norm`` (``eps`` of the dtype) counts as zero: it gets
   ``alpha_t = 0`` and the others are impartial among themselves;
-* a well-conditioned ``K`` is solved by Cholesky; otherwise by a symmetric eigendecomposition
-  with relative cutoff ``10 T eps``
-  (``K`` has a unit diagonal, so this test is scale-free): duplicate or parallel rows share
-  their weight, rank deficiency and ``T > D`` give the finite least-squares answer;
+* ``K^-1`` is formed once by Cholesky and used for the solve and the refinement when
+  ``cond_1(K) = ||K||_1 ||K^-1||_1 <= 1 / (10 T eps)`` (``K`` has a unit diagonal, so this test
+  is scale-free); otherwise a symmetric pseudo-inverse (eigendecomposition) with relative cutoff
+  ``10 T eps`` replaces it, behind ``lax.cond``: on GPU/TPU the eigendecomposition runs only
+  then (``python -m benchmarks.solve_cost`` counts the kernels of the compiled solve). Duplicate
+  or parallel rows share their weight, rank deficiency and ``T > D`` give the finite
+  least-squares answer;
+* ``common_projection``: where equal projections are reached (the target lies in the range of
+  ``K``, always for full row rank) it is the closed form ``C``; where they are not (``T > D`` or
+  rank-deficient rows in general position, and the fallback below) it is the mean over the
+  non-zero rows of the actual projections ``g . u_t / p_t``, so its sign is that of the average
+  task's first-order change;
 * if the equal-projection point is at infinity (``sum_t beta_t/|g_t| ~ 0``) or every row is zero,
   the weights fall back to ``alpha_t ∝ 1/|g_t|`` (uniform when all rows are zero);
 * a NaN or inf anywhere in ``grads`` makes every output NaN (loud, so that
@@ -65,7 +78,9 @@ class ImtlGResult(NamedTuple):
         the sign).
       aggregate: ``g = alpha @ grads``, shape (D,).
       common_projection: ``C = g . u_t`` (the same for every task, or ``C p_t`` with
-        priorities); negative means ``-g`` ascends every task's loss to first order.
+        priorities); negative means ``-g`` ascends every task's loss to first order. When equal
+        projections are out of reach (``T > D``, rank deficiency), the mean of ``g . u_t / p_t``
+        over the non-zero rows (see the module docstring).
     """
 
     weights: jax.Array
@@ -273,6 +288,10 @@ def imtl_g_solve(grads: jax.Array, *, priorities: Optional[jax.Array] = None,
         or non-finite values raise; traced ones make every output NaN.
       nonconflicting: if True and ``C < 0`` (every task would ascend to first order), return
         ``-alpha``, ``-g`` and ``-C`` instead (so ``sum(alpha) = -1`` then). Static.
+        Guarantee: when the projections are equal (full row rank), no task's projection is
+        negative afterwards; when they differ (``T > D``, rank deficiency), the mean projection
+        is non-negative afterwards, and if either sign makes every projection non-negative,
+        that sign is the one returned up to round-off (no sign can help every task otherwise).
 
     Returns:
       :class:`ImtlGResult` ``(weights (T,), aggregate (D,), common_projection ())`` in the

@@ -11,6 +11,9 @@ import pytest
 from oracles import x64  # noqa: F401  (fdtype fixture: tests/conftest.py)
 from scipy.optimize import minimize
 
+import inputs
+from properties import property_tests
+
 from imtl_jax.methods.cagrad import cagrad_weighting, cagrad_weights
 
 SHAPES = [(2, 5), (3, 8), (5, 16)]
@@ -105,3 +108,40 @@ def test_cagrad_degenerate_and_validation():
         cagrad_weighting(rescale=3)
     with pytest.raises(ValueError, match="iterations"):
         cagrad_weighting(max_iterations=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hard families (tests/inputs.py): conflicting rows, norms over 1e+-2 and 1e+-4, T = 5, 10.
+
+
+@pytest.mark.parametrize("case", inputs.HARD)
+def test_cagrad_hard_families_duality_gap(fdtype, case):
+    """KKT verification independent of the solver: for the returned dual weights w and the
+    direction d = g_0 + (c |g_0| / |g_w|) g_w (feasible: |d - g_0| = c |g_0|), weak duality gives
+    min_t g_t . d <= primal optimum = dual optimum <= F(w); the gap F(w) - min_t g_t . d,
+    evaluated in float64 on the rounded data, must be at float round-off (<= 16 eps max|g_t|^2)."""
+    eps = np.finfo(fdtype).eps
+    c = 0.5
+    for seed in range(2):
+        g = inputs.draw(case[0], seed, *case[1:]).astype(fdtype)
+        out = _NO_RESCALE(jnp.asarray(g))
+        assert float(out.info["certificate"]) <= 16 * eps
+        assert int(out.info["iterations"]) < 1000 * case[1]
+        g64 = g.astype(np.float64)
+        w = np.asarray(out.info["dual_weights"], np.float64)
+        assert np.all(w >= 0) and abs(w.sum() - 1) <= 10 * case[1] * eps
+        w = w / w.sum()                     # exactly in the simplex (weak duality needs it)
+        g0, gw = g64.mean(axis=0), w @ g64
+        d = g0 + c * np.linalg.norm(g0) / np.linalg.norm(gw) * gw
+        dual = gw @ g0 + c * np.linalg.norm(g0) * np.linalg.norm(gw)
+        gap = dual - np.min(g64 @ d)
+        scale = np.max(np.sum(g64 * g64, axis=1))
+        assert -16 * np.finfo(np.float64).eps * scale <= gap <= 16 * eps * scale, gap / scale
+        # The returned weights give that direction: d = weights @ G / T (rescale=0).
+        np.testing.assert_allclose(np.asarray(out.weights, np.float64) @ g64 / case[1], d,
+                                   atol=64 * eps * np.abs(g64).max() * (1 + c))
+
+
+TestCagradProperties = property_tests(
+    "cagrad", cagrad_weighting(),
+    ("scale_invariant", "permutation_equivariant", "finite_on_degenerate", "compiles_once"))
