@@ -219,7 +219,8 @@ def run_main(prog: str, body: Callable[[], Any]) -> int:
     except SystemExit as e:  # argparse --help
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
     except KeyboardInterrupt as e:
-        msg = str(e) or "interrupted before training started; nothing to resume"
+        msg = str(e) or ("interrupted outside training (loading data, compiling or writing reports); finished "
+                         "runs are kept and checkpoints are intact — rerun with --resume to continue")
         print(f"{prog}: {one_line(msg)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - a bug (failure() is None) keeps its traceback

@@ -244,13 +244,20 @@ def _train_group(bench, program: Program, runs: list, cfg: RunConfig, *, referen
         if bar is not None:
             bar.close()
             bar = None
-        if cfg.checkpoint_every != 0:
-            if done > start:
-                save_all(done, state)
-            msg = (f"interrupted at step {done}; checkpoints in {runs[0].dir.parent.parent} — rerun the same "
-                   "command with --resume to continue")
+        where = runs[0].dir.parent.parent
+        if cfg.checkpoint_every == 0:
+            msg = (f"interrupted at step {done}; checkpoints are off (--checkpoint-every 0), so these runs "
+                   "cannot be resumed (finished runs are kept; --resume skips them)")
+        elif done > start:
+            save_all(done, state)
+            msg = (f"interrupted at step {done}; checkpoint written under {where} — rerun the same command with "
+                   "--resume to continue")
+        elif start > 0:
+            msg = (f"interrupted before step {start + 1}; the checkpoints at step {start} under {where} are "
+                   "intact — rerun the same command with --resume to continue")
         else:
-            msg = f"interrupted at step {done}; checkpoints are off (--checkpoint-every 0), nothing can be resumed"
+            msg = ("interrupted before the first training step; nothing to resume for these runs (finished "
+                   "runs are kept; --resume skips them)")
         raise RunInterrupted(msg) from None
     finally:
         if bar is not None:

@@ -104,7 +104,7 @@ def test_ctrl_c_message_tells_the_truth(bench, tmp_path):
     assert RunCheckpoints(_rd(tmp_path / "auto") / "ckpt").steps() == [3]
     res = _run(bench, tmp_path / "auto", _cfg(checkpoint_every=None, resume=True))
     assert res["resumed_from"] == 3 and res["steps_done"] == STEPS
-    with pytest.raises(RunInterrupted, match="nothing can be resumed"):
+    with pytest.raises(RunInterrupted, match="cannot be resumed"):
         _run(bench, tmp_path / "off", _cfg(checkpoint_every=0, interrupt_at=3))
     assert RunCheckpoints(_rd(tmp_path / "off") / "ckpt").steps() == []
 
