@@ -58,8 +58,10 @@ def mlp_trunk(dims):
     return torch.nn.Sequential(*layers)
 
 
-def torch_case(kind: str, num_tasks: int, batch_size: int = 256):
-    """(trunk, heads, loss_fn(outputs_t, y_t), x, y) shaped like ``benchmarks/_models.py``."""
+def torch_case(kind: str, num_tasks: int, batch_size: int = 256, in_features: int = 3072,
+               width: int = 512):
+    """(trunk, heads, loss_fn(outputs_t, y_t), x, y) shaped like ``benchmarks/_models.py``
+    (``in_features`` and ``width``: the CelebA-like trunk only)."""
     g = torch.Generator().manual_seed(0)
     if kind == "lenet":
         trunk = LeNetTrunk()
@@ -75,16 +77,17 @@ def torch_case(kind: str, num_tasks: int, batch_size: int = 256):
         y = torch.randn(batch_size, num_tasks, generator=g)
         loss = lambda out, yt: torch.mean((out[:, 0] - yt) ** 2)  # noqa: E731
     else:  # celeba
-        trunk = mlp_trunk([3072, 512, 512, 512])
-        heads = [torch.nn.Linear(512, 1) for _ in range(num_tasks)]
-        x = torch.rand(batch_size, 3072, generator=g)
+        trunk = mlp_trunk([in_features, width, width, width])
+        heads = [torch.nn.Linear(width, 1) for _ in range(num_tasks)]
+        x = torch.rand(batch_size, in_features, generator=g)
         y = torch.randint(0, 2, (batch_size, num_tasks), generator=g).float()
         loss = lambda out, yt: torch.nn.functional.binary_cross_entropy_with_logits(out[:, 0], yt)  # noqa: E731
     return trunk, torch.nn.ModuleList(heads), loss, x, y
 
 
-def torch_steps(kind: str, num_tasks: int):
-    trunk, heads, loss_fn, x, y = torch_case(kind, num_tasks)
+def torch_steps(kind: str, num_tasks: int, device: str = "cpu", **sizes):
+    trunk, heads, loss_fn, x, y = torch_case(kind, num_tasks, **sizes)
+    trunk, heads, x, y = trunk.to(device), heads.to(device), x.to(device), y.to(device)
     params = list(trunk.parameters()) + list(heads.parameters())
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
     aggregator = IMTLG()

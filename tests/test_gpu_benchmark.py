@@ -1,0 +1,33 @@
+"""The accelerator benchmark (benchmarks/gpu.py) runs end to end at tiny scale on the CPU.
+
+It prints every column it promises; nothing about speed is asserted (no timed assertions).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from benchmarks import gpu
+
+
+@pytest.mark.slow
+def test_tiny_run_prints_every_table(capsys):
+    assert gpu.main(["--tiny"]) == 0
+    out = capsys.readouterr().out
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r"mlp\s+2\s+(ew|imtl_h|exact|generic)\s+([\d.]+)\s+([\d.]+)x\s+(\d+)\s+([\d.]+)\s+(\d+)$",
+                     line.strip())
+        if m:
+            rows[m.group(1)] = m.groups()[1:]
+    assert set(rows) == {"ew", "imtl_h", "exact", "generic"}, out
+    for variant, (ms, ratio, throughput, peak_mb, traces) in rows.items():
+        assert float(ms) > 0 and float(ratio) > 0 and int(throughput) > 0 and float(peak_mb) > 0
+        assert traces == "1", (variant, traces)  # one compilation per configuration
+    assert float(rows["ew"][1]) == pytest.approx(1.0, abs=0.02)  # EW against itself in each round
+    solves = re.findall(r"^(imtl_g_weights on|Gramian solve).*?([\d.]+)\s+(\d+)$", out, re.M)
+    assert len(solves) == 4, out  # T = 2 and 3, both solves, each with a kernel count
+    assert all(int(k) > 0 for _, _, k in solves)
+    assert ("TorchJD IMTLG ms" in out) or ("TorchJD: not installed" in out)
