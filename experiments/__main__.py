@@ -53,10 +53,10 @@ def main(argv=None) -> int:
             parser.add_argument("--benchmark", default=bench_name, choices=list(benchmarks.REGISTRY),
                                 help=f"the benchmark to run the study on (default: "
                                      f"{getattr(mod, 'DEFAULT_BENCHMARK', 'multimnist')})")
-        benchmarks.add_flags(parser, bench_name)
+        bench_keys = benchmarks.add_flags(parser, bench_name)
         keys = mod.add_flags(parser) if hasattr(mod, "add_flags") else ()
         o = cli.parse_options(parser, rest, benchmark=bench_name, study=study, defaults=defaults, tiny=tiny,
-                              extra_keys=tuple(keys or ()))
+                              extra_keys=tuple(keys or ()) + bench_keys)
         mod.run(o, cli.command_line(prog, rest))
 
     return cli.run_main(prog, body)

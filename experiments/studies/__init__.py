@@ -20,6 +20,7 @@ STUDIES: dict[str, str] = {
     "priorities": "experiments.studies.priorities",
     "grouping": "experiments.studies.grouping",
     "overfitting": "experiments.studies.overfitting",
+    "tuning": "experiments.studies.tuning",
 }
 
 

@@ -1,0 +1,64 @@
+"""The tuning study chooses on validation only, per task for single-task runs, with one grid for all."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from experiments.benchmarks import Benchmark
+from experiments.metrics import MetricSpec
+from experiments.studies import tuning
+
+
+def _bench():
+    return Benchmark(name="fake", task_names=("a", "b"), train=None, val=None, test=None, make_model=None,
+                     pure_model=None, metrics=(MetricSpec("a_acc", "a", True), MetricSpec("b_mae", "b", False)),
+                     stats=None, finalize=None)
+
+
+def _r(val, test, single_task=None):
+    return {"status": "ok", "val": val, "test": test, "single_task": single_task}
+
+
+def test_grid_is_the_same_for_every_method_and_ordered():
+    assert tuning.grid_points([1e-3, 3e-3], [0.0, 1e-4]) == [(1e-3, 0.0), (1e-3, 1e-4), (3e-3, 0.0), (3e-3, 1e-4)]
+
+
+def test_single_task_choice_is_per_task_and_ignores_test():
+    b = _bench()
+    p1, p2 = (1e-3, 0.0), (3e-3, 0.0)
+    # task a is best at p2 on validation (higher acc) but best at p1 on test; task b best at p1 (lower mae)
+    st = {p1: [_r({"a_acc": 0.80}, {"a_acc": 0.99}, 0), _r({"b_mae": 1.0}, {"b_mae": 9.0}, 1)],
+          p2: [_r({"a_acc": 0.90}, {"a_acc": 0.10}, 0), _r({"b_mae": 2.0}, {"b_mae": 0.1}, 1)]}
+    choice, reference, scores = tuning.choose_single_task(b, st)
+    assert choice == {0: p2, 1: p1}
+    assert reference == {"a_acc": 0.90, "b_mae": 1.0}  # the chosen runs' validation metrics
+    assert scores["a"]["lr0.003_wd0"] == pytest.approx(-12.5)  # Δm% of 0.9 vs 0.8, higher is better
+
+
+def test_multi_task_choice_minimizes_validation_delta_m_over_tuning_seeds():
+    b = _bench()
+    ref = {"a_acc": 0.9, "b_mae": 1.0}
+    p1, p2 = (1e-3, 0.0), (3e-3, 0.0)
+    by_point = {p1: [_r({"a_acc": 0.9, "b_mae": 1.1}, {"a_acc": 1.0, "b_mae": 0.0}),
+                     _r({"a_acc": 0.9, "b_mae": 1.1}, {"a_acc": 1.0, "b_mae": 0.0})],
+                p2: [_r({"a_acc": 0.9, "b_mae": 1.0}, {"a_acc": 0.0, "b_mae": 9.0}),
+                     {"status": "diverged", "val": {}, "test": {}}]}
+    choice, scores = tuning.choose_multi_task(b, by_point, ref)
+    assert choice == p2  # validation Δm 0 < 5 %, whatever the test metrics say
+    assert scores["lr0.001_wd0"] == pytest.approx(5.0) and scores["lr0.003_wd0"] == pytest.approx(0.0)
+    none_ok = {p1: [{"status": "diverged", "val": {}, "test": {}}]}
+    assert math.isinf(tuning.choose_multi_task(b, none_ok, ref)[1]["lr0.001_wd0"])
+
+
+@pytest.mark.slow
+def test_tuning_study_tiny_end_to_end(tmp_path):
+    out = tmp_path / "tun"
+    subprocess.run([sys.executable, "-m", "experiments", "tuning", "--tiny", "--out", str(out), "--quiet"],
+                   check=True, capture_output=True, text=True, timeout=900)
+    import json
+    payload = json.loads((out / "tuning.json").read_text())
+    assert payload["budget"] == {"grid_points": 2, "tuning_seeds": 1, "runs_per_method": 2}
+    assert set(payload["multi_task_choice"]) == {"equal", "imtl_h"}
+    assert (out / "tuning.md").exists() and (out / "results.json").exists()
