@@ -274,7 +274,8 @@ def multi_steps(tx: optax.GradientTransformation, every_k_steps: int, *, num_tas
                                tx.init(params))
 
     def update_fn(updates, state, params=None, *, losses=None, **extra_args):
-        if jax.tree_util.tree_structure(updates) != jax.tree_util.tree_structure(state.acc_updates):
+        tree: Any = jax.tree_util.tree_structure(updates)  # a PyTreeDef (Any for the type checkers)
+        if not bool(tree == jax.tree_util.tree_structure(state.acc_updates)):
             raise ValueError("multi_steps: `updates` must have the parameters' structure with a "
                              "leading task axis T on every leaf (per-task updates).")
         for u, a in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(state.acc_updates)):

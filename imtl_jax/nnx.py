@@ -126,6 +126,11 @@ def _resolve_heads(model, heads) -> tuple[list[tuple[Path, Any]], bool]:
 _SEQUENCES = (list, tuple, nnx.List)
 
 
+def _same_structure(a: Any, b: Any) -> bool:
+    tree_a: Any = jax.tree_util.tree_structure(a)  # (a PyTreeDef; Any for the type checkers)
+    return bool(tree_a == jax.tree_util.tree_structure(b))
+
+
 def _is_prefix(prefix: Path, path: Path) -> bool:
     return path[:len(prefix)] == prefix
 
@@ -226,7 +231,7 @@ class NNXTrainStep:
             for b in covered[i + 1:]:
                 if _is_prefix(a, b) or _is_prefix(b, a):
                     raise ValueError(f"`shared=`, `heads=` and `loss_scales=` overlap at "
-                                     f"{'.'.join(map(str, min(a, b, key=len)))!r}; name disjoint submodules.")
+                                     f"{'.'.join(map(str, a if len(a) <= len(b) else b))!r}; name disjoint submodules.")
         stray = [p for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))
                  if not any(_is_prefix(c, p) for c in covered)]
         if stray:
@@ -251,22 +256,23 @@ class NNXTrainStep:
         if not isinstance(optimizer, nnx.Optimizer):
             raise TypeError("`optimizer` must be an nnx.Optimizer(model, tx, wrt=nnx.Param), got "
                             f"{type(optimizer).__name__}.")
-        expected = jax.tree_util.tree_structure(self.method.weighting.init(num_tasks, jnp.float32))
-        if jax.tree_util.tree_structure(method_state) != expected:
+        expected = self.method.weighting.init(num_tasks, jnp.float32)
+        if not _same_structure(method_state, expected):
             raise TypeError(f"`method_state` does not match method {self.method.name!r}'s state; start "
                             "from train_step.init(model) and pass back the state each call returns.")
         inputs = self.inputs
-        enc_def, enc_params, enc_rest = nnx.split(encoder, nnx.Param, ...)
+        enc_def, enc_params, enc_rest = nnx.split(encoder, nnx.Param, ...)  # type: ignore[misc]
 
         def encoder_fn(shared, rest, b, k):
             del k  # NNX modules draw from their own RNG streams
             module = nnx.merge(enc_def, shared, rest, copy=True)
             z = module(inputs(b))
-            _, _, new_rest = nnx.split(module, nnx.Param, ...)
+            new_rest = nnx.split(module, nnx.Param, ...)[-1]
             return z, new_rest
 
         loss = self.loss
         task_losses: Any
+        head_params: Any
         if stacked:
             head_def, head_params = nnx.split(head_items[0][1], nnx.Param)
             if isinstance(loss, tuple):
@@ -275,12 +281,9 @@ class NNXTrainStep:
             task_losses = stacked_task_losses(
                 lambda hp, z, b, t: loss(nnx.merge(head_def, hp, copy=True), z, b, t))
         else:
-            defs, head_params = [], []
-            for _, head in head_items:
-                d, p = nnx.split(head, nnx.Param)
-                defs.append(d)
-                head_params.append(p)
-            head_params = tuple(head_params)
+            split_heads = [nnx.split(head, nnx.Param) for _, head in head_items]
+            defs = [d for d, _ in split_heads]
+            head_params = tuple(p for _, p in split_heads)
             if isinstance(loss, tuple):
                 task_losses = tuple(
                     (lambda hp, z, b, d=d, f=f: f(nnx.merge(d, hp, copy=True), z, b))
