@@ -115,7 +115,7 @@ def _stacked_num_tasks(head_params: PyTree) -> int:
         raise ValueError(
             "stacked heads: every leaf of `params.heads` must have the same leading task axis T; "
             f"got leading sizes {sorted(str(s) for s in sizes)}.")
-    return sizes.pop()
+    return int(sizes.pop())  # type: ignore[arg-type]  # None was excluded above
 
 
 def _varying_axes(x) -> frozenset:
@@ -130,7 +130,7 @@ def _varying_axes(x) -> frozenset:
 def _pcast_varying(x, axis_name):
     if hasattr(lax, "pcast"):
         return lax.pcast(x, axis_name, to="varying")
-    return lax.pvary(x, axis_name)  # jax < 0.8.2
+    return getattr(lax, "pvary")(x, axis_name)  # jax < 0.8.2  # noqa: B009
 
 
 def _scalar_loss(loss):
@@ -328,7 +328,8 @@ class MTLStep:
         return jax.grad(weighted)(z)
 
     def _call_losses(self, heads, z, batch, num_tasks):
-        raw = self.task_losses(heads, z, batch)
+        losses_fn: Callable[..., jax.Array] = self.task_losses  # type: ignore[assignment]  # generic form
+        raw = losses_fn(heads, z, batch)
         raw = check_float_array(raw, "task_losses(...) output", ndim=1)
         if raw.shape != (num_tasks,):
             raise ValueError(f"`task_losses` returned shape {raw.shape} but `params.log_scales` "
