@@ -1,0 +1,204 @@
+"""Task grouping vs loss balancing (issue 15): is balancing a substitute for grouping, a
+complement, or neither?
+
+1. Single-task runs (the Δm baseline) and one network for all tasks with each method
+   (default: equal weighting and IMTL-H). While the all-task runs train, a probe records every
+   ``--affinity-every`` steps the cosine matrix of the per-task gradients at the shared
+   representation (:func:`imtl_jax.with_affinity`, the same (T, F) matrix the step forms) and
+   the first-order look-ahead affinity. The task affinity is the mean cosine over the probes of
+   the **equal-weighting** all-task runs, all seeds (training batches only: no validation or
+   test data enters the grouping).
+2. For each k in ``--ks``: the grouping :func:`imtl_jax.propose_groups` proposes, and a random
+   grouping with the same group sizes (:func:`imtl_jax.random_groups`, ``--random-seed``).
+   Every group gets its own network (the same architecture, steps and batch size as the
+   all-task network, heads for its tasks only), trained with each method, every seed.
+3. The table: test Δm% against single-task (negative = better) per configuration, mean ±
+   95% Student-t interval over seeds, and the paired per-seed difference to the all-task
+   equal-weighting network. Each network is selected on its own validation Δm (its tasks).
+
+Compute is not matched: a k-grouping trains k networks of the all-task size (k times the
+parameters and about k times the training FLOPs of one all-task network; single-task: T
+times); the table states both for every row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+DESCRIPTION = "Groupings proposed from training-time gradient affinity vs one balanced network (QM9)."
+DEFAULT_BENCHMARK = "qm9"
+DEFAULTS = {"methods": ["equal", "imtl_h"], "seeds": [0, 1, 2]}
+TINY = {"seeds": [0, 1]}
+USAGE = """examples:
+  python -m experiments grouping --tiny                    # seconds: k = 2 only, 2 seeds
+  python -m experiments grouping --steps 1000 --max-train 5000 --ks 2 3 4
+"""
+
+__all__ = ["run", "affinity_probe", "grouping_table"]
+
+
+def add_flags(parser):
+    g = parser.add_argument_group("grouping study")
+    g.add_argument("--ks", type=int, nargs="+", default=None, metavar="K",
+                   help="numbers of groups to propose (default: 2 3 4; with --tiny: 2)")
+    g.add_argument("--affinity-every", type=int, default=None, metavar="N",
+                   help="probe the gradient cosines of the all-task runs every N steps (default: 10; --tiny: 1)")
+    g.add_argument("--random-seed", type=int, default=0,
+                   help="seed of the random groupings (default: 0; k is added to it)")
+    return ("ks", "affinity_every", "random_seed")
+
+
+def affinity_probe(lookahead_lr: float):
+    """``probe(program)`` for :func:`experiments.train.run_experiment`: the step's (T, T) cosine
+    matrix and look-ahead affinity at the current parameters and batch (no update)."""
+    def make(program):
+        import imtl_jax
+        step = imtl_jax.mtl_step(program.pure.encoder, program.pure.task_losses,
+                                 imtl_jax.with_affinity("equal", lookahead_lr=lookahead_lr))
+
+        def fn(params, method_state, batch, key):
+            del method_state
+            _, st, aux = step(params, step.init(params), batch, key=key)
+            return {"cosines": aux.info["cosines"], "lookahead": st.affinity.lookahead}
+        return fn
+    return make
+
+
+def _param_count(bench) -> int:
+    import jax
+    from flax import nnx
+    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(nnx.state(bench.make_model(0), nnx.Param))))
+
+
+def _sub_options(o, targets):
+    return dataclasses.replace(o, targets=list(targets))
+
+
+def run(o, command: str) -> dict:
+    import imtl_jax
+    from experiments import benchmarks, records
+    from experiments.runs import RunConfig, RunSpec, expand_methods, single_task_spec
+    from experiments.studies.compare import single_task_reference
+    from experiments.train import run_experiment
+
+    ks = o.extra.get("ks") or ([2] if o.tiny else [2, 3, 4])
+    every = o.extra.get("affinity_every") or (1 if o.tiny else 10)
+    rseed = int(o.extra.get("random_seed") or 0)
+    methods = [m for m in o.methods if m not in ("single_task",)]
+    expand_methods(methods, 1)
+    out = Path(o.out)
+    t0 = time.perf_counter()
+    with benchmarks.build(o.benchmark, o) as bench:
+        names, T = list(bench.task_names), bench.num_tasks
+        if any(not 1 <= k <= T for k in ks):
+            from experiments.errors import CLIError
+            raise CLIError(f"--ks: every k must be in 1..{T} (the number of tasks)")
+        cfg = RunConfig.from_options(o, bench)
+        params_all = _param_count(bench)
+        single = run_experiment(bench, [single_task_spec(t, T) for t in range(T)], o.seeds, cfg, out / "single")
+        ref = single_task_reference(bench, single)
+        full = run_experiment(bench, [RunSpec(m) for m in methods], o.seeds, cfg, out / "all", reference=ref,
+                              probe=affinity_probe(cfg.lr), probe_every=every)
+        hist = records.load_histories(out / "all", full)
+        src = "equal" if "equal" in methods else methods[0]
+        cos = [np.asarray(p["cosines"], np.float64) for (m, _), h in hist.items() if m == src for p in h["probe"]]
+        look = [np.asarray(p["lookahead"], np.float64) for (m, _), h in hist.items() if m == src
+                for p in h["probe"]]
+        affinity = np.mean(cos, axis=0)
+        lookahead = np.nanmean(look, axis=0)
+        hib, tom = bench.higher_is_better, bench.metric_tasks
+        sizes_of = {}
+        groupings = {}
+        for k in ks:
+            prop = imtl_jax.propose_groups(affinity, k)
+            sizes_of[k] = tuple(len(g) for g in prop)
+            groupings[("proposed", k)] = prop
+            groupings[("random", k)] = imtl_jax.random_groups(T, sorted(sizes_of[k], reverse=True), seed=rseed + k)
+    # per (kind, k, method, seed): the test metrics of every task, from its group's network
+    assembled: dict = {}
+    for (kind, k), groups in groupings.items():
+        for gi, g in enumerate(groups):
+            targets = [names[i] for i in g]
+            with benchmarks.build(o.benchmark, _sub_options(o, targets)) as sub:
+                sub_ref = None if ref is None else {m: v for m, v in ref.items() if tom[m] in targets}
+                res = run_experiment(sub, [RunSpec(m) for m in methods], o.seeds, cfg,
+                                     out / f"{kind}_k{k}" / f"group{gi}", reference=sub_ref)
+            for r in res:
+                key = (kind, k, r["method"], r["seed"])
+                assembled.setdefault(key, {}).update(r["test"])
+    single_test = {m: float(np.mean([r["test"][m] for r in single if r["single_task"] == names.index(tom[m])]))
+                   for m in hib}
+    rows = _rows(full, assembled, single, single_test, hib, methods, ks, T, params_all, o.seeds)
+    md = grouping_table(rows, o.seeds)
+    payload = {"study": "grouping", "benchmark": o.benchmark, "command": command, "tasks": names,
+               "seeds": list(o.seeds), "config": cfg.describe(), "affinity_source": f"{src}, all-task network",
+               "affinity_every": every, "affinity": affinity.tolist(), "lookahead": lookahead.tolist(),
+               "probes": len(cos), "groupings": {f"{kind}_k{k}": [list(g) for g in gs]
+                                                 for (kind, k), gs in groupings.items()},
+               "single_task_test": single_test, "rows": rows, "params_all_task_network": params_all,
+               "notes": bench.notes, "machine": records.machine(), "total_wall_s": time.perf_counter() - t0}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(records.to_json(payload), indent=1))
+    groups_md = "\n".join(f"- {kind} k={k}: " + " | ".join(", ".join(names[i] for i in g) for g in gs)
+                          for (kind, k), gs in groupings.items())
+    text = (f"# Grouping study ({o.benchmark})\n\nCommand: `{command}`\n\n" + "\n".join(f"- {n}" for n in bench.notes)
+            + f"\n- {cfg.steps} steps per network, batch {cfg.batch_size}, Adam lr {cfg.lr}, seeds "
+            f"{', '.join(map(str, o.seeds))}; affinity: mean gradient cosine at z over {len(cos)} probes of the "
+            f"{src} all-task runs\n\nGroupings:\n{groups_md}\n\n{md}\n")
+    (out / "results.md").write_text(text)
+    print(text)
+    return payload
+
+
+def _rows(full, assembled, single, single_test, hib, methods, ks, T, params_all, seeds) -> list:
+    from experiments.metrics import delta_m
+    from experiments.stats import mean_ci, paired_diff_ci
+
+    def dm(metrics):
+        return delta_m(metrics, single_test, hib) if all(m in metrics for m in hib) else float("nan")
+
+    per_seed = {}
+    per_seed[("single-task", T, "linear")] = {}
+    by_seed: dict = {}
+    for r in single:
+        by_seed.setdefault(r["seed"], {}).update({m: v for m, v in r["test"].items()
+                                                  if m in hib and r["single_task"] is not None})
+    per_seed[("single-task", T, "linear")] = {s: dm(v) for s, v in by_seed.items()}
+    for m in methods:
+        per_seed[("all tasks", 1, m)] = {r["seed"]: dm(r["test"]) for r in full if r["method"] == m}
+    for kind in ("proposed", "random"):
+        for k in ks:
+            for m in methods:
+                per_seed[(f"{kind} k={k}", k, m)] = {s: dm(assembled.get((kind, k, m, s), {})) for s in seeds}
+    base = per_seed.get(("all tasks", 1, "equal"))
+    rows = []
+    for (label, nets, m), vals in per_seed.items():
+        mean, half, n = mean_ci(list(vals.values()))
+        row = {"config": label, "method": m, "networks": nets, "params": nets * params_all,
+               "relative_compute": nets, "delta_m": mean, "delta_m_ci": half, "n": n, "per_seed": vals}
+        if base is not None and label != "single-task":
+            d, dh, dn = paired_diff_ci(vals, base)
+            row.update(diff_vs_all_equal=d, diff_vs_all_equal_ci=dh)
+        rows.append(row)
+    return rows
+
+
+def grouping_table(rows, seeds) -> str:
+    from experiments.stats import format_ci
+    lines = [f"Test Δm% vs single-task (negative = better), mean ± 95% t-interval over n = {len(seeds)} seeds; "
+             "paired difference to the all-task equal-weighting network (negative = the row is better). "
+             "Networks: how many all-task-sized networks the row trains (≈ parameters and training compute "
+             "relative to one all-task network).", "",
+             "| configuration | method | networks | parameters | Δm% | Δm% − all-task EW |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        diff = format_ci(r["diff_vs_all_equal"], r["diff_vs_all_equal_ci"], signed=True) \
+            if "diff_vs_all_equal" in r else "–"
+        lines.append(f"| {r['config']} | {r['method']} | {r['networks']} | {r['params']:,} | "
+                     f"{format_ci(r['delta_m'], r['delta_m_ci'], signed=True)} | {diff} |")
+    return "\n".join(lines)
