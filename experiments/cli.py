@@ -30,7 +30,7 @@ BASE_DEFAULTS = dict(
     weight_decay=0.0, schedule="constant", warmup=0, plateau_patience=3, plateau_factor=0.5,
     eval_every=100, checkpoint_every=None, max_skipped=20, loss_scale_task=None, loss_scale=1.0,
     max_train=None, max_eval=None, image_size=None, norm=None, targets=None, data_dir=None,
-    parallel_seeds=0,
+    parallel_seeds=None,
 )
 
 
@@ -106,7 +106,8 @@ def make_parser(prog: str, description: str, defaults: dict, tiny: dict, epilog:
                    help="seeds: '0 1 2', '0,1,2' or '0-2'" + d("seeds"))
     g.add_argument("--parallel-seeds", type=number(int, "--parallel-seeds", 0), default=None, metavar="K",
                    help="train at most K runs of a method as one vmapped program; 0 = all of them, 1 = one "
-                        "by one" + d("parallel_seeds"))
+                        "by one (default: all on an accelerator and for MLPs on CPU; one by one for "
+                        "convolutional models on CPU, where vmapped convolutions are slower)")
     steps = g.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=number(int, "--steps", 1), default=None,
                        help="training steps per run" + d("steps"))

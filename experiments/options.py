@@ -44,7 +44,7 @@ class Options:
     out: Optional[str] = None
     tiny: bool = False
     quiet: bool = False
-    parallel_seeds: int = 0
+    parallel_seeds: Optional[int] = None
     tensorboard: bool = True
     plots: bool = True
     extra: dict = dataclasses.field(default_factory=dict)

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from experiments.errors import CLIError
 
-__all__ = ["LINEAR", "RunSpec", "RunConfig", "expand_methods", "run_dir", "resolve_method", "task_index",
+__all__ = ["PARAMS_SUFFIX", "LINEAR", "RunSpec", "RunConfig", "expand_methods", "run_dir", "resolve_method", "task_index",
            "single_task_spec"]
 
 
@@ -48,11 +48,26 @@ def LINEAR():
     return _LINEAR
 
 
+PARAMS_SUFFIX = "@params"
+
+
 def resolve_method(name: str):
-    """A registered :class:`imtl_jax.Method`, or :func:`LINEAR` for ``linear``."""
+    """A registered :class:`imtl_jax.Method`, or :func:`LINEAR` for ``linear``.
+
+    ``<gradient method>@params`` is that method at the parameter level (its weights computed
+    from the gradients w.r.t. the shared parameters, T encoder VJPs), as the published QM9
+    tables run the gradient methods; e.g. ``nash_mtl@params``.
+    """
+    import dataclasses as _dc
     import imtl_jax
     if name == "linear":
         return LINEAR()
+    if name.endswith(PARAMS_SUFFIX):
+        base = imtl_jax.methods.get_method(name[: -len(PARAMS_SUFFIX)])
+        if not base.weighting.needs_grads:
+            raise CLIError(f"--method {name}: {base.name} weights the losses, not gradients; "
+                           f"{PARAMS_SUFFIX} applies to gradient methods only")
+        return _dc.replace(base, name=name, level="parameters")
     return imtl_jax.methods.get_method(name)
 
 
@@ -93,6 +108,9 @@ def expand_methods(names: Sequence[str], num_tasks: int) -> list[RunSpec]:
             out.extend(single_task_spec(t, num_tasks) for t in range(num_tasks))
         elif n in registered or n == "linear":
             out.append(RunSpec(n))
+        elif n.endswith(PARAMS_SUFFIX) and n[: -len(PARAMS_SUFFIX)] in registered:
+            resolve_method(n)  # a loss method with @params fails here, before any data is loaded
+            out.append(RunSpec(n))
         else:
             raise CLIError(f"--method: unknown method {n!r}; choose from {', '.join(registered)}, "
                            "linear, all, single_task")
@@ -109,7 +127,8 @@ class RunConfig:
     """Hyper-parameters and options of a run (the flags of :mod:`experiments.cli`).
 
     ``parallel_seeds``: how many runs of one method train as one vmapped program (0: all seeds
-    and priority vectors of the method at once; 1: one by one).
+    and priority vectors of the method at once; 1: one by one; None: 0, except 1 for a benchmark
+    with ``vmap_on_cpu=False`` on a CPU backend).
     ``checkpoint_every`` None: automatic (every ~minute of training; see ``train.py``); 0: never.
     ``interrupt_at`` (tests only): raise KeyboardInterrupt once this many steps are done.
     """
@@ -131,7 +150,7 @@ class RunConfig:
     loss_scale: float = 1.0
     quiet: bool = True
     keep_checkpoints: int = 2
-    parallel_seeds: int = 0
+    parallel_seeds: Optional[int] = 0
     tensorboard: bool = True
     interrupt_at: Optional[int] = None
 

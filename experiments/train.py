@@ -348,6 +348,14 @@ def _probe_summary(probes: list) -> dict:
     return out
 
 
+def _group_size(cfg: RunConfig, bench, n: int) -> int:
+    k = cfg.parallel_seeds
+    if k is None:
+        import jax
+        k = 1 if jax.default_backend() == "cpu" and not getattr(bench, "vmap_on_cpu", True) else 0
+    return k if k > 0 else max(n, 1)
+
+
 def run_experiment(bench, specs: Sequence[RunSpec], seeds: Sequence[int], cfg: RunConfig, out, *,
                    reference: Optional[dict] = None, on_eval: Optional[Callable] = None,
                    probe: Optional[Callable] = None, probe_every: int = 0,
@@ -376,7 +384,7 @@ def run_experiment(bench, specs: Sequence[RunSpec], seeds: Sequence[int], cfg: R
                     results[(spec.label, seed)] = run.result
                 else:
                     runs.append(run)
-        size = cfg.parallel_seeds if cfg.parallel_seeds and cfg.parallel_seeds > 0 else max(len(runs), 1)
+        size = _group_size(cfg, bench, len(runs))
         by_start: dict = {}
         for r in runs:
             by_start.setdefault(r.start, []).append(r)

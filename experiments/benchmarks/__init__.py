@@ -57,6 +57,10 @@ class Benchmark:
       notes: lines describing data and model (written to results.md).
       fingerprint: what must match for a checkpoint to be resumed.
       cleanup: called once when every run is done (removes generated fixtures).
+      vmap_on_cpu: whether runs of one method are vmapped into one program on a CPU backend by
+        default. False for convolutional models: vmapping per-run kernels turns every convolution
+        into a grouped one, which XLA:CPU runs slower than K separate ones
+        (``benchmarks/vmapped_seeds.py``); accelerators always vmap.
     """
 
     name: str
@@ -74,6 +78,7 @@ class Benchmark:
     notes: list = dataclasses.field(default_factory=list)
     fingerprint: dict = dataclasses.field(default_factory=dict)
     cleanup: Optional[Callable[[], None]] = None
+    vmap_on_cpu: bool = True
 
     @property
     def num_tasks(self) -> int:

@@ -64,4 +64,5 @@ def build(name: str, o) -> Benchmark:
         notes=[f"CelebA ({'generated fixture' if o.tiny else root}): {len(train)} train / {len(val)} val / "
                f"{len(test)} test images at {size[0]}x{size[1]}; ResNet-18 (width {width}, {norm} norm) + "
                f"{len(tasks)} linear heads; metric: accuracy per attribute"],
+        vmap_on_cpu=False,
         fingerprint={"data": "celeba", "n_train": len(train), "size": list(size), "norm": norm, "tiny": o.tiny})

@@ -97,5 +97,6 @@ def build(name: str, o) -> Benchmark:
                f"(held out of train) / {len(test)} test (the official val split, as in MTAN); resize "
                f"{resize or 'none'}; U-Net encoder (width {width}, {levels} levels, {norm} norm) + per-task "
                "conv heads"],
+        vmap_on_cpu=False,
         fingerprint={"data": name, "n_train": len(train), "resize": list(resize or []), "norm": norm,
                      "tiny": o.tiny})

@@ -175,3 +175,16 @@ def test_train_function_for_tuning_studies(tmp_path):
     assert all(r["config"]["lr"] == 0.02 and r["config"]["steps"] == 4 for r in res)
     with pytest.raises(TypeError, match="unknown fields"):
         train("qm9", ["equal"], [0], tmp_path, tiny=True, learning_rate=0.1)
+
+
+def test_default_grouping_follows_the_backend_and_the_model(bench):
+    """None: one program for all runs, except convolutional benchmarks on CPU (one by one)."""
+    import dataclasses as dc
+    import jax
+    from experiments.train import _group_size
+    cfg = RunConfig(steps=1, batch_size=4, lr=1e-3, parallel_seeds=None)
+    assert _group_size(cfg, bench, 5) == 5  # QM9's MLP
+    conv = dc.replace(bench, vmap_on_cpu=False)
+    assert _group_size(cfg, conv, 5) == (1 if jax.default_backend() == "cpu" else 5)
+    assert _group_size(dc.replace(cfg, parallel_seeds=2), conv, 5) == 2
+    assert _group_size(dc.replace(cfg, parallel_seeds=0), conv, 5) == 5
