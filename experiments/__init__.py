@@ -1,5 +1,8 @@
-"""Experiment suite for imtl-jax: data sets, models, losses and metrics.
+"""Experiment suite for imtl-jax: ``python -m experiments <benchmark|study> [flags]``.
 
-This package is not installed with ``imtl_jax``; run scripts and tests from the
-repository root so that ``import experiments`` resolves.
+One training loop (``train.py``: runs of a method vmapped into one program, evaluation every
+``eval_every`` steps, test metrics at the best validation step, checkpoints, records), one file
+per benchmark (``benchmarks/``) and the studies on top (``studies/``); see
+``docs/experiments.md`` and ``docs/contributing_experiments.md``. This package is not installed
+with ``imtl_jax``; run it from the repository root so that ``import experiments`` resolves.
 """

@@ -112,7 +112,7 @@ def make_parser(prog: str, description: str, defaults: dict, tiny: dict, epilog:
     steps.add_argument("--steps", type=number(int, "--steps", 1), default=None,
                        help="training steps per run" + d("steps"))
     steps.add_argument("--epochs", type=number(float, "--epochs", 0, strict=True), default=None,
-                       help="training epochs per run, instead of --steps")
+                       help="training epochs per run, instead of --steps" + d("epochs"))
     g.add_argument("--batch-size", type=number(int, "--batch-size", 1), default=None,
                    help="training batch size" + d("batch_size"))
     g.add_argument("--max-train", type=number(int, "--max-train", 1), default=None,
