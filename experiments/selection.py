@@ -9,10 +9,12 @@ metrics against a reference (lower is better)::
 
 over the metrics of the run's tasks: every task for a multi-task run, task t alone for a
 single-task run (one-hot priorities). The reference R is the single-task runs' mean validation
-metrics when they are known (the Δm of the tables), otherwise the run's own first evaluation;
-any fixed positive reference only re-weights the metrics, and the reports re-select every run
-against the table's baseline from the stored evaluations, so all methods of a table are
-selected the same way. Ties go to the earlier step.
+metrics when they are known: the compare study trains them first and hands their metrics to
+every other run, so all methods of a table are selected against the same baseline (the Δm of
+the tables). Without single-task runs R is the run's own first evaluation; any fixed positive
+reference only re-weights the metrics (for one metric per task it does not matter at all).
+Every evaluation is stored (``history.json``), so a run can be re-selected later. Ties go to the
+earlier step.
 """
 
 from __future__ import annotations
