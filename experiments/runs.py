@@ -58,7 +58,6 @@ def resolve_method(name: str):
     from the gradients w.r.t. the shared parameters, T encoder VJPs), as the published QM9
     tables run the gradient methods; e.g. ``nash_mtl@params``.
     """
-    import dataclasses as _dc
     import imtl_jax
     if name == "linear":
         return LINEAR()
@@ -67,7 +66,7 @@ def resolve_method(name: str):
         if not base.weighting.needs_grads:
             raise CLIError(f"--method {name}: {base.name} weights the losses, not gradients; "
                            f"{PARAMS_SUFFIX} applies to gradient methods only")
-        return _dc.replace(base, name=name, level="parameters")
+        return base._replace(name=name, level="parameters")
     return imtl_jax.methods.get_method(name)
 
 

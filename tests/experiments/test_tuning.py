@@ -62,3 +62,15 @@ def test_tuning_study_tiny_end_to_end(tmp_path):
     assert payload["budget"] == {"grid_points": 2, "tuning_seeds": 1, "runs_per_method": 2}
     assert set(payload["multi_task_choice"]) == {"equal", "imtl_h"}
     assert (out / "tuning.md").exists() and (out / "results.json").exists()
+
+
+def test_params_suffix_puts_a_gradient_method_on_the_parameters():
+    from experiments.errors import CLIError
+    from experiments.runs import expand_methods, resolve_method
+
+    m = resolve_method("nash_mtl@params")
+    assert m.level == "parameters" and m.weighting.name == resolve_method("nash_mtl").weighting.name
+    assert resolve_method("nash_mtl").level == "representation"
+    assert [s.label for s in expand_methods(["nash_mtl@params"], 3)] == ["nash_mtl@params"]
+    with pytest.raises(CLIError, match="gradient methods only"):
+        expand_methods(["uncertainty@params"], 3)
