@@ -1,10 +1,9 @@
 """``python -m experiments <benchmark> [flags]`` compares methods on a benchmark;
 ``python -m experiments <study> [--benchmark NAME] [flags]`` runs a study.
 
-Benchmarks: multimnist (the main job), multifashion, multi_fashion_mnist, qm9, celeba, nyuv2,
-cityscapes. Studies: compare (the default), robustness, ablation_z_vs_theta, priorities.
 ``python -m experiments <name> --help`` lists every flag with its real default;
-``--tiny`` runs any of them in seconds on tiny data.
+``--tiny`` runs any of them in seconds on tiny data. Without arguments it lists the registered
+benchmarks (``experiments/benchmarks/__init__.py``) and studies (``experiments/studies/__init__.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +27,10 @@ def main(argv=None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
+        print(__doc__.strip().split("\n\n")[0] + "\n\nbenchmarks: " + ", ".join(benchmarks.REGISTRY)
+              + "\nstudies:    " + ", ".join(studies.STUDIES)
+              + "\n\n`python -m experiments <name> --help` lists every flag with its default; --tiny runs it "
+                "in seconds.")
         return 0 if argv else cli.EXIT_USAGE
     name, rest = argv[0], argv[1:]
     if name in benchmarks.REGISTRY:
