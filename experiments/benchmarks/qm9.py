@@ -22,7 +22,7 @@ from experiments import metrics as M
 from experiments.benchmarks import Benchmark, tmpdir
 from experiments.errors import CLIError
 
-DEFAULT_HIDDEN = (256, 256)  # chosen on single-task validation: results/qm9_model_selection
+DEFAULT_HIDDEN = (256, 256, 256)  # chosen on single-task validation: results/qm9_model_selection
 # 110,831 / 512 = 216 steps an epoch: evaluate every epoch, 30 epochs.
 DEFAULTS = {"qm9": dict(methods=["imtl_h", "equal", "single_task"], seeds=[0, 1, 2], steps=None, epochs=30,
                         batch_size=512, lr=1e-3, schedule="plateau", plateau_patience=3, plateau_factor=0.5,
