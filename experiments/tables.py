@@ -1,0 +1,197 @@
+"""Tables of the README and docs, generated from the committed results folder, never typed.
+
+``python -m experiments.tables`` rebuilds every table block from ``results/<name>/results.json``
+(each run's result as written by the training loop) and rewrites the blocks between
+``<!-- table:<name> -->`` and ``<!-- /table:<name> -->`` in README.md and docs/*.md.
+``python -m experiments.tables --check`` rewrites nothing and exits 1 when a committed block
+differs from what the results give (a test runs it, so a table cannot go stale).
+
+Blocks:
+
+* ``<benchmark folder>``: the full table of a results folder (mean ± 95 % CI over seeds, n,
+  Δm/Δp against single-task, paired Δm − EW), as :func:`experiments.report.markdown_table`.
+* ``<folder>:verdict``: per method, Δm − EW with its interval and what it says at 95 %
+  ("better", "worse", "no difference"), ranked by mean Δm.
+* ``<folder>:provenance``: the command, seeds, configuration and machine of the runs.
+
+>>> split_blocks("a\\n<!-- table:x -->\\nold\\n<!-- /table:x -->\\nb")[1]
+['x']
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+__all__ = ["RecordedBenchmark", "load", "full_table", "verdict_table", "provenance", "render", "split_blocks",
+           "update_file", "main"]
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results"
+TARGET_FILES = ("README.md", "docs/does_imtl_help.md", "docs/results.md")
+_BLOCK = re.compile(r"<!-- table:(?P<name>[\w:@.\-/]+) -->\n(?P<body>.*?)<!-- /table:(?P=name) -->", re.S)
+
+
+class RecordedBenchmark:
+    """The parts of a :class:`experiments.benchmarks.Benchmark` a report needs, read from a results.json."""
+
+    def __init__(self, payload: dict):
+        from experiments.metrics import MetricSpec
+        self.name = payload["benchmark"]
+        self.task_names = tuple(payload["tasks"])
+        self.metrics = tuple(MetricSpec(m["name"], m["task"], bool(m["higher_is_better"])) for m in payload["metrics"])
+        self.test = None
+        self.notes = payload.get("notes", [])
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+    def metric_specs(self) -> tuple:
+        return self.metrics
+
+    @property
+    def higher_is_better(self) -> dict:
+        return {s.name: s.higher_is_better for s in self.metrics}
+
+    def task_of_metric_index(self) -> dict:
+        return {s.name: self.task_names.index(s.task) for s in self.metrics}
+
+    def metric_names_of_task(self, t: int) -> list:
+        return [s.name for s in self.metrics if s.task == self.task_names[t]]
+
+
+def load(folder: Path) -> tuple[RecordedBenchmark, dict, dict]:
+    """(benchmark view, payload, summary) of ``folder/results.json``."""
+    from experiments import report
+    payload = json.loads((folder / "results.json").read_text())
+    bench = RecordedBenchmark(payload)
+    return bench, payload, report.summarize(bench, payload["runs"])
+
+
+def full_table(folder: Path) -> str:
+    from experiments import report
+    bench, _, summary = load(folder)
+    return report.markdown_table(bench, summary)
+
+
+def _verdict(mean: Optional[float], half: Optional[float], n: int) -> str:
+    if mean is None or n < 2 or half is None or not math.isfinite(half):
+        return "no interval (n < 2)"
+    if mean + half < 0:
+        return "better than EW"
+    if mean - half > 0:
+        return "worse than EW"
+    return "no difference"
+
+
+def verdict_table(folder: Path) -> str:
+    """Methods ranked by mean Δm%, with the paired Δm − EW interval and its reading at 95 %."""
+    from experiments.stats import format_ci
+    _, _, summary = load(folder)
+    rows = []
+    for m, e in summary["methods"].items():
+        if m == "single_task" or "delta_m" not in e:
+            continue
+        dm, d = e["delta_m"], e.get("delta_m_minus_ew", {})
+        rows.append((dm["mean"] if dm["mean"] is not None else math.inf, m, dm, d))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    lines = ["| rank | method | seeds | Δm% vs single-task ↓ | Δm − EW (paired) | at 95 % |", "|---|---|---|---|---|---|"]
+    for i, (_, m, dm, d) in enumerate(rows, 1):
+        half = d.get("ci95")
+        diff = "–" if m == "equal" else format_ci(d.get("mean") if d.get("mean") is not None else math.nan,
+                                                   half if half is not None else math.nan, 2, True)
+        verdict = "(reference)" if m == "equal" else _verdict(d.get("mean"), half, d.get("n", 0))
+        lines.append(f"| {i} | {m} | {dm['n']} | {format_ci(dm['mean'], dm['ci95'] if dm['ci95'] is not None else math.nan, 2, True)}"
+                     f" | {diff} | {verdict} |")
+    return "\n".join(lines)
+
+
+def provenance(folder: Path) -> str:
+    """What produced the folder: command(s), seeds, configuration, machine, total time."""
+    _, payload, summary = load(folder)
+    runs = payload["runs"]
+    seeds = sorted({r["seed"] for r in runs})
+    cfg = runs[0].get("config", {}) if runs else {}
+    machines = sorted({f"{r.get('machine', {}).get('platform', '?')}, {r.get('machine', {}).get('cpus', '?')} CPUs, "
+                       f"jax {r.get('machine', {}).get('jax', '?')} ({r.get('machine', {}).get('backend', '?')})"
+                       for r in runs})
+    loads = [r.get("machine", {}).get("load_1min") for r in runs if r.get("machine", {}).get("load_1min") is not None]
+    cpu_s = sum(r.get("wall_time_s") or 0.0 for r in runs)
+    methods = [m for m in summary["order"]]
+    out = [f"- command (last call; `results/` holds the script that made every call): `{payload.get('command', '')}`",
+           f"- {len(runs)} runs: {len(methods)} methods (single-task counted once) x seeds {', '.join(map(str, seeds))}",
+           f"- training: {cfg.get('steps')} steps, batch {cfg.get('batch_size')}, Adam lr {cfg.get('lr')}, "
+           f"{cfg.get('schedule')} schedule, weight decay {cfg.get('weight_decay')}, evaluated every "
+           f"{cfg.get('eval_every')} steps; test metrics at the best validation step",
+           f"- machine: {'; '.join(machines)}; 1-minute load during the runs {min(loads):.0f}–{max(loads):.0f}"
+           if loads else f"- machine: {'; '.join(machines)}",
+           f"- summed wall time of the runs: {cpu_s / 60:.1f} min"]
+    out += [f"- {n}" for n in payload.get("notes", [])]
+    return "\n".join(out)
+
+
+def _producers() -> dict[str, Callable[[Path], str]]:
+    return {"": full_table, "verdict": verdict_table, "provenance": provenance}
+
+
+def render(name: str) -> Optional[str]:
+    """The body of block ``name`` (``folder`` or ``folder:kind``), or None when its results are absent."""
+    folder, _, kind = name.partition(":")
+    path = RESULTS / folder
+    if not (path / "results.json").exists():
+        return None
+    fn = _producers().get(kind)
+    if fn is None:
+        raise ValueError(f"unknown table kind {kind!r} in block {name!r}; expected one of {sorted(_producers())}")
+    return fn(path).rstrip("\n") + "\n"
+
+
+def split_blocks(text: str) -> tuple[str, list]:
+    """(text, names of the table blocks it holds, in order)."""
+    return text, [m.group("name") for m in _BLOCK.finditer(text)]
+
+
+def update_file(path: Path) -> tuple[str, list]:
+    """(new text, names of blocks whose body changed); blocks without results are left as they are."""
+    text = path.read_text()
+    changed = []
+
+    def sub(m):
+        body = render(m.group("name"))
+        if body is None or body == m.group("body"):
+            return m.group(0)
+        changed.append(m.group("name"))
+        return f"<!-- table:{m.group('name')} -->\n{body}<!-- /table:{m.group('name')} -->"
+
+    return _BLOCK.sub(sub, text), changed
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.tables", description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a committed table is stale")
+    a = p.parse_args(argv)
+    stale = []
+    for rel in TARGET_FILES:
+        path = ROOT / rel
+        if not path.exists():
+            continue
+        new, changed = update_file(path)
+        if changed:
+            stale += [f"{rel}: {c}" for c in changed]
+            if not a.check:
+                path.write_text(new)
+    verb = "stale" if a.check else "updated"
+    print("\n".join(f"{verb}: {s}" for s in stale) or "all tables match results/")
+    return 1 if (a.check and stale) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

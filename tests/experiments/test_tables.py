@@ -1,0 +1,65 @@
+"""Tables in README/docs are generated from results/ and cannot go stale."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments import tables
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _payload(dms_by_method):
+    """A results.json with two tasks; run metrics chosen so Δm per seed is as given."""
+    runs = []
+    for t in (0, 1):  # single-task runs: acc 0.5 on their task for every seed
+        for seed in (0, 1, 2):
+            runs.append({"method": f"single_task_{t}", "single_task": t, "seed": seed, "status": "ok",
+                         "val": {"a_acc": 0.5, "b_acc": 0.5}, "test": {"a_acc": 0.5, "b_acc": 0.5},
+                         "wall_time_s": 1.0, "step_time_ms": 1.0, "skipped_steps": 0, "steps_done": 10})
+    for m, dms in dms_by_method.items():
+        for seed, dm in enumerate(dms):
+            acc = 0.5 * (1 - dm / 100)  # both tasks: Δm% = -100·(acc−0.5)/0.5 = dm
+            runs.append({"method": m, "seed": seed, "status": "ok", "val": {"a_acc": acc, "b_acc": acc},
+                         "test": {"a_acc": acc, "b_acc": acc}, "wall_time_s": 1.0, "step_time_ms": 1.0,
+                         "skipped_steps": 0, "steps_done": 10})
+    return {"benchmark": "fake", "tasks": ["a", "b"], "command": "x",
+            "metrics": [{"name": "a_acc", "task": "a", "higher_is_better": True},
+                        {"name": "b_acc", "task": "b", "higher_is_better": True}], "runs": runs}
+
+
+def test_verdict_reads_the_paired_interval(tmp_path, monkeypatch):
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    (tmp_path / "f").mkdir()
+    # EW Δm per seed 5, 6, 7; "good" is 2 lower on every seed (paired: interval 0 width, better);
+    # "noisy" differs by +3, -3, 0 (interval spans 0: no difference); "bad" is 1 higher on every seed.
+    (tmp_path / "f" / "results.json").write_text(json.dumps(_payload(
+        {"equal": [5, 6, 7], "good": [3, 4, 5], "noisy": [8, 3, 7], "bad": [6, 7, 8]})))
+    body = tables.render("f:verdict")
+    rows = {line.split(" | ")[1]: line for line in body.splitlines()[2:]}
+    assert "better than EW" in rows["good"] and "-2.00" in rows["good"]
+    assert "no difference" in rows["noisy"]
+    assert "worse than EW" in rows["bad"]
+    assert "(reference)" in rows["equal"]
+    assert body.splitlines()[2].split(" | ")[1] == "good"  # ranked by mean Δm
+
+
+def test_blocks_are_rewritten_and_check_detects_staleness(tmp_path, monkeypatch):
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "results.json").write_text(json.dumps(_payload({"equal": [5, 6, 7]})))
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- table:f -->\ntyped by hand\n<!-- /table:f -->\n<!-- table:absent -->\nkeep\n<!-- /table:absent -->\n")
+    new, changed = tables.update_file(doc)
+    assert changed == ["f"] and "typed by hand" not in new and "keep" in new  # no results: left alone
+    doc.write_text(new)
+    assert tables.update_file(doc)[1] == []  # idempotent: regenerating gives the same bytes
+
+
+def test_committed_tables_match_results():
+    r = subprocess.run([sys.executable, "-m", "experiments.tables", "--check"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
