@@ -64,7 +64,9 @@ class StorageError(ExperimentError):
 
 _STORAGE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EFBIG: "a file-size limit was reached",
                    errno.EDQUOT: "the disk quota is exceeded", errno.EROFS: "the file system is read-only",
-                   errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
+                   errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                   errno.ENOTDIR: "a file is in the way (a folder is needed)",
+                   errno.EEXIST: "a file is in the way (a folder is needed)"}
 _STORAGE_TEXT = (("no space left", errno.ENOSPC), ("file too large", errno.EFBIG),
                  ("quota exceeded", errno.EDQUOT), ("read-only file system", errno.EROFS),
                  ("permission denied", errno.EACCES))
@@ -95,7 +97,7 @@ def storage_error(exc: BaseException, what: str) -> Optional[StorageError]:
     if code is None:
         return None
     cause = _STORAGE_ERRNOS[code]
-    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
         remedy = "make the output folder writable or pass another --out"
     else:
         remedy = "free space (or raise the limit) and rerun with --resume"

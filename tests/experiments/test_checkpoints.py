@@ -254,3 +254,20 @@ def test_only_the_closed_loop_noise_is_filtered(monkeypatch):
         sys.unraisablehook(type("U", (), {"exc_type": type(exc), "exc_value": exc,
                                           "exc_traceback": exc.__traceback__})())
     assert len(seen) == 2 and seen[0] is other and isinstance(seen[1], ValueError)
+
+
+def test_failure_gives_one_line_and_a_status_per_cause():
+    from experiments import errors as E
+    cases = [(E.CLIError("bad\nflag"), E.EXIT_USAGE), (E.DataUnavailableError("no data"), E.EXIT_DATA),
+             (CheckpointError("none usable"), E.EXIT_CHECKPOINT), (StorageError("full"), E.EXIT_STORAGE),
+             (OSError(errno.ENOSPC, "No space left on device", "/o/result.json"), E.EXIT_STORAGE),
+             (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/o/file/runs"), E.EXIT_STORAGE)]
+    for exc, status in cases:
+        got = E.failure(exc)
+        assert got is not None and got[0] == status and "\n" not in got[1], exc
+    assert "could not write /o/result.json: the disk is full (ENOSPC)" in E.failure(cases[4][0])[1]
+    assert "pass another --out" in E.failure(cases[5][0])[1]
+    assert len({E.EXIT_OK, E.EXIT_BUG, E.EXIT_USAGE, E.EXIT_DATA, E.EXIT_CHECKPOINT, E.EXIT_STORAGE,
+                E.EXIT_INTERRUPTED}) == 7
+    for bug in (KeyError("x"), OSError(errno.ENOENT, "missing"), ValueError("shape mismatch")):
+        assert E.failure(bug) is None  # a bug keeps its traceback
