@@ -119,43 +119,69 @@ def run(o, command: str) -> dict:
             sizes_of[k] = tuple(len(g) for g in prop)
             groupings[("proposed", k)] = prop
             groupings[("random", k)] = imtl_jax.random_groups(T, sorted(sizes_of[k], reverse=True), seed=rseed + k)
-    # per (kind, k, method, seed): the test metrics of every task, from its group's network
-    assembled: dict = {}
     for (kind, k), groups in groupings.items():
         for gi, g in enumerate(groups):
             targets = [names[i] for i in g]
             with benchmarks.build(o.benchmark, _sub_options(o, targets)) as sub:
                 sub_ref = None if ref is None else {m: v for m, v in ref.items() if tom[m] in targets}
-                res = run_experiment(sub, [RunSpec(m) for m in methods], o.seeds, cfg,
-                                     out / f"{kind}_k{k}" / f"group{gi}", reference=sub_ref)
-            for r in res:
-                key = (kind, k, r["method"], r["seed"])
-                assembled.setdefault(key, {}).update(r["test"])
-    single_test = {m: float(np.mean([r["test"][m] for r in single if r["single_task"] == names.index(tom[m])]))
-                   for m in hib}
-    rows = _rows(full, assembled, single, single_test, hib, methods, ks, T, params_all, o.seeds)
-    md = grouping_table(rows, o.seeds)
+                run_experiment(sub, [RunSpec(m) for m in methods], o.seeds, cfg,
+                               out / f"{kind}_k{k}" / f"group{gi}", reference=sub_ref)
     payload = {"study": "grouping", "benchmark": o.benchmark, "command": command, "tasks": names,
+               "higher_is_better": dict(hib), "metric_tasks": dict(tom), "methods": methods, "ks": list(ks),
                "seeds": list(o.seeds), "config": cfg.describe(), "affinity_source": f"{src}, all-task network",
                "affinity_every": every, "affinity": affinity.tolist(), "lookahead": lookahead.tolist(),
                "probes": len(cos), "groupings": {f"{kind}_k{k}": [list(g) for g in gs]
                                                  for (kind, k), gs in groupings.items()},
-               "single_task_test": single_test, "rows": rows, "params_all_task_network": params_all,
-               "notes": bench.notes, "machine": records.machine(), "total_wall_s": time.perf_counter() - t0}
+               "params_all_task_network": params_all, "notes": bench.notes, "machine": records.machine(),
+               "total_wall_s": time.perf_counter() - t0}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(records.to_json(payload), indent=1))
-    groups_md = "\n".join(f"- {kind} k={k}: " + " | ".join(", ".join(names[i] for i in g) for g in gs)
-                          for (kind, k), gs in groupings.items())
-    text = (f"# Grouping study ({o.benchmark})\n\nCommand: `{command}`\n\n" + "\n".join(f"- {n}" for n in bench.notes)
-            + f"\n- {cfg.steps} steps per network, batch {cfg.batch_size}, Adam lr {cfg.lr}, seeds "
-            f"{', '.join(map(str, o.seeds))}; affinity: mean gradient cosine at z over {len(cos)} probes of the "
-            f"{src} all-task runs\n\nGroupings:\n{groups_md}\n\n{md}\n")
-    (out / "results.md").write_text(text)
-    print(text)
+    payload = rebuild(out)
+    print(payload["markdown"])
     return payload
 
 
-def _rows(full, assembled, single, single_test, hib, methods, ks, T, params_all, seeds) -> list:
+def load_runs(folder) -> list:
+    """Every ``runs/<label>/seed<k>/result.json`` under ``folder``."""
+    return [json.loads(p.read_text()) for p in sorted(Path(folder).glob("runs/*/seed*/result.json"))]
+
+
+def rebuild(out) -> dict:
+    """Recomputes the table of ``out/results.json`` from the run folders under ``out`` (no
+    training) and rewrites ``results.json`` and ``results.md``:
+    ``python -m experiments.studies.grouping OUT``."""
+    from experiments import records
+    out = Path(out)
+    payload = json.loads((out / "results.json").read_text())
+    names, hib, tom = payload["tasks"], payload["higher_is_better"], payload["metric_tasks"]
+    single, full = load_runs(out / "single"), load_runs(out / "all")
+    assembled: dict = {}  # (kind, k, method, seed) -> test metrics of every task, from its group's network
+    for key, groups in payload["groupings"].items():
+        kind, k = key.rsplit("_k", 1)
+        for gi in range(len(groups)):
+            for r in load_runs(out / key / f"group{gi}"):
+                assembled.setdefault((kind, int(k), r["method"], r["seed"]), {}).update(r["test"])
+    own = [(r, {m: v for m, v in r["test"].items() if m in tom and tom[m] == names[r["single_task"]]})
+           for r in single if r.get("single_task") is not None]
+    single_test = {m: float(np.mean([mt[m] for _, mt in own if m in mt])) for m in hib}
+    rows = _rows(full, assembled, own, single_test, hib, payload["methods"], payload["ks"], len(names),
+                 payload["params_all_task_network"], payload["seeds"])
+    payload.update(single_task_test=single_test, rows=rows)
+    (out / "results.json").write_text(json.dumps(records.to_json(payload), indent=1))
+    groups_md = "\n".join(f"- {key.replace('_k', ' k=')}: " + " | ".join(", ".join(names[i] for i in g) for g in gs)
+                          for key, gs in payload["groupings"].items())
+    cfg = payload["config"]
+    text = (f"# Grouping study ({payload['benchmark']})\n\nCommand: `{payload['command']}`\n\n"
+            + "\n".join(f"- {n}" for n in payload["notes"])
+            + f"\n- {cfg['steps']} steps per network, batch {cfg['batch_size']}, Adam lr {cfg['lr']} "
+            f"({cfg['schedule']}), seeds {', '.join(map(str, payload['seeds']))}; affinity: mean gradient cosine "
+            f"at z over {payload['probes']} probes of the {payload['affinity_source']} runs (every "
+            f"{payload['affinity_every']} steps)\n\nGroupings:\n{groups_md}\n\n{grouping_table(rows, payload['seeds'])}\n")
+    (out / "results.md").write_text(text)
+    return dict(payload, markdown=text)
+
+
+def _rows(full, assembled, own, single_test, hib, methods, ks, T, params_all, seeds) -> list:
     from experiments.metrics import delta_m
     from experiments.stats import mean_ci, paired_diff_ci
 
@@ -163,11 +189,9 @@ def _rows(full, assembled, single, single_test, hib, methods, ks, T, params_all,
         return delta_m(metrics, single_test, hib) if all(m in metrics for m in hib) else float("nan")
 
     per_seed = {}
-    per_seed[("single-task", T, "linear")] = {}
     by_seed: dict = {}
-    for r in single:
-        by_seed.setdefault(r["seed"], {}).update({m: v for m, v in r["test"].items()
-                                                  if m in hib and r["single_task"] is not None})
+    for r, mt in own:  # each single-task run contributes its own task's metrics only
+        by_seed.setdefault(r["seed"], {}).update(mt)
     per_seed[("single-task", T, "linear")] = {s: dm(v) for s, v in by_seed.items()}
     for m in methods:
         per_seed[("all tasks", 1, m)] = {r["seed"]: dm(r["test"]) for r in full if r["method"] == m}
@@ -182,8 +206,11 @@ def _rows(full, assembled, single, single_test, hib, methods, ks, T, params_all,
         row = {"config": label, "method": m, "networks": nets, "params": nets * params_all,
                "relative_compute": nets, "delta_m": mean, "delta_m_ci": half, "n": n, "per_seed": vals}
         if base is not None and label != "single-task":
-            d, dh, dn = paired_diff_ci(vals, base)
+            d, dh, _ = paired_diff_ci(vals, base)
             row.update(diff_vs_all_equal=d, diff_vs_all_equal_ci=dh)
+        if label.startswith("proposed"):
+            d, dh, _ = paired_diff_ci(vals, per_seed[(label.replace("proposed", "random"), nets, m)])
+            row.update(diff_vs_random=d, diff_vs_random_ci=dh)
         rows.append(row)
     return rows
 
@@ -191,14 +218,21 @@ def _rows(full, assembled, single, single_test, hib, methods, ks, T, params_all,
 def grouping_table(rows, seeds) -> str:
     from experiments.stats import format_ci
     lines = [f"Test Δm% vs single-task (negative = better), mean ± 95% t-interval over n = {len(seeds)} seeds; "
-             "paired difference to the all-task equal-weighting network (negative = the row is better). "
+             "paired per-seed differences to the all-task equal-weighting network and, for proposed groupings, to "
+             "the random grouping with the same k and group sizes (negative = the row is better). "
              "Networks: how many all-task-sized networks the row trains (≈ parameters and training compute "
              "relative to one all-task network).", "",
-             "| configuration | method | networks | parameters | Δm% | Δm% − all-task EW |",
-             "|---|---|---:|---:|---:|---:|"]
+             "| configuration | method | networks | parameters | Δm% | Δm% − all-task EW | Δm% − random (same k) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         diff = format_ci(r["diff_vs_all_equal"], r["diff_vs_all_equal_ci"], signed=True) \
             if "diff_vs_all_equal" in r else "–"
+        rnd = format_ci(r["diff_vs_random"], r["diff_vs_random_ci"], signed=True) if "diff_vs_random" in r else "–"
         lines.append(f"| {r['config']} | {r['method']} | {r['networks']} | {r['params']:,} | "
-                     f"{format_ci(r['delta_m'], r['delta_m_ci'], signed=True)} | {diff} |")
+                     f"{format_ci(r['delta_m'], r['delta_m_ci'], signed=True)} | {diff} | {rnd} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+    print(rebuild(sys.argv[1])["markdown"])
