@@ -221,13 +221,23 @@ def _imtl_g_impl(grads: jax.Array, priorities: Optional[jax.Array],
     # The refinement costs ~30 elementwise passes over (T, D); above ~1M entries (parameter-level
     # IMTL-G on large models) it would dominate the step, so it is skipped there (measured:
     # (2, 2.1M) 1.3 s with it, 84 ms without) and the accuracy is that of the Cholesky solve.
+    # The correction is kept as the low part of an unevaluated pair (beta, beta_lo), and alpha is
+    # formed from the pairs in about twice the working precision (compensated division and sum),
+    # so alpha is rounded once: its projection spread approaches the floor set by rounding the
+    # exact alpha to the working precision (benchmarks/accuracy.py measures the ratio).
+    beta_lo = jnp.zeros_like(beta)
+    safe_norms_lo = jnp.where(valid, norms_lo, 0.0)
     for _ in range(_REFINE if grads.size <= _REFINE_MAX_SIZE else 0):
-        residual = _compensated_residual(g, safe_norms, jnp.where(valid, norms_lo, 0.0), beta, target)
+        residual = _compensated_residual(g, safe_norms, safe_norms_lo, beta, target)
         residual = jnp.where(valid, residual, 0.0)
-        beta = beta + jnp.matmul(inverse, residual, precision=_HIGHEST)
+        beta_lo = jnp.matmul(inverse, residual, precision=_HIGHEST)
 
-    raw = jnp.where(valid, beta / safe_norms, 0.0)
-    total = jnp.sum(raw)
+    raw_hi, raw_lo = _divide(beta, beta_lo, safe_norms, safe_norms_lo)
+    raw_hi, raw_lo = jnp.where(valid, raw_hi, 0.0), jnp.where(valid, raw_lo, 0.0)
+    total_hi, total_lo = _compensated_sum(jnp.concatenate([raw_hi, raw_lo]), axis=0)
+    raw = raw_hi + raw_lo
+    beta = beta + beta_lo
+    total = total_hi + total_lo
     tol = 10.0 * num_tasks * eps
     solvable = jnp.abs(total) > tol * jnp.sum(jnp.abs(raw))
     # When the target is (numerically) orthogonal to range(K) — e.g. a rank-1 matrix whose row
@@ -244,8 +254,11 @@ def _imtl_g_impl(grads: jax.Array, priorities: Optional[jax.Array],
     any_valid = jnp.any(valid)
     fallback = jnp.where(any_valid, inverse_norms / jnp.where(any_valid, jnp.sum(inverse_norms), 1.0),
                          jnp.full((num_tasks,), 1.0 / num_tasks, dtype))
-    safe_total = jnp.where(solvable, total, 1.0)
-    weights = jnp.where(solvable, raw / safe_total, fallback)
+    safe_hi = jnp.where(solvable, total_hi, 1.0)
+    safe_lo = jnp.where(solvable, total_lo, 0.0)
+    w_hi, w_lo = _divide(raw_hi, raw_lo, safe_hi, safe_lo)
+    weights = jnp.where(solvable, w_hi + w_lo, fallback)
+    c_hi, c_lo = _divide(jnp.ones((), dtype), jnp.zeros((), dtype), safe_hi, safe_lo)
 
     scaled_aggregate = jnp.matmul(weights, g, precision=_HIGHEST)
     aggregate = ldexp(scaled_aggregate, shift)
@@ -256,7 +269,7 @@ def _imtl_g_impl(grads: jax.Array, priorities: Optional[jax.Array],
     ratios = jnp.matmul(units, scaled_aggregate, precision=_HIGHEST) / jnp.where(valid, target, 1.0)
     mean_ratio = jnp.sum(jnp.where(valid, ratios, 0.0)) / jnp.maximum(
         jnp.sum(valid), 1).astype(dtype)
-    common = ldexp(jnp.where(solvable & consistent, 1.0 / safe_total, mean_ratio), shift)
+    common = ldexp(jnp.where(solvable & consistent, c_hi + c_lo, mean_ratio), shift)
 
     if nonconflicting:
         sign = jnp.where(common < 0, -1.0, 1.0).astype(dtype)

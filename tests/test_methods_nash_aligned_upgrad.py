@@ -13,6 +13,9 @@ from oracles import x64  # noqa: F401  (fdtype fixture: tests/conftest.py)
 from hypothesis import given, settings, strategies as st
 from scipy.optimize import nnls
 
+import inputs
+from properties import property_tests
+
 from imtl_jax.methods.aligned_mtl import aligned_mtl_balance, aligned_mtl_weighting
 from imtl_jax.methods.nash_mtl import nash_mtl_weighting, nash_mtl_weights
 from imtl_jax.methods.upgrad import upgrad_weighting, upgrad_weights
@@ -178,3 +181,68 @@ def test_upgrad_degenerate_and_validation():
         upgrad_weighting(max_rounds=0)
     with pytest.raises(ValueError, match="iterations"):
         upgrad_weighting(iterations=-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hard families (tests/inputs.py): conflicting rows, norms over 1e+-2 and 1e+-4, T = 5, 10.
+
+_UPGRAD_INFO = jit(lambda g: upgrad_weighting().weigh(g, jnp.zeros(g.shape[:1], g.dtype), (), None, None))
+_NASH_INFO = jit(lambda g: nash_mtl_weighting().weigh(g, jnp.zeros(g.shape[:1], g.dtype), (), None, None))
+
+
+@pytest.mark.parametrize("case", inputs.HARD)
+def test_upgrad_hard_families_against_nnls(fdtype, case):
+    """Certificate <= tol; against scipy's exact NNLS (float64, Lawson-Hanson: not our algorithm)
+    through the bound ||x - x*||^2 <= sum_t v_t r_t + sum_t v*_t max(-r_t, 0) (r = G x, x the
+    mean projection, v = w - 1/T; the proof is in upgrad.kkt_residual's docstring; evaluated
+    for the mean over the T problems by convexity of the bound's terms) and dual-cone membership
+    to round-off."""
+    eps = np.finfo(fdtype).eps
+    g = inputs.draw(case[0], 0, *case[1:]).astype(fdtype)
+    out = _UPGRAD_INFO(jnp.asarray(g))
+    assert float(out.info["certificate"]) <= 8 * eps
+    assert int(out.info["iterations"]) <= 20
+    g64 = g.astype(np.float64)
+    scale = np.max(np.sum(g64 * g64, axis=1))
+    w = np.asarray(out.weights, np.float64)
+    x = w @ g64
+    x_ref = upgrad_oracle(g64)
+    r = g64 @ x
+    assert np.min(r) >= -16 * eps * scale
+    # Equal within the float round-off of the certificate (relative to max |g_t|, squared).
+    assert np.sum((x - x_ref) ** 2) <= 64 * eps * scale * max(1.0, np.abs(w).sum()), (
+        np.sum((x - x_ref) ** 2) / scale)
+
+
+@pytest.mark.parametrize("case", inputs.HARD)
+def test_nash_hard_families_residual(fdtype, case):
+    """The defining equation M a = 1 / a (M: the Frobenius-normalised Gramian plus the eps ridge)
+    verified in float64 on the rounded data; certificate <= tol."""
+    eps = np.finfo(fdtype).eps
+    g = inputs.draw(case[0], 0, *case[1:]).astype(fdtype)
+    out = _NASH_INFO(jnp.asarray(g))
+    assert int(out.info["iterations"]) <= 50
+    alpha = np.asarray(out.weights, np.float64)
+    assert np.all(alpha > 0)
+    g64 = g.astype(np.float64) / np.abs(g.astype(np.float64)).max()
+    m = g64 @ g64.T
+    m = m / np.linalg.norm(m) + eps * np.eye(len(alpha))
+    residual = np.max(np.abs(alpha * (m @ alpha) - 1.0))
+    # Round-off of the Gramian perturbs M by ~eps |M|; alpha's sensitivity is cond(M). The solver
+    # stops at its tolerance or once no decrease above round-off is left (the floor).
+    floor = 16 * eps * np.linalg.cond(m)
+    assert float(out.info["certificate"]) <= max(16 * eps, floor)
+    assert residual <= floor, residual
+
+
+TestUpgradProperties = property_tests(
+    "upgrad", upgrad_weighting(),
+    ("scale_invariant", "permutation_equivariant", "finite_on_degenerate", "nonconflicting",
+     "compiles_once"))
+TestNashMtlProperties = property_tests(
+    "nash_mtl", nash_mtl_weighting(),
+    ("scale_invariant", "permutation_equivariant", "finite_on_degenerate", "compiles_once"))
+TestAlignedMtlProperties = property_tests(
+    "aligned_mtl", aligned_mtl_weighting(),
+    ("scale_invariant", "permutation_equivariant", "finite_on_degenerate", "compiles_once"),
+    cond2=10.0)   # eigh of the Gramian: float32 accuracy ~ eps cond(G)^2

@@ -43,8 +43,10 @@ def nash_solve(gram: jax.Array, max_iterations: int, tol: Optional[float] = None
     rescaled by the exact minimiser of ``phi`` along that ray (exact for orthogonal or duplicate
     rows). Each step solves ``(D M D + I) y = -D grad`` with ``D = diag(alpha)`` (eigenvalues
     >= 1, so the Cholesky factorisation cannot fail). Under ``lax.while_loop`` until
-    :func:`bargaining_residual` ``<= tol`` (default ``16 eps``), the step no longer changes
-    alpha, or ``max_iterations`` steps.
+    :func:`bargaining_residual` ``<= tol`` (default ``16 eps``), the Newton decrement squared
+    falls below ``T eps`` (no decrease of ``phi`` left above its round-off: the residual is then
+    at its floor, ~eps times the conditioning of ``M``, reported as the certificate), or
+    ``max_iterations`` steps.
     """
     num_tasks = gram.shape[0]
     dtype = gram.dtype
@@ -61,7 +63,7 @@ def nash_solve(gram: jax.Array, max_iterations: int, tol: Optional[float] = None
         decrement = jnp.sqrt(jnp.maximum(-jnp.dot(grad, delta), 0.0))
         new = a + delta / (1.0 + decrement)
         ok = jnp.all(jnp.isfinite(new) & (new > 0))
-        return jnp.where(ok, new, a)
+        return jnp.where(ok, new, a), decrement
 
     def cond(carry):
         _, res, it, moved = carry
@@ -69,8 +71,12 @@ def nash_solve(gram: jax.Array, max_iterations: int, tol: Optional[float] = None
 
     def body(carry):
         a, _, it, _ = carry
-        new = newton(a)
-        return new, bargaining_residual(gram, new), it + 1, jnp.any(new != a)
+        new, decrement = newton(a)
+        # Progress left: the step changed alpha and the predicted decrease of phi, lambda^2 / 2,
+        # is above the round-off of phi (~ T eps): past that, the residual is at its floor
+        # (eps times the conditioning of M), not reducible in the working precision.
+        moved = jnp.any(new != a) & (decrement * decrement > num_tasks * jnp.finfo(dtype).eps)
+        return new, bargaining_residual(gram, new), it + 1, moved
 
     a, res, it, _ = lax.while_loop(cond, body, (a0, bargaining_residual(gram, a0),
                                                  jnp.zeros((), jnp.int32), jnp.ones((), bool)))
