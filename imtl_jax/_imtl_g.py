@@ -13,15 +13,16 @@ row-difference matrices of Eq. 2), but its conditioning depends on the angles be
 gradients only, not on their norms: solving the paper's D/U system or the raw Gramian
 ``J J^T`` directly loses float32 accuracy when the norms differ by orders of magnitude.
 
-Accuracy: the small system is solved once (Cholesky) and refined once with a residual evaluated
-on the data in about twice the working precision (error-free transformations), so the relative
-projection spread is about ``eps * cond(U)^2`` (the rounding of the unit rows), independent of the
-gradient norms: on 2,000 random float32 Jacobians with cond(U) <= 10 and norms over 1e-3..1e3 it
-was at most 8.2e-6 (p99 3.2e-6; the exact weights rounded to float32 reach 4.5e-6), and 2.2e-14
-in float64 (``python -m benchmarks.accuracy``); adversarial inputs reach ~1.3 eps cond(U)^2.
+Accuracy: ``K^-1`` is formed once (Cholesky) and used for the solve and one refinement step
+whose residual is evaluated on the data in about twice the working precision (error-free
+transformations); alpha is formed from the (beta, correction) pairs by compensated division and
+summation and rounded once. The physical floor of a float32 answer is the projection spread of
+the exact alpha rounded to float32: on 200 random float32 Jacobians with cond(U) <= 10 and norms
+over 1e-3..1e3 ours equalled it on every draw (worst 2.2e-6; float64: 6.1e-15), measured by
+``python -m benchmarks.accuracy --cases 200``; tests/test_imtl_g.py asserts <= 2x the floor.
 For matrices above 2^20 entries (e.g. parameter-level IMTL-G on a large model) the refinement is
 skipped for speed; the spread is then that of the Cholesky solve alone (measured up to 1.6e-5
-in float32 at cond(U) <= 10 instead of 8.2e-6).
+in float32 at cond(U) <= 10 before this change; not re-measured).
 
 Degenerate inputs (all scale-relative, never an absolute epsilon):
 

@@ -58,8 +58,14 @@ def test_random_jacobians_float32(shape, seed):
     assert res.weights.dtype == jnp.float32
     alpha = np.asarray(res.weights, np.float64)
     np.testing.assert_allclose(alpha.sum(), 1.0, atol=sum_bound(alpha, np.float32))
-    # The oracle is the exact solution for the float32-rounded input.
-    assert relative_spread(projections(grads, alpha)) <= 1e-5
+    # The oracle is the exact solution for the float32-rounded input. The physical floor: the
+    # spread of that exact alpha rounded to float32; alpha is formed from compensated pairs and
+    # rounded once, so ours stays within 2x of it (measured: equal on every draw of
+    # benchmarks.accuracy).
+    floor = relative_spread(projections(grads, paper_alpha(grads).astype(np.float32)))
+    spread = relative_spread(projections(grads, alpha))
+    assert spread <= 2 * floor + 1e-12, (spread, floor)
+    assert spread <= 1e-5
     np.testing.assert_allclose(alpha, paper_alpha(grads), rtol=1e-3, atol=1e-5)
 
 
