@@ -66,17 +66,19 @@ def stages(case: _models.Case) -> dict:
         w = imtl_jax.imtl_g_weights(m)
         return jax.tree_util.tree_map(lambda x: jnp.tensordot(w, x, axes=1), jac)
 
+    def weights(vjp, gz):
+        jac = _exact.per_task_parameter_grads(vjp, gz)
+        gram, f = _exact._safe_gramian(
+            jac, lambda: _exact.per_task_parameter_grads(vjp, gz), T, jnp.float32)
+        return jac, _exact.imtl_g_from_gramian(gram, f)[0]
+
     def new(params, batch):
-        jac = jacobian(params, batch)
-        gram, f = _exact._safe_gramian(jac, T, jnp.float32)
-        w, _ = _exact.imtl_g_from_gramian(gram, f)
+        jac, w = weights(*forward(params, batch))
         return jax.tree_util.tree_map(lambda x: jnp.tensordot(w, x, axes=1), jac)
 
     def new_vjp(params, batch):
         vjp, gz = forward(params, batch)
-        jac = _exact.per_task_parameter_grads(vjp, gz)
-        gram, f = _exact._safe_gramian(jac, T, jnp.float32)
-        w, _ = _exact.imtl_g_from_gramian(gram, f)
+        _, w = weights(vjp, gz)
         return vjp(jnp.tensordot(w, gz, axes=1))[0]
 
     fns = {"ew": ew, "jacobian": jacobian, "jacobian + gram": jac_gram,
