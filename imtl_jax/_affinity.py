@@ -128,10 +128,10 @@ class AffinityState(NamedTuple):
     """Running statistics of the pairwise gradient cosines (all (T, T)).
 
     Attributes:
-      count: int32, the number of steps on which the pair's cosine was defined.
+      steps: int32, the number of steps on which the pair's cosine was defined.
       mean: running mean of the cosine ``K_ij`` over those steps.
       m2: running sum of squared deviations from the mean (Welford); the sample variance is
-        ``m2 / (count - 1)``.
+        ``m2 / (steps - 1)``.
       conflicts: int32, the number of those steps with ``K_ij < 0``.
       last: the last defined cosine matrix (zeros before any step).
       lookahead_count: int32 scalar, the steps that updated ``lookahead``.
@@ -139,7 +139,7 @@ class AffinityState(NamedTuple):
         with ``lookahead_lr``).
     """
 
-    count: jax.Array
+    steps: jax.Array
     mean: jax.Array
     m2: jax.Array
     conflicts: jax.Array
@@ -170,7 +170,7 @@ def _init(num_tasks: int, dtype: Any = jnp.float32) -> AffinityState:
     n = int(num_tasks)
     zi = jnp.zeros((n, n), jnp.int32)
     zf = jnp.zeros((n, n), dtype)
-    return AffinityState(count=zi, mean=zf, m2=zf, conflicts=zi, last=zf,
+    return AffinityState(steps=zi, mean=zf, m2=zf, conflicts=zi, last=zf,
                          lookahead_count=jnp.zeros((), jnp.int32), lookahead=zf)
 
 
@@ -185,13 +185,13 @@ def _check_state(state, num_tasks):
 def _update_cosines(state: AffinityState, cos: jax.Array, defined: jax.Array) -> AffinityState:
     cos = cos.astype(state.mean.dtype)
     m = defined.astype(jnp.int32)
-    count = state.count + m
+    count = state.steps + m
     delta = cos - state.mean
     mean = state.mean + jnp.where(defined, delta / jnp.maximum(count, 1).astype(cos.dtype), 0.0)
     m2 = state.m2 + jnp.where(defined, delta * (cos - mean), 0.0)
     conflicts = state.conflicts + (defined & (cos < 0)).astype(jnp.int32)
     last = jnp.where(defined, cos, state.last)
-    return state._replace(count=count, mean=mean, m2=m2, conflicts=conflicts, last=last)
+    return state._replace(steps=count, mean=mean, m2=m2, conflicts=conflicts, last=last)
 
 
 def _update_lookahead(state: AffinityState, z: jax.Array) -> AffinityState:
@@ -263,9 +263,9 @@ class AffinityStats(NamedTuple):
     Attributes:
       mean: mean cosine per pair (NaN for a pair never defined).
       std: sample standard deviation (``ddof=1``; NaN with fewer than 2 steps).
-      stderr: ``std / sqrt(count)``.
+      stderr: ``std / sqrt(steps)``.
       conflict_fraction: fraction of the pair's steps with a negative cosine (NaN if none).
-      count: steps per pair.
+      steps: steps per pair.
       lookahead: mean look-ahead affinity (NaN when it was never updated).
     """
 
@@ -273,7 +273,7 @@ class AffinityStats(NamedTuple):
     std: jax.Array
     stderr: jax.Array
     conflict_fraction: jax.Array
-    count: jax.Array
+    steps: jax.Array
     lookahead: jax.Array
 
 
@@ -291,16 +291,16 @@ def affinity_stats(state: AffinityState) -> AffinityStats:
     if not isinstance(state, AffinityState):
         raise TypeError(f"`state` must be an AffinityState, got {type(state).__name__}.")
     dtype = state.mean.dtype
-    n = state.count.astype(dtype)
+    n = state.steps.astype(dtype)
     nan = jnp.array(jnp.nan, dtype)
-    mean = jnp.where(state.count > 0, state.mean, nan)
-    var = jnp.where(state.count > 1, state.m2 / jnp.maximum(n - 1, 1), nan)
+    mean = jnp.where(state.steps > 0, state.mean, nan)
+    var = jnp.where(state.steps > 1, state.m2 / jnp.maximum(n - 1, 1), nan)
     std = jnp.sqrt(jnp.maximum(var, 0))
     stderr = std / jnp.sqrt(jnp.maximum(n, 1))
-    frac = jnp.where(state.count > 0, state.conflicts.astype(dtype) / jnp.maximum(n, 1), nan)
+    frac = jnp.where(state.steps > 0, state.conflicts.astype(dtype) / jnp.maximum(n, 1), nan)
     look = jnp.where(state.lookahead_count > 0, state.lookahead, nan)
     return AffinityStats(mean=mean, std=std, stderr=stderr, conflict_fraction=frac,
-                         count=state.count, lookahead=look)
+                         steps=state.steps, lookahead=look)
 
 
 # ----------------------------------------------------------------------------------- the step
@@ -343,7 +343,7 @@ def with_affinity(method: Union[str, Method], *, lookahead_lr: Optional[float] =
       ...                             heads=jax.random.normal(k2, (2, 4)), log_scales=jnp.zeros(2))
       >>> batch = {"x": jax.random.normal(k3, (8, 3)), "y": jnp.ones((8, 2))}
       >>> grads, state, aux = jax.jit(step)(params, step.init(params), batch)
-      >>> aux.info["cosines"].shape, int(state.affinity.count[0, 1])
+      >>> aux.info["cosines"].shape, int(state.affinity.steps[0, 1])
       ((2, 2), 1)
     """
     inner = get_method(method)
@@ -521,6 +521,7 @@ def _exhaustive(a, k, chunk: int = 20000) -> np.ndarray:
         for i in range(len(scores)):  # first strict improvement wins (lexicographic tie-break)
             if scores[i] > best_score + 1e-12 * (1 + abs(best_score)) or best is None:
                 best_score, best = scores[i], labels[i]
+    assert best is not None  # k <= t, so at least one partition exists
     return best
 
 
@@ -534,6 +535,7 @@ def _agglomerative(a, k) -> np.ndarray:
                 link = s[np.ix_(groups[i], groups[j])].mean()
                 if link > best + 1e-12 * (1 + abs(best)) or pair is None:
                     best, pair = link, (i, j)
+        assert pair is not None
         i, j = pair
         groups[i] = sorted(groups[i] + groups[j])
         del groups[j]

@@ -65,13 +65,13 @@ def test_tracker_matches_numpy_statistics(dtype):
     tracker = imtl_jax.affinity_tracker(lookahead_lr=0.05)
     update = jax.jit(tracker.update)
     state = tracker.init(4, dtype)
-    for g, l in zip(mats, losses):
-        state = update(jnp.asarray(g, dtype), state, jnp.asarray(l, dtype))
+    for g, loss in zip(mats, losses):
+        state = update(jnp.asarray(g, dtype), state, jnp.asarray(loss, dtype))
     stats = imtl_jax.affinity_stats(state)
     mean, std, frac, count, look = _np_stats([np.asarray(g, dtype) for g in mats],
-                                             [np.asarray(l, dtype) for l in losses], 0.05)
+                                             [np.asarray(x, dtype) for x in losses], 0.05)
     tol = 1e-5 if dtype == np.float32 else 1e-12
-    np.testing.assert_array_equal(np.asarray(stats.count), count)
+    np.testing.assert_array_equal(np.asarray(stats.steps), count)
     assert count.min() < len(mats) - 1  # the zero rows and the NaN step were really skipped
     np.testing.assert_allclose(np.asarray(stats.mean), mean, atol=tol)
     np.testing.assert_allclose(np.asarray(stats.std), std, atol=10 * tol)
@@ -96,7 +96,7 @@ def test_update_compiles_once_and_state_shapes_are_stable():
     for _ in range(5):
         state = update(jnp.asarray(rng.normal(size=(3, 5)), jnp.float32), state)
     assert len(traces) == 1
-    assert int(state.count[0, 1]) == 5
+    assert int(state.steps[0, 1]) == 5
 
 
 def test_cosine_matrix_is_scale_free_and_handles_zero_and_nan_rows():

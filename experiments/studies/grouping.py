@@ -176,7 +176,8 @@ def rebuild(out) -> dict:
             + f"\n- {cfg['steps']} steps per network, batch {cfg['batch_size']}, Adam lr {cfg['lr']} "
             f"({cfg['schedule']}), seeds {', '.join(map(str, payload['seeds']))}; affinity: mean gradient cosine "
             f"at z over {payload['probes']} probes of the {payload['affinity_source']} runs (every "
-            f"{payload['affinity_every']} steps)\n\nGroupings:\n{groups_md}\n\n{grouping_table(rows, payload['seeds'])}\n")
+            f"{payload['affinity_every']} steps)\n\nGroupings:\n{groups_md}\n\n"
+            f"{grouping_table(rows, payload['seeds'])}\n")
     (out / "results.md").write_text(text)
     return dict(payload, markdown=text)
 
