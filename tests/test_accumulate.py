@@ -125,19 +125,25 @@ def test_multi_steps_k_micro_batches_equal_one_batch_with_adam():
                                                    optax.adam(1e-2)), K, num_tasks=T, losses_dtype=jnp.float64)
             s_one, s_acc = one.init(params.shared), acc.init(params.shared)
             p_one = p_acc = params.shared
+            traces = []
+
+            def acc_update(u, s, p, losses, acc=acc):
+                traces.append(1)
+                return acc.update(u, s, p, losses=losses)
+            acc_update = jax.jit(acc_update)
             for _ in range(2):  # two accumulated updates
                 per_task = jax.jacrev(task_losses)(p_one, batch)
                 u, s_one = one.update(per_task, s_one, p_one, losses=task_losses(p_one, batch))
                 p_one = optax.apply_updates(p_one, u)
                 for i in range(K):
                     mb = jax.tree_util.tree_map(lambda x, i=i: x[i * (B // K):(i + 1) * (B // K)], batch)
-                    u, s_acc = jax.jit(acc.update)(jax.jacrev(task_losses)(p_acc, mb), s_acc, p_acc,
-                                                   losses=task_losses(p_acc, mb))
+                    u, s_acc = acc_update(jax.jacrev(task_losses)(p_acc, mb), s_acc, p_acc, task_losses(p_acc, mb))
                     if i < K - 1:
                         assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree_util.tree_leaves(u))
                     p_acc = optax.apply_updates(p_acc, u)
                 assert_rel(p_acc, p_one)
             assert_rel(s_acc.inner_state[0].weights, s_one[0].weights)
+            assert len(traces) == 1  # one compilation for the 2 K micro-steps
 
 
 def test_accumulation_errors_name_the_fix():
