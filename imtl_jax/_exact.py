@@ -22,9 +22,12 @@ Accuracy: the same as :func:`imtl_jax.imtl_g_solve` without its refinement step,
 function already skips above ``2^20`` entries: below that size (small models) the step keeps the
 generic route with the compensated refinement, so the gramian route is only taken where the
 refinement was skipped anyway. Forming ``G`` squares the data: when its largest diagonal entry is
-outside ``[2^-60, 2^100]`` or it is not finite, ``G`` is formed again from the Jacobian divided by
-a power of two of its largest absolute entry (``lax.cond``: one branch runs on accelerators), so
-inputs at 1e-15 or 1e15 behave like inputs at 1, as in :func:`imtl_jax.imtl_g_solve`.
+zero, not finite or outside ``[2^-42, 2^96]`` (float32; the middle third of the exponent range),
+``G`` is formed again from the Jacobian divided by a power of two of its largest absolute entry
+(``lax.cond``: one branch runs on accelerators; that branch recomputes the Jacobian, T more
+VJPs), so inputs at 1e-15 or 1e15 behave like inputs at 1, as in :func:`imtl_jax.imtl_g_solve`.
+One difference remains: a row whose norm is below ``2.3e-13`` (float32) of the largest one may
+underflow in ``G`` and then counts as zero (``imtl_g_solve``: below ``eps^2 = 1.4e-14``).
 
 Other weightings at the parameter level (a user's ``Method(..., level="parameters")``) get the
 generic route: the flattened (T, P) matrix, as their ``weigh`` expects.
@@ -68,9 +71,15 @@ def _solve_cosine_system(k: jax.Array, rhs: jax.Array) -> jax.Array:
     chol = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(
         jnp.where(well, k, jnp.eye(num_tasks, dtype=k.dtype))), rhs)
     return jnp.where(well & jnp.all(jnp.isfinite(chol)), chol, pinv)
-# The range of max_t G_tt in which G is used as formed (no overflow, and rows down to eps^2 of
-# the largest norm stay far above float32's smallest normal number when squared).
-_GRAM_MIN_EXP, _GRAM_MAX_EXP = -60, 100
+
+
+def _gram_exponent_range(dtype) -> tuple[int, int]:
+    """The binary exponents of ``max_t G_tt`` for which G is used as formed: the middle of the
+    exponent range (float32: [2^-42, 2^96]), far from overflow, and rows down to
+    ``2^((minexp - lo) / 2)`` (float32: 2.3e-13) of the largest norm do not underflow when squared."""
+    info = jnp.finfo(dtype)
+    return int(info.minexp) // 3, int(info.maxexp) * 3 // 4
+
 # Above this many Jacobian entries IMTL-G takes the gramian route (imtl_g_solve skips its
 # refinement there anyway); below it, the flattened matrix and imtl_g_solve with refinement.
 _GRAMIAN_MIN_SIZE = _REFINE_MAX_SIZE
@@ -126,7 +135,7 @@ def _safe_gramian(jacobian: PyTree, recompute: Callable[[], PyTree], num_tasks: 
     """``(G_s, f)`` with ``J J^T = G_s 2^f`` exactly and ``max diag(G_s)`` in [1/2, 1) (or 0).
 
     ``G`` is formed from ``jacobian`` as it is; when that over- or underflowed (its largest
-    diagonal entry zero or outside ``[2^-60, 2^100]``, or not finite), a ``lax.cond`` branch forms it
+    diagonal entry zero or outside :func:`_gram_exponent_range`, or not finite), a ``lax.cond`` branch forms it
     again from ``recompute()`` (the same Jacobian) divided by a power of two of its largest
     absolute entry. The branch recomputes instead of receiving the Jacobian so that the common
     path does not hand the (T, P) leaves to the conditional (which would fix their layout and
@@ -135,7 +144,8 @@ def _safe_gramian(jacobian: PyTree, recompute: Callable[[], PyTree], num_tasks: 
     gram = gramian(jacobian, num_tasks, dtype)
     top = jnp.max(jnp.diagonal(gram))
     _, e = jnp.frexp(jnp.where(top > 0, top, jnp.ones((), dtype)))
-    ok = jnp.all(jnp.isfinite(gram)) & (top > 0) & (e >= _GRAM_MIN_EXP) & (e <= _GRAM_MAX_EXP)
+    lo, hi = _gram_exponent_range(dtype)
+    ok = jnp.all(jnp.isfinite(gram)) & (top > 0) & (e >= lo) & (e <= hi)
 
     def rescaled(gram):  # the data squared over/underflowed: scale the Jacobian first
         jac = recompute()
