@@ -10,7 +10,11 @@ The update must equal the single-device update (to float32 round-off of the reor
 
 The compiled shard_map step must hold exactly the all-reduces we claim: one for the (T, F)
 feature-gradient matrix packed with the (T,) raw and scaled losses, i.e. a (T, F + 2) array,
-and one (tuple) all-reduce of the gradients; equal weighting needs only the latter.
+and one (tuple) all-reduce of the gradients; equal weighting needs only the latter. At the
+parameter level (``imtl_g_exact``) the first carries the per-task parameter gradients: the
+flattened (T, P) matrix for small models, the tuple of (T, ...) leaves on the Gramian route
+(``imtl_g_exact:gramian``, forced here by lowering its size threshold), whose over/underflow
+branch (a ``lax.cond``, not taken here) holds one more.
 
 XLA's device count is fixed when JAX initializes, so the check runs in a subprocess (this file
 with ``--worker``) started with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``; the rest
