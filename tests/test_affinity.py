@@ -289,3 +289,17 @@ def test_plot_affinity_orders_by_groups(tmp_path):
     np.testing.assert_allclose(ax.images[0].get_array(), a[np.ix_([0, 2, 1], [0, 2, 1])])
     ax.figure.savefig(tmp_path / "a.png")
     assert (tmp_path / "a.png").stat().st_size > 0
+
+
+def test_with_affinity_at_parameter_level_uses_shared_parameter_gradients():
+    """A parameter-level method: the cosines are those of the per-task gradients w.r.t. the
+    flattened shared parameters (oracle: jax.grad of each task's loss alone, float64 numpy)."""
+    encoder, head_loss, params, batch = _problem()
+    base = imtl_jax.methods.get_method("equal")._replace(name="equal_parameters", level="parameters")
+    step = imtl_jax.mtl_step(encoder, imtl_jax.stacked_task_losses(head_loss), imtl_jax.with_affinity(base))
+    _, state, aux = jax.jit(step)(params, step.init(params), batch)
+    rows = np.stack([np.asarray(jax.grad(lambda w, t=t: head_loss(params.heads[t], encoder(w, batch), batch, t))(
+        params.shared), np.float64).ravel() for t in range(3)])
+    n = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(aux.info["cosines"]), n @ n.T, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(state.affinity.mean), n @ n.T, atol=1e-5)

@@ -50,16 +50,24 @@ def add_flags(parser):
                    help="probe the gradient cosines of the all-task runs every N steps (default: 10; --tiny: 1)")
     g.add_argument("--random-seed", type=int, default=0,
                    help="seed of the random groupings (default: 0; k is added to it)")
-    return ("ks", "affinity_every", "random_seed")
+    g.add_argument("--affinity-level", choices=("representation", "parameters"), default="representation",
+                   help="gradients the cosines are taken of: w.r.t. the shared representation z (free in the "
+                        "step) or the shared parameters (T encoder backward passes per probe; with linear heads "
+                        "the z-gradients are parallel to the head vectors) (default: representation)")
+    return ("ks", "affinity_every", "random_seed", "affinity_level")
 
 
-def affinity_probe(lookahead_lr: float):
+def affinity_probe(lookahead_lr: float, level: str = "representation"):
     """``probe(program)`` for :func:`experiments.train.run_experiment`: the step's (T, T) cosine
-    matrix and look-ahead affinity at the current parameters and batch (no update)."""
+    matrix and look-ahead affinity at the current parameters and batch (no update), of the
+    per-task gradients w.r.t. ``z`` (``level="representation"``) or the shared parameters."""
     def make(program):
         import imtl_jax
+        base = imtl_jax.methods.get_method("equal")
+        if level == "parameters":
+            base = base._replace(name="equal_parameters", level="parameters")
         step = imtl_jax.mtl_step(program.pure.encoder, program.pure.task_losses,
-                                 imtl_jax.with_affinity("equal", lookahead_lr=lookahead_lr))
+                                 imtl_jax.with_affinity(base, lookahead_lr=lookahead_lr))
 
         def fn(params, method_state, batch, key):
             del method_state
@@ -89,6 +97,7 @@ def run(o, command: str) -> dict:
     ks = o.extra.get("ks") or ([2] if o.tiny else [2, 3, 4])
     every = o.extra.get("affinity_every") or (1 if o.tiny else 10)
     rseed = int(o.extra.get("random_seed") or 0)
+    level = o.extra.get("affinity_level") or "representation"
     methods = [m for m in o.methods if m not in ("single_task",)]
     expand_methods(methods, 1)
     out = Path(o.out)
@@ -103,7 +112,7 @@ def run(o, command: str) -> dict:
         single = run_experiment(bench, [single_task_spec(t, T) for t in range(T)], o.seeds, cfg, out / "single")
         ref = single_task_reference(bench, single)
         full = run_experiment(bench, [RunSpec(m) for m in methods], o.seeds, cfg, out / "all", reference=ref,
-                              probe=affinity_probe(cfg.lr), probe_every=every)
+                              probe=affinity_probe(cfg.lr, level), probe_every=every)
         hist = records.load_histories(out / "all", full)
         src = "equal" if "equal" in methods else methods[0]
         cos = [np.asarray(p["cosines"], np.float64) for (m, _), h in hist.items() if m == src for p in h["probe"]]
@@ -129,7 +138,8 @@ def run(o, command: str) -> dict:
     payload = {"study": "grouping", "benchmark": o.benchmark, "command": command, "tasks": names,
                "higher_is_better": dict(hib), "metric_tasks": dict(tom), "methods": methods, "ks": list(ks),
                "seeds": list(o.seeds), "config": cfg.describe(), "affinity_source": f"{src}, all-task network",
-               "affinity_every": every, "affinity": affinity.tolist(), "lookahead": lookahead.tolist(),
+               "affinity_every": every, "affinity_level": level, "affinity": affinity.tolist(),
+               "lookahead": lookahead.tolist(),
                "probes": len(cos), "groupings": {f"{kind}_k{k}": [list(g) for g in gs]
                                                  for (kind, k), gs in groupings.items()},
                "params_all_task_network": params_all, "notes": bench.notes, "machine": records.machine(),
@@ -175,7 +185,8 @@ def rebuild(out) -> dict:
             + "\n".join(f"- {n}" for n in payload["notes"])
             + f"\n- {cfg['steps']} steps per network, batch {cfg['batch_size']}, Adam lr {cfg['lr']} "
             f"({cfg['schedule']}), seeds {', '.join(map(str, payload['seeds']))}; affinity: mean gradient cosine "
-            f"at z over {payload['probes']} probes of the {payload['affinity_source']} runs (every "
+            f"({payload.get('affinity_level', 'representation')} level) over {payload['probes']} probes of the "
+            f"{payload['affinity_source']} runs (every "
             f"{payload['affinity_every']} steps)\n\nGroupings:\n{groups_md}\n\n"
             f"{grouping_table(rows, payload['seeds'])}\n")
     (out / "results.md").write_text(text)
