@@ -51,7 +51,8 @@ def main(out):
         c = np.array([p[lvl] for h in hist.values() for p in h["probe"]], np.float64)
         m, off = c.mean(0), ~np.eye(len(names), dtype=bool)
         report[lvl] = {"probes": len(c), "mean": m.tolist(), "offdiag_min": float(m[off].min()),
-                       "offdiag_max": float(m[off].max()), "per_probe_std_median": float(np.median(c.std(0, ddof=1)[off])),
+                       "offdiag_max": float(m[off].max()),
+                       "per_probe_std_median": float(np.median(c.std(0, ddof=1)[off])),
                        "groups": {k: [[names[i] for i in g] for g in imtl_jax.propose_groups(m, k)] for k in (2, 3, 4)}}
     print(json.dumps(report, indent=1))
 
