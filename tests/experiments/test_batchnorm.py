@@ -31,6 +31,7 @@ def test_default_norm_is_batchnorm_and_state_is_threaded(bench):
     assert jax.tree_util.tree_leaves(pure.encoder_state0)
 
 
+@pytest.mark.slow  # compiles the U-Net twice (loop and NNX): ~10 s on an idle 2-core CPU
 def test_one_loop_step_equals_a_plain_nnx_step(bench):
     lr = 1e-2
     prog = Program(bench, "equal", RunConfig(steps=1, batch_size=2, lr=lr), with_priorities=False)

@@ -123,10 +123,10 @@ def test_benchmark_metrics_accumulate_exactly_over_batches(name):
         whole = BatchIterator(ds, len(ds), shuffle=False, drop_last=False).batch_at(0)
         half = len(ds) // 2
         parts = [{k: v[:half] for k, v in whole.items()}, {k: v[half:] for k, v in whole.items()}]
-        one = b.finalize(M.accumulate(None, b.stats(pure.predict(pure.params0, whole), whole)))
+        one = b.finalize(M.accumulate(None, b.stats(pure.predict(pure.params0, whole, pure.encoder_state0), whole)))
         tot = None
         for p in parts:
-            tot = M.accumulate(tot, b.stats(pure.predict(pure.params0, p), p))
+            tot = M.accumulate(tot, b.stats(pure.predict(pure.params0, p, pure.encoder_state0), p))
         two = b.finalize(tot)
     assert list(one) == [s.name for s in b.metrics]
     for k in one:
