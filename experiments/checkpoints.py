@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -133,9 +134,21 @@ def _is_closed_loop_noise(exc_type, exc, tb) -> bool:
     return tb is not None and tb.tb_frame.f_code.co_name == "_check_closed"
 
 
+class _OrbaxThreadErrors(logging.Filter):
+    """Drops orbax's log records of an exception in one of its writer threads: the same
+    exception is raised to :meth:`RunCheckpoints.save` and reported there in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_SignalingThread.run() raised an exception" not in record.getMessage()
+
+
 def _install_noise_filter() -> None:
-    """Drops only :func:`_is_closed_loop_noise` tracebacks (reported through
-    ``sys.unraisablehook`` from tensorstore's threads); everything else is reported as before."""
+    """Installs (once) the two narrow filters for orbax's asynchronous noise."""
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxThreadErrors) for f in logger.filters):
+        logger.addFilter(_OrbaxThreadErrors())
+    # Drops only _is_closed_loop_noise tracebacks (reported through sys.unraisablehook from
+    # tensorstore's threads); everything else is reported as before.
     if getattr(sys.unraisablehook, "_imtl_noise_filter", False):
         return
     previous = sys.unraisablehook
@@ -191,6 +204,7 @@ class RunCheckpoints:
         meta["digest"] = _meta_digest(meta)
         tree = {f"{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}
         before = set(self._entries())
+        self._remove_partial(step, before)  # a tmp directory left by a killed or failed save
         try:
             with _orbax_silenced():
                 m = self._mngr()
@@ -215,10 +229,17 @@ class RunCheckpoints:
             return []
 
     def _remove_partial(self, step: int, before: set) -> None:
-        """Removes what a failed save of ``step`` left (its tmp or final directory)."""
-        for name in set(self._entries()) - before:
-            if name == str(step) or name.startswith(f"{step}.orbax-checkpoint-tmp"):
+        """Removes what a failed save of ``step`` left: its final directory (when new) and any
+        ``<step>.orbax-checkpoint-tmp*`` (never a usable checkpoint). Retried briefly, as
+        orbax's writer threads may still be finishing when the error reaches us."""
+        for _ in range(5):
+            names = [n for n in self._entries()
+                     if (n == str(step) and n not in before) or n.startswith(f"{step}.orbax-checkpoint-tmp")]
+            if not names:
+                return
+            for name in names:
                 shutil.rmtree(self.directory / name, ignore_errors=True)
+            time.sleep(0.1)
 
     def close(self, quiet: bool = False):
         """Closes the orbax manager (joins its threads; no 'Event loop is closed' at exit)."""
