@@ -74,10 +74,23 @@ def write_run(run_dir: os.PathLike, result: dict, history: dict, *, tensorboard:
     """``result.json`` and ``history.json`` (and TensorBoard events) of one run."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "history.json").write_text(json.dumps(to_json(history)))
-    (run_dir / "result.json").write_text(json.dumps(to_json(result), indent=1))
+    write_text_atomic(run_dir / "history.json", json.dumps(to_json(history)))
+    write_text_atomic(run_dir / "result.json", json.dumps(to_json(result), indent=1))
     if tensorboard:
         write_tensorboard(run_dir / "tb", history)
+
+
+def write_text_atomic(path: os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: a full disk
+    or a kill mid-write leaves the earlier file intact, never a truncated one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def read_json(path: os.PathLike) -> Optional[dict]:

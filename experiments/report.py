@@ -212,7 +212,7 @@ def write_reports(out: os.PathLike, bench, results: Sequence[dict], histories: d
     """Writes results.json, results.md and plots into ``out``; returns the summary plus
     ``markdown`` (the printed block) and ``results_md``."""
     from experiments.plots import plot_all
-    from experiments.records import to_json
+    from experiments.records import to_json, write_text_atomic
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(bench, results)
@@ -226,7 +226,7 @@ def write_reports(out: os.PathLike, bench, results: Sequence[dict], histories: d
         "summary": summary["methods"], "runs": list(results), "total_wall_s": total_wall_s,
         "notes": bench.notes, "n_test": len(bench.test) if bench.test is not None else None,
     }
-    (out / "results.json").write_text(json.dumps(to_json(payload), indent=1, allow_nan=False))
+    write_text_atomic(out / "results.json", json.dumps(to_json(payload), indent=1, allow_nan=False))
     seeds = sorted({r.get("seed") for r in results})
     cfg = results[0]["config"] if results else {}
     steps = sorted({r.get("steps_planned") for r in results})
@@ -257,7 +257,7 @@ def write_reports(out: os.PathLike, bench, results: Sequence[dict], histories: d
     if written:
         lines += ["", "Plots: " + ", ".join(f"[{p.name}](plots/{p.name})" for p in written)]
     md = "\n".join(lines) + "\n"
-    (out / "results.md").write_text(md)
+    write_text_atomic(out / "results.md", md)
     header = f"{title or bench.name}: test metrics (selected on validation), mean ± 95% CI over seeds" + (
         f"; Δ vs {summary['baseline_label']}" if summary["baseline"] is not None else "")
     printed = header + "\n\n" + table + "\n" + (f"\n{note}\n" if note else "") + "".join(

@@ -44,33 +44,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from imtl_jax._linalg import spd_inverse
 from imtl_jax._imtl_g import _REFINE_MAX_SIZE, _check_priorities
 from imtl_jax._method import PyTree, Weighting, WeightingOutput
 from imtl_jax.methods import imtl as _imtl_methods
 
 _HIGHEST = lax.Precision.HIGHEST
 
-try:  # the solve of imtl_g_solve: Cholesky, pseudo-inverse behind lax.cond when ill-conditioned
-    from imtl_jax._linalg import spd_inverse as _spd_inverse
-except ImportError:  # pragma: no cover - older tree
-    _spd_inverse = None
-
-
 def _solve_cosine_system(k: jax.Array, rhs: jax.Array) -> jax.Array:
     """``K^+ rhs`` for the cosine matrix ``K`` (unit diagonal), as in :func:`imtl_g_solve`."""
     num_tasks = k.shape[0]
     max_cond = 1.0 / (10.0 * num_tasks * jnp.finfo(k.dtype).eps)
-    if _spd_inverse is not None:
-        inverse, _ = _spd_inverse(k, max_cond)
-        return jnp.matmul(inverse, rhs, precision=_HIGHEST)
-    evals, evecs = jnp.linalg.eigh(k)
-    keep = evals > jnp.max(jnp.abs(evals)) / max_cond
-    inv = jnp.where(keep, 1.0 / jnp.where(keep, evals, 1.0), 0.0)
-    pinv = jnp.matmul(evecs, inv * jnp.matmul(evecs.T, rhs, precision=_HIGHEST), precision=_HIGHEST)
-    well = jnp.all(keep)
-    chol = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(
-        jnp.where(well, k, jnp.eye(num_tasks, dtype=k.dtype))), rhs)
-    return jnp.where(well & jnp.all(jnp.isfinite(chol)), chol, pinv)
+    inverse, _ = spd_inverse(k, max_cond)
+    return jnp.matmul(inverse, rhs, precision=_HIGHEST)
 
 
 def _gram_exponent_range(dtype) -> tuple[int, int]:

@@ -275,7 +275,8 @@ def _select(ok: jax.Array, new: Any, old: Any) -> Any:
 
 
 def _check_same_carry(new: PyTree, old: PyTree) -> None:
-    new_def, old_def = jax.tree_util.tree_structure(new), jax.tree_util.tree_structure(old)
+    new_def: Any = jax.tree_util.tree_structure(new)
+    old_def: Any = jax.tree_util.tree_structure(old)
     if new_def != old_def:
         raise ValueError("skip_nonfinite: `train_fn` must return a carry with the structure of "
                          f"its input carry; got {new_def} for an input {old_def}.")

@@ -197,8 +197,8 @@ def check_task_reads(loss_fn: Any, head_params: Any, z: Any, batch: Any, *, num_
         h = jax.tree_util.tree_unflatten(head_def, head_leaves_)
         return loss_fn(h, z_, b, *t)
 
-    args = ([abstract(x) for x in head_leaves], abstract(z),
-            [abstract(x) for (_, x), a in zip(batch_paths, array_leaf) if a])
+    args: tuple = ([abstract(x) for x in head_leaves], abstract(z),
+                   [abstract(x) for (_, x), a in zip(batch_paths, array_leaf) if a])
     if task is None:
         args = args + (jax.ShapeDtypeStruct((), jnp.int32),)
     try:
@@ -222,9 +222,9 @@ def check_task_reads(loss_fn: Any, head_params: Any, z: Any, batch: Any, *, num_
         where = f"{src} (shape {tuple(shape)})" if src else f"an array of shape {tuple(shape)}"
         raise ValueError(
             f"{what}: the loss of task {t} reads index {start} of axis {axis} of {where}, which has "
-            f"{shape[axis]} {'entry' if shape[axis] == 1 else 'entries'} (JAX would clamp the index silently and train task {t} on "
-            f"another task's data). The batch must carry targets for all {num_tasks} tasks of "
-            "`params.log_scales`; check the batch's task axis or the index in the loss function.")
+            f"{shape[axis]} {'entry' if shape[axis] == 1 else 'entries'} (JAX would clamp the index "
+            f"silently and train task {t} on another task's data). The batch must carry targets for "
+            f"all {num_tasks} tasks of `params.log_scales`; check the batch's task axis or the index in the loss function.")
 
 
 def check_step_task_reads(task_losses: Any, heads: Any, z: Any, batch: Any, num_tasks: int) -> None:

@@ -62,4 +62,4 @@ from imtl_jax.methods import nash_mtl as _nash_mtl  # noqa: E402,F401
 from imtl_jax.methods import aligned_mtl as _aligned_mtl  # noqa: E402,F401
 from imtl_jax.methods import upgrad as _upgrad  # noqa: E402,F401
 
-from imtl_jax.methods.loss_weighting import single_task  # noqa: E402  (a factory, not registered)
+from imtl_jax.methods.loss_weighting import single_task as single_task  # noqa: E402  (a factory, not registered)

@@ -13,8 +13,8 @@ def _equal_weigh(grads, losses, state, key, priorities):
     return WeightingOutput(jnp.ones_like(losses), state, {})
 
 
-EQUAL = Weighting(name="equal", init=stateless_init, weigh=_equal_weigh, needs_grads=False,
+EQUAL: Weighting = Weighting(name="equal", init=stateless_init, weigh=_equal_weigh, needs_grads=False,
                   weights_heads=True)
-IDENTITY = LossScaling(name="identity", scale=lambda losses, log_scales: losses, trainable=False)
+IDENTITY: LossScaling = LossScaling(name="identity", scale=lambda losses, log_scales: losses, trainable=False)
 
 register(Method("equal", IDENTITY, EQUAL))

@@ -34,7 +34,7 @@ class GradNormState(NamedTuple):
 
     weights: jax.Array
     initial_losses: jax.Array
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count; a public state field
 
 
 def _gradnorm_init(num_tasks, dtype=None):

@@ -142,7 +142,7 @@ class DWAState(NamedTuple):
     """
 
     history: jax.Array
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count; a public state field
 
 
 def _dwa_init(num_tasks, dtype=None, *, window):
@@ -222,7 +222,7 @@ class FAMOState(NamedTuple):
     logits: jax.Array
     prev_log_losses: jax.Array
     opt_state: Any
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count; a public state field
 
 
 def _famo_init(num_tasks, dtype=None, *, optimizer):

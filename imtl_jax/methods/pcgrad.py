@@ -24,7 +24,7 @@ class PCGradState(NamedTuple):
     """State of the PCGrad weighting: ``count`` (int32), the number of steps seen. Used only to
     draw a fresh task order each step when ``weigh`` gets ``key=None``."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count; a public state field
 
 
 def _pcgrad_init(num_tasks, dtype=None):
