@@ -8,7 +8,7 @@ which builds a ``chex.TestCase`` running every declared property with and withou
 (``chex.variants``) on the named input families of ``tests/inputs.py``. The properties:
 
 * ``sums_to_one`` — ``sum(w) = 1`` (to ``10 T eps sum|w|``);
-* ``scale_invariant`` — ``w(s G) = w(G)`` for ``s`` in 1e-20, 1e-3, 1e3, 1e20 (Theorem 2 of the
+* ``scale_invariant`` — ``w(s G) = w(G)`` for ``s`` in 1e-20, 1e20 (Theorem 2 of the
   IMTL paper for IMTL-G; every baseline here is invariant to a uniform rescale too);
 * ``permutation_equivariant`` — permuting the tasks permutes the weights;
 * ``finite_on_degenerate`` — finite weights for a zero row, duplicate rows, opposite rows,
@@ -40,7 +40,8 @@ def _weights(weighting, g):
 def _draws():
     """Well-conditioned inputs from the named families (float32, norms over 1e+-1)."""
     out = []
-    for i, (family, t, d) in enumerate([("mixed", 4, 16), ("aligned", 3, 8), ("opposed_pairs", 4, 8)]):
+    # Two draws: the without-jit variant compiles every while_loop per call (keep CI time low).
+    for i, (family, t, d) in enumerate([("mixed", 4, 16), ("opposed_pairs", 3, 8)]):
         out.append(inputs.draw(family, 100 + i, t, d, 1).astype(np.float32))
     return out
 
@@ -72,7 +73,7 @@ def check_scale_invariant(fn, rtol, cond2=0.0):
     for g in _draws():
         rtol_g = _tol(g, rtol, cond2)
         w = np.asarray(fn(jnp.asarray(g)))
-        for s in (1e-20, 1e-3, 1e3, 1e20):
+        for s in (1e-20, 1e20):
             ws = np.asarray(fn(jnp.asarray(g * np.float32(s))))
             np.testing.assert_allclose(ws, w, rtol=rtol_g, atol=rtol_g * np.abs(w).max())
 
