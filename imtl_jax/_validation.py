@@ -224,7 +224,8 @@ def check_task_reads(loss_fn: Any, head_params: Any, z: Any, batch: Any, *, num_
             f"{what}: the loss of task {t} reads index {start} of axis {axis} of {where}, which has "
             f"{shape[axis]} {'entry' if shape[axis] == 1 else 'entries'} (JAX would clamp the index "
             f"silently and train task {t} on another task's data). The batch must carry targets for "
-            f"all {num_tasks} tasks of `params.log_scales`; check the batch's task axis or the index in the loss function.")
+            f"all {num_tasks} tasks of `params.log_scales`; check the batch's task axis or the index in "
+            "the loss function.")
 
 
 def check_step_task_reads(task_losses: Any, heads: Any, z: Any, batch: Any, num_tasks: int) -> None:

@@ -65,7 +65,8 @@ def check_state(state: Any, expected: Any, method: str) -> None:
     (the output of the weighting's ``init`` for the current T)."""
     exp_leaves, exp_tree = jax.tree_util.tree_flatten(expected)
     try:
-        leaves, tree = jax.tree_util.tree_flatten(state)
+        leaves, tree_any = jax.tree_util.tree_flatten(state)
+        tree: Any = tree_any
     except Exception as err:  # pragma: no cover - exotic pytrees
         raise ValueError(f"`state` of the {method!r} weighting is not a pytree: {err}") from err
     if tree != exp_tree:

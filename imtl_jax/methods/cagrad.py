@@ -69,9 +69,9 @@ def _face_solve(gram, lin, rho, w):
     k = jnp.where(both, gram / (s[:, None] * s[None, :]), jnp.eye(num_tasks, dtype=dtype))
     pinv = symmetric_pinv(k, 10.0 * num_tasks * eps)
     c = jnp.where(support, 1.0 / s, 0.0)
-    l = jnp.where(support, lin / s, 0.0)
+    lin_s = jnp.where(support, lin / s, 0.0)
     p = jnp.matmul(pinv, c, precision=HIGHEST)
-    q = jnp.matmul(pinv, l, precision=HIGHEST)
+    q = jnp.matmul(pinv, lin_s, precision=HIGHEST)
     kp = jnp.matmul(k, p, precision=HIGHEST)
     kq = jnp.matmul(k, q, precision=HIGHEST)
     qa, qb, qc = jnp.dot(p, kp), jnp.dot(p, kq), jnp.dot(q, kq) - rho * rho

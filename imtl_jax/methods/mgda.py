@@ -220,7 +220,9 @@ def min_norm_point(gram: jax.Array, max_iterations: int,
         w_new = jnp.where(jnp.all(jnp.where(support_new, y > 0, True)), y, w_new)
         # Keep the previous point unless the objective strictly decreased (round-off can
         # make the new point no better: stop then, there is no progress left to make).
-        value = lambda v: jnp.dot(v, jnp.matmul(gram, v, precision=HIGHEST))
+        def value(v):
+            return jnp.dot(v, jnp.matmul(gram, v, precision=HIGHEST))
+
         worse = ~(value(w_new) < value(w)) | ~jnp.all(jnp.isfinite(w_new))
         w_new = jnp.where(worse, w, w_new)
         support_new = jnp.where(worse, support, support_new)
@@ -340,7 +342,8 @@ def mgda_weighting(*, solver: str = "wolfe", max_iterations: Optional[int] = Non
       tol: certificate tolerance (default ``4 eps`` of the working dtype: float32 round-off).
 
     Cost per step: the per-task gradients, the Gramian O(T^2 F), then per Wolfe cycle one or a
-    few (T+1, T+1) eigendecompositions (the affine min-norm solve on the support). Measured on the hard families of ``python -m benchmarks.accuracy`` (T <= 20, norms
+    few (T+1, T+1) eigendecompositions (the affine min-norm solve on the support). Measured on
+    the hard families of ``python -m benchmarks.accuracy`` (T <= 20, norms
     over 1e+-4): see docs/method.md. ``info``: ``min_norm`` (``||w @ grads||``), ``certificate``
     (the final relative KKT gap) and ``iterations`` (major cycles or Frank-Wolfe steps used, int32).
     """
