@@ -13,6 +13,7 @@ Blocks:
   Δm/Δp against single-task, paired Δm − EW), as :func:`experiments.report.markdown_table`.
 * ``<folder>:verdict``: per method, Δm − EW with its interval and what it says at 95 %
   ("better", "worse", "no difference"), ranked by mean Δm.
+* ``<folder>:levels``: each method run at both levels (z and θ), the paired θ − z difference.
 * ``<folder>:provenance``: the command, seeds, configuration and machine of the runs.
 
 >>> split_blocks("a\\n<!-- table:x -->\\nold\\n<!-- /table:x -->\\nb")[1]
@@ -31,7 +32,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-__all__ = ["RecordedBenchmark", "collect_runs", "load", "full_table", "verdict_table", "provenance", "render", "split_blocks",
+__all__ = ["RecordedBenchmark", "collect_runs", "load", "full_table", "verdict_table", "levels_table", "provenance", "render", "split_blocks",
            "update_file", "main"]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,6 +142,33 @@ def verdict_table(folder: Path) -> str:
     return "\n".join(lines)
 
 
+def levels_table(folder: Path) -> str:
+    """The z-vs-θ question: each method run at both levels, paired per seed.
+
+    Rows pair a parameter-level run (``<m>@params``; ``imtl_g_exact`` for ``imtl_g``) with the same
+    method at the representation level: Δm% of each and the paired difference θ − z (negative:
+    the parameter level is better).
+    """
+    from experiments.stats import format_ci, paired_diff_ci
+    _, _, summary = load(folder)
+    methods = summary["methods"]
+    pairs = [(m, m[: -len("@params")]) for m in methods if m.endswith("@params")]
+    pairs += [("imtl_g_exact", "imtl_g")] if "imtl_g_exact" in methods else []
+    lines = ["| method | Δm% at z (representation) | Δm% at θ (parameters) | θ − z (paired) | at 95 % |",
+             "|---|---|---|---|---|"]
+    for theta, z in pairs:
+        if z not in methods or "delta_m" not in methods[z] or "delta_m" not in methods[theta]:
+            continue
+        dz, dt = methods[z]["delta_m"], methods[theta]["delta_m"]
+        m, h, n = paired_diff_ci({int(k): v for k, v in dt["by_seed"].items()},
+                                 {int(k): v for k, v in dz["by_seed"].items()})
+        verdict = _verdict(m if n else None, h if n > 1 else None, n).replace("than EW", "at θ")
+        lines.append(f"| {z} | {format_ci(dz['mean'], dz['ci95'] if dz['ci95'] is not None else math.nan, 2, True)}"
+                     f" | {format_ci(dt['mean'], dt['ci95'] if dt['ci95'] is not None else math.nan, 2, True)}"
+                     f" | {format_ci(m, h, 2, True)} (n={n}) | {verdict} |")
+    return "\n".join(lines)
+
+
 def provenance(folder: Path) -> str:
     """What produced the folder: command(s), seeds, configuration, machine, total time."""
     _, payload, summary = load(folder)
@@ -166,7 +194,7 @@ def provenance(folder: Path) -> str:
 
 
 def _producers() -> dict[str, Callable[[Path], str]]:
-    return {"": full_table, "verdict": verdict_table, "provenance": provenance}
+    return {"": full_table, "verdict": verdict_table, "levels": levels_table, "provenance": provenance}
 
 
 def render(name: str) -> Optional[str]:

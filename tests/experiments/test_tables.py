@@ -63,3 +63,14 @@ def test_committed_tables_match_results():
     r = subprocess.run([sys.executable, "-m", "experiments.tables", "--check"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_levels_table_pairs_theta_with_z_per_seed(tmp_path, monkeypatch):
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "results.json").write_text(json.dumps(_payload(
+        {"equal": [5, 6, 7], "imtl_g": [10, 20, 30], "imtl_g_exact": [8, 18, 28],
+         "nash_mtl": [1, 2, 3], "nash_mtl@params": [4, 2, 0]})))
+    rows = {line.split(" | ")[0].strip("| "): line for line in tables.render("f:levels").splitlines()[2:]}
+    assert "-2.00 ± 0.00 (n=3)" in rows["imtl_g"] and "better at θ" in rows["imtl_g"]  # paired: exactly -2
+    assert "no difference" in rows["nash_mtl"]  # +3, 0, -3: the interval spans zero
