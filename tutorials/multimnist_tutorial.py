@@ -100,7 +100,7 @@ print("first labels (left, right):", train_y[:5].tolist())
 # task axis. For {func}`imtl_jax.nnx.make_train_step` the model needs three attributes: `encoder`,
 # `heads` and `loss_scales` (the IMTL-L log-scales; equal weighting leaves them at zero).
 #
-# The per-task loss receives head `t`'s slice of the stacked parameters; adding the task axis
+# The per-task loss receives head `t` as a module (its slice of the stacked parameters); adding the task axis
 # back (of size 1) lets the stacked module apply it as "task 0".
 
 # %%
@@ -115,12 +115,12 @@ class Net(nnx.Module):
         return self.heads(self.encoder(x))
 
 
-HEAD_DEF = nnx.graphdef(Net(SEED).heads)
-
-
-def head_loss(head_params_t, z, batch, t):
-    one_head = jax.tree_util.tree_map(lambda a: a[None], head_params_t)
-    logits = nnx.merge(HEAD_DEF, one_head).apply_task(z, 0)
+def head_loss(head, z, batch, t):
+    # `head` is task t's slice of the stacked heads (no task axis): give it a task axis of one
+    # and apply it as task 0.
+    graphdef, state = nnx.split(head)
+    one_head = nnx.merge(graphdef, jax.tree_util.tree_map(lambda a: a[None], state))
+    logits = one_head.apply_task(z, 0)
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"][:, t]).mean()
 
 
