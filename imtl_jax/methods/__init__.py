@@ -61,5 +61,7 @@ from imtl_jax.methods import cagrad as _cagrad  # noqa: E402,F401
 from imtl_jax.methods import nash_mtl as _nash_mtl  # noqa: E402,F401
 from imtl_jax.methods import aligned_mtl as _aligned_mtl  # noqa: E402,F401
 from imtl_jax.methods import upgrad as _upgrad  # noqa: E402,F401
+from imtl_jax.methods import rlw as _rlw  # noqa: E402,F401
+from imtl_jax.methods import scale_invariant as _scale_invariant  # noqa: E402,F401
 
 from imtl_jax.methods.loss_weighting import single_task as single_task  # noqa: E402  (a factory, not registered)
