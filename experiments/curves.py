@@ -1,0 +1,199 @@
+"""Validation curves of a results folder: kept compactly beside the results, and plotted.
+
+``python -m experiments.curves <results folder>`` reads every run's ``history.json`` (the
+per-step record, too large to commit), keeps its validation evaluations in
+``<folder>/curves.json`` (merged with what is already there, so curves survive when the
+histories are gone), and writes ``<folder>/curves.png`` and ``<folder>/curves.md``.
+
+The budget rule: a run has *flattened* at the first evaluation after which the mean, over its
+validation metrics, of the relative gap to the best value the run reaches stays below
+``tol`` (1 % by default). ``curves.md`` lists that epoch per run; a budget is long enough when
+every run of equal weighting and of the single-task networks flattens well before its end.
+
+>>> relative_gap({"mae": [4.0, 2.0, 1.0]}, {"mae": False}).round(3).tolist()
+[3.0, 1.0, 0.0]
+>>> flattened_index(np.array([0.5, 0.2, 0.005, 0.02, 0.004, 0.0]), 0.01)
+4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["extract", "relative_gap", "flattened_index", "main"]
+
+
+def _payload(folder: Path) -> dict:
+    path = folder / "results.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _higher_is_better(folder: Path) -> dict:
+    return {m["name"]: bool(m["higher_is_better"]) for m in _payload(folder).get("metrics", [])}
+
+
+def _own_metrics(folder: Path, label: str, metrics: dict) -> dict:
+    """A single-task run (``single_task_<t>``) is judged on its own task's metrics only."""
+    if not label.startswith("single_task_"):
+        return metrics
+    payload = _payload(folder)
+    tasks = payload.get("tasks", [])
+    t = int(label.rsplit("_", 1)[1])
+    own = {m["name"] for m in payload.get("metrics", []) if tasks and m["task"] == tasks[t]}
+    return {k: v for k, v in metrics.items() if k in own} or metrics
+
+
+def _selected_is_last(folder: Path) -> dict:
+    """``{label: (runs whose selected step is the last evaluation, runs)}`` from results.json."""
+    out: dict = {}
+    for r in _payload(folder).get("runs", []):
+        if r.get("status") != "ok" or not r.get("selected") or not r.get("last"):
+            continue
+        label = r.get("method")
+        hit, n = out.get(label, (0, 0))
+        out[label] = (hit + int(r["selected"]["step"] == r["last"]["step"]), n + 1)
+    return out
+
+
+def extract(folder: Path) -> dict:
+    """``{label: {seed: {"step": [...], "lr": [...], "metrics": {name: [...]}}}}`` from the
+    histories under ``folder/runs``, merged over the curves already stored in ``curves.json``."""
+    folder = Path(folder)
+    stored = folder / "curves.json"
+    curves = json.loads(stored.read_text())["runs"] if stored.exists() else {}
+    for hist_path in sorted(folder.glob("runs/*/seed*/history.json")):
+        label, seed = hist_path.parent.parent.name, hist_path.parent.name.removeprefix("seed")
+        try:
+            val = json.loads(hist_path.read_text()).get("val", [])
+        except (OSError, ValueError):
+            continue
+        if not val:
+            continue
+        names = list(val[0]["metrics"])
+        curves.setdefault(label, {})[seed] = {
+            "step": [int(v["step"]) for v in val],
+            "lr": [v.get("lr") for v in val],
+            "metrics": {n: [v["metrics"].get(n) for v in val] for n in names},
+        }
+    return curves
+
+
+def relative_gap(metrics: dict, higher_is_better: dict) -> np.ndarray:
+    """Per evaluation, the mean over metrics of ``|m - best| / |best|`` (best over the run)."""
+    gaps = []
+    for name, values in metrics.items():
+        v = np.asarray([np.nan if x is None else x for x in values], np.float64)
+        best = np.nanmax(v) if higher_is_better.get(name, False) else np.nanmin(v)
+        gaps.append(np.abs(v - best) / max(abs(best), 1e-12))
+    return np.nanmean(np.stack(gaps), axis=0)
+
+
+def flattened_index(gap: np.ndarray, tol: float) -> int:
+    """The first index after which ``gap`` stays below ``tol`` (``len(gap)`` if it never does)."""
+    above = np.nonzero(~(gap < tol))[0]
+    return 0 if len(above) == 0 else int(above[-1]) + 1
+
+
+# Training-set sizes of the benchmarks whose curves are plotted in epochs (the split each uses).
+TRAIN_SIZES = {"qm9": 110_831, "multifashion": 24_000, "multimnist": 24_000, "multifashion_mnist": 24_000}
+
+
+def _steps_per_epoch(folder: Path) -> float | None:
+    path = folder / "results.json"
+    if not path.exists():
+        return None
+    payload = json.loads(path.read_text())
+    size = TRAIN_SIZES.get(payload.get("benchmark"))
+    for r in payload.get("runs", []):
+        batch = (r.get("config") or {}).get("batch_size")
+        if size and batch:
+            return float(size // int(batch))
+    return None
+
+
+def summarize(folder: Path, curves: dict, tol: float) -> str:
+    hib = _higher_is_better(folder)
+    spe = _steps_per_epoch(folder)
+    unit = "epoch" if spe else "step"
+    lines = [f"# Validation curves: {folder.name}", "",
+             f"Flattened: the first evaluation after which the mean relative gap of the run's validation metrics "
+             f"to their best value stays below {tol:.0%} (`python -m experiments.curves {folder.as_posix()}`).", "",
+             f"| run | seeds | last {unit} | flattened at {unit} (per seed) | selected step = last evaluation |",
+             "|---|---|---|---|---|"]
+    selected_last = _selected_is_last(folder)
+    for label in sorted(curves, key=lambda k: (k.startswith("single_task_"), len(k), k)):
+        flat, last = [], 0.0
+        for seed in sorted(curves[label], key=int):
+            c = curves[label][seed]
+            gap = relative_gap(_own_metrics(folder, label, c["metrics"]), hib)
+            steps = np.asarray(c["step"], np.float64) / (spe or 1.0)
+            i = flattened_index(gap, tol)
+            flat.append("never" if i >= len(gap) else f"{steps[i]:.0f}")
+            last = steps[-1]
+        hit, n = selected_last.get(label, (0, 0))
+        lines.append(f"| {label} | {len(curves[label])} | {last:.0f} | {', '.join(flat)} | "
+                     f"{f'{hit} of {n}' if n else '–'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(folder: Path, curves: dict, tol: float) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    hib = _higher_is_better(folder)
+    spe = _steps_per_epoch(folder) or 1.0
+    labels = sorted(curves)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    cmap = plt.get_cmap("tab20")
+    for i, label in enumerate(labels):
+        for j, seed in enumerate(sorted(curves[label], key=int)):
+            c = curves[label][seed]
+            gap = relative_gap(_own_metrics(folder, label, c["metrics"]), hib)
+            x = np.asarray(c["step"], np.float64) / spe
+            ax.semilogy(x, np.maximum(gap, 1e-5), color=cmap(i % 20), alpha=0.8, lw=1,
+                        label=label if j == 0 else None)
+    ax.axhline(tol, color="k", ls="--", lw=0.8, label=f"{tol:.0%}")
+    ax.set_xlabel("epoch" if spe != 1.0 else "step")
+    ax.set_ylabel("mean relative gap to the run's best\nvalidation metric (log)")
+    ax.set_title(f"{folder.name}: validation curves, one line per seed")
+    if len(labels) <= 24:
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    out = folder / "curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.curves", description=__doc__.split("\n\n")[0])
+    p.add_argument("folder", type=Path, help="a results folder (with runs/<method>/seed<k>/history.json)")
+    p.add_argument("--tol", type=float, default=0.01, help="the flattening tolerance (default: 0.01)")
+    p.add_argument("--no-plot", action="store_true", help="write curves.json and curves.md only")
+    a = p.parse_args(argv)
+    curves = extract(a.folder)
+    if not curves:
+        print(f"no validation curves under {a.folder}")
+        return 1
+    _write(a.folder / "curves.json", json.dumps({"runs": curves}, separators=(",", ":")))
+    text = summarize(a.folder, curves, a.tol)
+    _write(a.folder / "curves.md", text)
+    if not a.no_plot:
+        plot(a.folder, curves, a.tol)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

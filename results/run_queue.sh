@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The evidence queue: every training job of the converged protocol, one at a time, each resumable
+# (finished runs are skipped) and committed as soon as it finishes, so the tables grow job by job
+# however often the queue is interrupted. Run it in the background, niced:
+#
+#   CODE=/path/to/frozen/checkout nice -n 19 bash results/run_queue.sh [FIRST_JOB_NUMBER]
+#
+# CODE (default: this checkout) is the tree whose code trains (a frozen `git worktree` keeps the
+# runs' code fixed while the checkout changes); results and commits go to this checkout.
+# Every job appends one line to results/queue_log.tsv: job, exit status, wall seconds, the
+# 1-minute load before and after. QUEUE_NO_COMMIT=1 skips the commits.
+set -u
+HERE="$(cd "$(dirname "$0")/.." && pwd)"
+CODE="${CODE:-$HERE}"
+LOG="$HERE/results/queue_log.tsv"
+START="${1:-1}"
+
+# Budgets chosen from the equal-weighting validation curves of results/budget_probe
+# (docs/budgets.md): QM9 60 epochs of 216 steps, MultiFashion 20 epochs of 93 steps.
+QM9="qm9 --seeds 0 1 2 3 4 --single-task-seeds 0 1 2 3 4 --epochs 60 --batch-size 512 --eval-every 432 \
+ --schedule plateau --plateau-patience 3 --resume --no-tensorboard --no-plots --quiet --out $HERE/results/qm9_converged"
+MF="multifashion --seeds 0 1 2 3 4 --epochs 20 --batch-size 256 --eval-every 93 --schedule plateau \
+ --plateau-patience 3 --resume --no-tensorboard --no-plots --quiet --out $HERE/results/multifashion_converged"
+GRID="--lr-grid 5e-3 1e-3 5e-4 1e-4 --wd-grid 0 --tune-seeds 100"
+QM9_TUNE="tuning --benchmark qm9 --seeds 0 1 2 3 4 --epochs 60 --batch-size 512 --eval-every 432 --schedule plateau \
+ --plateau-patience 3 $GRID --no-tensorboard --no-plots --quiet --out $HERE/results/qm9_tuned"
+MF_TUNE="tuning --benchmark multifashion --seeds 0 1 2 3 4 --epochs 20 --batch-size 256 --eval-every 93 \
+ --schedule plateau --plateau-patience 3 $GRID --no-tensorboard --no-plots --quiet --out $HERE/results/multifashion_tuned"
+
+# Representation level unless the name says otherwise; IMTL-L and uncertainty are one method
+# under Adam (mirror trajectories) and are run both only to show it.
+METHODS_Z="equal rlw si imtl_h imtl_g imtl_l uncertainty gls famo dwa mgda pcgrad cagrad nash_mtl aligned_mtl upgrad
+ gradnorm gradnorm_gamma0 mgda_closed_form"
+JOBS=()
+JOBS+=("$QM9 --methods single_task")
+for m in $METHODS_Z; do JOBS+=("$QM9 --methods single_task $m"); done
+JOBS+=("$QM9 --methods single_task imtl_g_exact" "$QM9 --methods single_task nash_mtl@params")
+JOBS+=("$MF --methods single_task")
+for m in $METHODS_Z; do JOBS+=("$MF --methods single_task $m"); done
+for m in imtl_g_exact nash_mtl@params mgda@params pcgrad@params cagrad@params aligned_mtl@params upgrad@params; do
+  JOBS+=("$MF --methods single_task $m")
+done
+# Tuning parity: the same grid and tuning seed for every tuned method (one call per method so
+# that each finishes and is committed alone; the last call, all finished, writes the joint table).
+TUNED="equal imtl_h imtl_g imtl_g_exact si rlw"
+for m in $TUNED; do JOBS+=("$QM9_TUNE --methods single_task $m"); done
+JOBS+=("$QM9_TUNE --methods single_task $TUNED")
+for m in $TUNED; do JOBS+=("$MF_TUNE --methods single_task $m"); done
+JOBS+=("$MF_TUNE --methods single_task $TUNED")
+
+commit() {  # commit only the results of this queue (retry while another git command holds the index)
+  [ "${QUEUE_NO_COMMIT:-0}" = 1 ] && return 0
+  local msg="$1"; shift
+  for _ in 1 2 3 4 5 6 7 8 9 10; do
+    if (cd "$HERE" && git add -- "$@" 2>/dev/null && git commit -q -m "$msg" -- "$@" >/dev/null 2>&1); then return 0; fi
+    sleep 15
+  done
+  echo "run_queue: could not commit $msg" >&2
+}
+
+[ -f "$LOG" ] || printf "job\tstatus\twall_s\tload_before\tload_after\tended\tcommand\n" > "$LOG"
+n=0
+for job in "${JOBS[@]}"; do
+  n=$((n + 1))
+  [ "$n" -lt "$START" ] && continue
+  out=$(echo "$job" | sed -n 's/.*--out \([^ ]*\).*/\1/p')
+  folder="${out#$HERE/}"
+  before=$(cut -d' ' -f1 /proc/loadavg); t0=$(date +%s)
+  echo "run_queue: job $n/${#JOBS[@]}: python -m experiments $job"
+  (cd "$CODE" && python -m experiments $job)
+  status=$?
+  after=$(cut -d' ' -f1 /proc/loadavg); t1=$(date +%s)
+  printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$n" "$status" "$((t1 - t0))" "$before" "$after" "$(date -u +%FT%TZ)" \
+    "python -m experiments ${job//$HERE\//}" >> "$LOG"
+  (cd "$CODE" && python -m experiments.curves "$out" >/dev/null 2>&1) || true
+  commit "queue job $n/${#JOBS[@]} ($folder): python -m experiments ${job//$HERE\//}" "$folder" results/queue_log.tsv
+done
+echo "run_queue: all ${#JOBS[@]} jobs done"
