@@ -41,7 +41,7 @@ def main(argv=None) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from experiments import benchmarks
+    from experiments import suites
     from experiments.data import BatchIterator
     from experiments.options import Options
     from experiments.program import Program, stack
@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
 
     o = Options(benchmark=a.benchmark, tiny=a.tiny)
     load0 = os.getloadavg()[0]
-    with benchmarks.build(a.benchmark, o) as bench:
+    with suites.build(a.benchmark, o) as bench:
         bs = min(a.batch_size, len(bench.train))
         prog = Program(bench, a.method, RunConfig(steps=1, batch_size=bs, lr=1e-3), with_priorities=False)
         kmax = max(a.ks)

@@ -3,7 +3,7 @@
 
 ``python -m experiments <name> --help`` lists every flag with its real default;
 ``--tiny`` runs any of them in seconds on tiny data. Without arguments it lists the registered
-benchmarks (``experiments/benchmarks/__init__.py``) and studies (``experiments/studies/__init__.py``).
+benchmarks (``experiments/suites/__init__.py``) and studies (``experiments/studies/__init__.py``).
 """
 
 from __future__ import annotations
@@ -23,17 +23,17 @@ def _benchmark_arg(argv, default: str) -> str:
 
 
 def main(argv=None) -> int:
-    from experiments import benchmarks, cli, studies
+    from experiments import cli, studies, suites
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip().split("\n\n")[0] + "\n\nbenchmarks: " + ", ".join(benchmarks.REGISTRY)
+        print(__doc__.strip().split("\n\n")[0] + "\n\nbenchmarks: " + ", ".join(suites.REGISTRY)
               + "\nstudies:    " + ", ".join(studies.STUDIES)
               + "\n\n`python -m experiments <name> --help` lists every flag with its default; --tiny runs it "
                 "in seconds.")
         return 0 if argv else cli.EXIT_USAGE
     name, rest = argv[0], argv[1:]
-    if name in benchmarks.REGISTRY:
+    if name in suites.REGISTRY:
         study, bench_name, prog = "compare", name, f"{PROG} {name}"
     elif name in studies.STUDIES:
         mod = studies.module(name)
@@ -41,21 +41,21 @@ def main(argv=None) -> int:
         bench_name = _benchmark_arg(rest, getattr(mod, "DEFAULT_BENCHMARK", "multimnist"))
     else:
         print(f"{PROG}: error: unknown benchmark or study {name!r}; benchmarks: "
-              f"{', '.join(benchmarks.REGISTRY)}; studies: {', '.join(studies.STUDIES)}", file=sys.stderr)
+              f"{', '.join(suites.REGISTRY)}; studies: {', '.join(studies.STUDIES)}", file=sys.stderr)
         return cli.EXIT_USAGE
 
     def body():
         mod = studies.module(study)
-        bmod = benchmarks.module(bench_name)
+        bmod = suites.module(bench_name)
         defaults = {**cli.BASE_DEFAULTS, **bmod.DEFAULTS[bench_name], **getattr(mod, "DEFAULTS", {})}
         defaults["out"] = f"runs/{bench_name}" if study == "compare" else f"runs/{study}/{bench_name}"
-        tiny = {**benchmarks.tiny_defaults(bench_name), **getattr(mod, "TINY", {})}
+        tiny = {**suites.tiny_defaults(bench_name), **getattr(mod, "TINY", {})}
         parser = cli.make_parser(prog, mod.DESCRIPTION, defaults, tiny, epilog=getattr(mod, "USAGE", ""))
         if study != "compare":
-            parser.add_argument("--benchmark", default=bench_name, choices=list(benchmarks.REGISTRY),
+            parser.add_argument("--benchmark", default=bench_name, choices=list(suites.REGISTRY),
                                 help=f"the benchmark to run the study on (default: "
                                      f"{getattr(mod, 'DEFAULT_BENCHMARK', 'multimnist')})")
-        bench_keys = benchmarks.add_flags(parser, bench_name)
+        bench_keys = suites.add_flags(parser, bench_name)
         keys = mod.add_flags(parser) if hasattr(mod, "add_flags") else ()
         o = cli.parse_options(parser, rest, benchmark=bench_name, study=study, defaults=defaults, tiny=tiny,
                               extra_keys=tuple(keys or ()) + bench_keys)

@@ -4,7 +4,7 @@ Metrics are accumulated across batches as *sufficient statistics*: a ``*_stats``
 function (pure ``jax.numpy``, jit-able) maps one batch of predictions to a dict of
 arrays, :func:`accumulate` adds such dicts (in float64 / int64 numpy), and a
 ``*_from_stats`` function turns the totals into metric values. Which metrics a benchmark
-reports, and how, is declared in its own file (``experiments/benchmarks/``). Split-level metrics are
+reports, and how, is declared in its own file (``experiments/suites/``). Split-level metrics are
 therefore exact over the whole split (segmentation from one confusion matrix over all
 pixels; depth errors averaged over all valid pixels; normal-angle percentages exact,
 the median from a 0.01-degree histogram).

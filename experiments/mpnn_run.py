@@ -45,7 +45,7 @@ def throughput_report(results: dict) -> str:
     passes (1/3 of a training step each); the step time at 3 seeds is the measured one
     scaled by ``3 / measured seeds``.
     """
-    from experiments.benchmarks.qm9_mpnn import delta_m_published
+    from experiments.suites.qm9_mpnn import delta_m_published
 
     lines = ["", "qm9_mpnn throughput (measured) and full-protocol estimate:"]
     total_h = 0.0
@@ -93,11 +93,11 @@ def throughput_report(results: dict) -> str:
 
 def main(argv=None) -> int:
     """Runs ``python -m experiments qm9_mpnn ARGV``, then prints :func:`throughput_report`."""
-    from experiments import benchmarks
+    from experiments import suites
     from experiments.__main__ import main as experiments_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    benchmarks.REGISTRY.setdefault("qm9_mpnn", "experiments.benchmarks.qm9_mpnn")
+    suites.REGISTRY.setdefault("qm9_mpnn", "experiments.suites.qm9_mpnn")
     rc = experiments_main(["qm9_mpnn", *argv])
     if rc != 0 or any(a in ("-h", "--help") for a in argv):
         return rc

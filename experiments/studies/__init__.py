@@ -19,6 +19,7 @@ STUDIES: dict[str, str] = {
     "ablation_z_vs_theta": "experiments.studies.ablation_z_vs_theta",
     "priorities": "experiments.studies.priorities",
     "grouping": "experiments.studies.grouping",
+    "affinity_levels": "experiments.studies.affinity_levels",
     "overfitting": "experiments.studies.overfitting",
     "tuning": "experiments.studies.tuning",
 }

@@ -89,12 +89,12 @@ def plot_probes(path: Path, histories: dict) -> bool:
 
 
 def run(o, command: str) -> dict:
-    from experiments import benchmarks, records
+    from experiments import records, suites
     from experiments.errors import CLIError
     from experiments.runs import RunConfig, expand_methods
     from experiments.studies.compare import train_and_report
     expand_methods(o.methods, 1)
-    with benchmarks.build(o.benchmark, o) as bench:
+    with suites.build(o.benchmark, o) as bench:
         specs = expand_methods(o.methods, bench.num_tasks)
         cfg = RunConfig.from_options(o, bench)
         every = o.extra.get("probe_every")

@@ -65,12 +65,12 @@ def train(benchmark: str, methods, seeds, out, *, tiny: bool = False, reference=
     >>> results = train("qm9", ["equal"], [0, 1], "/tmp/tune/lr1e-3", tiny=True, lr=1e-3)  # doctest: +SKIP
     >>> [r["val"]["mu_mae"] for r in results]                                            # doctest: +SKIP
     """
-    from experiments import benchmarks
+    from experiments import suites
     from experiments.runs import RunConfig, expand_methods
     from experiments.train import run_experiment
-    o = benchmarks.options(benchmark, tiny=tiny, quiet=overrides.pop("quiet", True), **overrides)
+    o = suites.options(benchmark, tiny=tiny, quiet=overrides.pop("quiet", True), **overrides)
     own = bench is None
-    bench = bench or benchmarks.build(benchmark, o)
+    bench = bench or suites.build(benchmark, o)
     try:
         specs = expand_methods(list(methods), bench.num_tasks)
         return run_experiment(bench, specs, list(seeds), RunConfig.from_options(o, bench), out, reference=reference)
@@ -88,10 +88,10 @@ def add_flags(parser):
 
 
 def run(o, command: str) -> dict:
-    from experiments import benchmarks
+    from experiments import suites
     from experiments.runs import RunConfig, expand_methods
     expand_methods(o.methods, 1)  # unknown names fail before any data is loaded
-    with benchmarks.build(o.benchmark, o) as bench:
+    with suites.build(o.benchmark, o) as bench:
         specs = expand_methods(o.methods, bench.num_tasks)
         cfg = RunConfig.from_options(o, bench)
         return train_and_report(bench, specs, cfg, o, command)

@@ -89,7 +89,7 @@ def _sub_options(o, targets):
 
 def run(o, command: str) -> dict:
     import imtl_jax
-    from experiments import benchmarks, records
+    from experiments import records, suites
     from experiments.runs import RunConfig, RunSpec, expand_methods, single_task_spec
     from experiments.studies.compare import single_task_reference
     from experiments.train import run_experiment
@@ -102,7 +102,7 @@ def run(o, command: str) -> dict:
     expand_methods(methods, 1)
     out = Path(o.out)
     t0 = time.perf_counter()
-    with benchmarks.build(o.benchmark, o) as bench:
+    with suites.build(o.benchmark, o) as bench:
         names, T = list(bench.task_names), bench.num_tasks
         if any(not 1 <= k <= T for k in ks):
             from experiments.errors import CLIError
@@ -131,7 +131,7 @@ def run(o, command: str) -> dict:
     for (kind, k), groups in groupings.items():
         for gi, g in enumerate(groups):
             targets = [names[i] for i in g]
-            with benchmarks.build(o.benchmark, _sub_options(o, targets)) as sub:
+            with suites.build(o.benchmark, _sub_options(o, targets)) as sub:
                 sub_ref = None if ref is None else {m: v for m, v in ref.items() if tom[m] in targets}
                 run_experiment(sub, [RunSpec(m) for m in methods], o.seeds, cfg,
                                out / f"{kind}_k{k}" / f"group{gi}", reference=sub_ref)

@@ -79,7 +79,7 @@ def policy_priorities(evals, metric_names, maximize, patience, reduced):
 
 
 def run(o, command: str) -> dict:
-    from experiments import benchmarks, records
+    from experiments import records, suites
     from experiments.metrics import delta_m
     from experiments.runs import RunConfig, RunSpec, expand_methods, single_task_spec
     from experiments.stats import format_ci, mean_ci, paired_diff_ci
@@ -99,7 +99,7 @@ def run(o, command: str) -> dict:
     expand_methods(methods, 1)
     out = Path(o.out)
     t0 = time.perf_counter()
-    with benchmarks.build(o.benchmark, o) as bench:
+    with suites.build(o.benchmark, o) as bench:
         T, names = bench.num_tasks, list(bench.task_names)
         cfg = RunConfig.from_options(o, bench)
         watched = _task_metrics(bench)

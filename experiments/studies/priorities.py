@@ -105,12 +105,12 @@ def plot_front(result: dict, path) -> None:
 
 
 def run(o, command: str) -> dict:
-    from experiments import benchmarks, records
+    from experiments import records, suites
     from experiments.errors import CLIError
     from experiments.runs import RunConfig
     from experiments.train import run_experiment
     ratios = o.extra.get("ratios") or list(DEFAULT_RATIOS)
-    with benchmarks.build(o.benchmark, o) as bench:
+    with suites.build(o.benchmark, o) as bench:
         if bench.num_tasks != 2:
             raise CLIError(f"the priorities sweep needs a two-task benchmark; {bench.name} has {bench.num_tasks} "
                            "tasks (qm9: pass --targets with two names, e.g. --targets mu homo)")

@@ -65,14 +65,14 @@ def robustness_table(bench, base_results, scaled_results) -> tuple[str, dict]:
 
 
 def run(o, command: str) -> dict:
-    from experiments import benchmarks, records
+    from experiments import records, suites
     from experiments.errors import CLIError
     from experiments.runs import RunConfig, expand_methods
     from experiments.studies.compare import train_and_report
     if o.loss_scale == 1.0:
         raise CLIError("--loss-scale 1 leaves the losses unchanged; give k != 1 (default 10)")
     expand_methods(o.methods, 1)
-    with benchmarks.build(o.benchmark, o) as bench:
+    with suites.build(o.benchmark, o) as bench:
         specs = [s for s in expand_methods(o.methods, bench.num_tasks) if s.single_task is None]
         if not specs:
             raise CLIError("--method: the robustness study needs registered methods (single_task runs are "

@@ -105,7 +105,7 @@ def choose_multi_task(bench, results_by_point: dict, reference: dict) -> tuple[t
 
 
 def run(o, command: str) -> dict:
-    from experiments import benchmarks, records
+    from experiments import records, suites
     from experiments.errors import CLIError
     from experiments.runs import RunConfig, expand_methods
     from experiments.studies.compare import train_and_report
@@ -119,7 +119,7 @@ def run(o, command: str) -> dict:
                        "different seeds")
     out = Path(o.out)
     t0 = time.perf_counter()
-    with benchmarks.build(o.benchmark, o) as bench:
+    with suites.build(o.benchmark, o) as bench:
         specs = expand_methods(o.methods, bench.num_tasks)
         single = [s for s in specs if s.single_task is not None]
         multi = [s for s in specs if s.single_task is None]

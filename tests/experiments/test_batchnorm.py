@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from experiments import benchmarks
+from experiments import suites
 from experiments import losses as L
 from experiments.data import BatchIterator
 from experiments.options import Options
@@ -21,7 +21,7 @@ from experiments.runs import RunConfig
 
 @pytest.fixture(scope="module")
 def bench():
-    with benchmarks.build("cityscapes", Options(benchmark="cityscapes", tiny=True)) as b:
+    with suites.build("cityscapes", Options(benchmark="cityscapes", tiny=True)) as b:
         yield b
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import benchmarks, cli, report
+from experiments import cli, report, suites
 from experiments.checkpoints import RunCheckpoints
 from experiments.options import Options
 from experiments.runs import RunConfig, RunSpec
@@ -28,7 +28,7 @@ QUIET = dict(log=lambda m: None)
 
 @pytest.fixture(scope="module")
 def bench():
-    with benchmarks.build("qm9", Options(benchmark="qm9", tiny=True)) as b:
+    with suites.build("qm9", Options(benchmark="qm9", tiny=True)) as b:
         yield b
 
 
@@ -198,7 +198,7 @@ def _fake_result(method, seed, test, task=None):
 def test_summary_uses_single_task_baseline_and_both_delta_conventions():
     from experiments import metrics
     specs = (metrics.MetricSpec("task1_acc", "l", True), metrics.MetricSpec("task2_acc", "r", True))
-    b = benchmarks.Benchmark(name="multimnist", task_names=("l", "r"), train=None, val=None, test=None,
+    b = suites.Benchmark(name="multimnist", task_names=("l", "r"), train=None, val=None, test=None,
                              make_model=None, pure_model=None, metrics=specs, stats=None, finalize=None)
     results = [
         _fake_result("single_task", 0, {"task1_acc": 0.90, "task2_acc": 0.10}, task=0),

@@ -114,10 +114,10 @@ def test_delta_m_and_delta_p_disagree():
 def test_benchmark_metrics_accumulate_exactly_over_batches(name):
     """A benchmark's stats/finalize (declared in its own file) give the same metrics from two
     half batches as from the whole batch, and name exactly its metric specs."""
-    from experiments import benchmarks
+    from experiments import suites
     from experiments.data import BatchIterator
     from experiments.options import Options
-    with benchmarks.build(name, Options(benchmark=name, tiny=True)) as b:
+    with suites.build(name, Options(benchmark=name, tiny=True)) as b:
         pure = b.pure_model(b.make_model(0))
         ds = b.val
         whole = BatchIterator(ds, len(ds), shuffle=False, drop_last=False).batch_at(0)

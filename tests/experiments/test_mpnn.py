@@ -219,15 +219,15 @@ def test_full_protocol_config_and_first_batch():
     except Q.DataUnavailableError as e:
         pytest.skip(str(e))
     pytest.importorskip("rdkit")
-    from experiments import benchmarks
-    from experiments.benchmarks import qm9_mpnn
+    from experiments import suites
+    from experiments.suites import qm9_mpnn
     from experiments.data.batching import BatchIterator
     from experiments.options import Options
     from experiments.runs import RunConfig
 
-    benchmarks.REGISTRY.setdefault("qm9_mpnn", "experiments.benchmarks.qm9_mpnn")
+    suites.REGISTRY.setdefault("qm9_mpnn", "experiments.suites.qm9_mpnn")
     o = Options(benchmark="qm9_mpnn", **qm9_mpnn.DEFAULTS["qm9_mpnn"])
-    bench = benchmarks.build("qm9_mpnn", o)
+    bench = suites.build("qm9_mpnn", o)
     assert (len(bench.train), len(bench.val), len(bench.test)) == (110_831, 10_000, 10_000)
     cfg = RunConfig.from_options(o, bench)
     assert cfg.steps == 300 * 923 and cfg.batch_size == 120 and cfg.lr == 1e-3

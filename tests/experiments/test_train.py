@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from experiments import benchmarks
+from experiments import suites
 from experiments.options import Options
 from experiments.runs import RunConfig, RunSpec, expand_methods
 from experiments.train import run_experiment
@@ -19,7 +19,7 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def bench():
-    with benchmarks.build("qm9", Options(benchmark="qm9", tiny=True)) as b:
+    with suites.build("qm9", Options(benchmark="qm9", tiny=True)) as b:
         yield b
 
 

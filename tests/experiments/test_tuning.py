@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from experiments.benchmarks import Benchmark
+from experiments.suites import Benchmark
 from experiments.metrics import MetricSpec
 from experiments.studies import tuning
 

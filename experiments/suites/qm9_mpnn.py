@@ -33,7 +33,7 @@ import numpy as np
 
 from experiments import losses as L
 from experiments import metrics as M
-from experiments.benchmarks import Benchmark, tmpdir
+from experiments.suites import Benchmark, tmpdir
 
 STEPS_PER_EPOCH = 110_831 // 120  # 923: the published batches of one epoch (last partial one dropped)
 DEFAULTS = {"qm9_mpnn": dict(methods=["single_task", "equal", "imtl_h", "imtl_g", "nash_mtl"], seeds=[0, 1, 2], steps=None,

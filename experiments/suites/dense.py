@@ -13,7 +13,7 @@ import numpy as np
 
 from experiments import losses as L
 from experiments import metrics as M
-from experiments.benchmarks import Benchmark, need_data_dir, tmpdir
+from experiments.suites import Benchmark, need_data_dir, tmpdir
 from experiments.data.batching import Subset, first_n
 
 _TASKS = {"nyuv2": ("segmentation", "depth", "normal"), "cityscapes": ("segmentation", "depth")}

@@ -29,14 +29,14 @@ __all__ = ["Benchmark", "REGISTRY", "names", "module", "defaults", "tiny_default
 
 #: benchmark name -> module that builds it (a module may serve several names).
 REGISTRY: dict[str, str] = {
-    "multimnist": "experiments.benchmarks.multimnist",
-    "multifashion": "experiments.benchmarks.multimnist",
-    "multi_fashion_mnist": "experiments.benchmarks.multimnist",
-    "qm9": "experiments.benchmarks.qm9",
-    "qm9_mpnn": "experiments.benchmarks.qm9_mpnn",
-    "celeba": "experiments.benchmarks.celeba",
-    "nyuv2": "experiments.benchmarks.dense",
-    "cityscapes": "experiments.benchmarks.dense",
+    "multimnist": "experiments.suites.multimnist",
+    "multifashion": "experiments.suites.multimnist",
+    "multi_fashion_mnist": "experiments.suites.multimnist",
+    "qm9": "experiments.suites.qm9",
+    "qm9_mpnn": "experiments.suites.qm9_mpnn",
+    "celeba": "experiments.suites.celeba",
+    "nyuv2": "experiments.suites.dense",
+    "cityscapes": "experiments.suites.dense",
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from experiments import losses as L
 from experiments import metrics as M
-from experiments.benchmarks import Benchmark
+from experiments.suites import Benchmark
 from experiments.data.batching import first_n
 
 _COMMON = dict(methods=["imtl_h", "equal", "single_task"], seeds=[0, 1], steps=600, batch_size=128,

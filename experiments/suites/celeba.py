@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from experiments import losses as L
 from experiments import metrics as M
-from experiments.benchmarks import Benchmark, need_data_dir, tmpdir
+from experiments.suites import Benchmark, need_data_dir, tmpdir
 
 DEFAULTS = {"celeba": dict(methods=["imtl_h", "equal"], seeds=[0], steps=3000, batch_size=128, lr=1e-3,
                            eval_every=500, image_size=(64, 64), norm="batch")}

@@ -19,7 +19,7 @@ import numpy as np
 
 from experiments import losses as L
 from experiments import metrics as M
-from experiments.benchmarks import Benchmark, tmpdir
+from experiments.suites import Benchmark, tmpdir
 from experiments.errors import CLIError
 
 DEFAULT_HIDDEN = (256, 256, 256)  # chosen on single-task validation: results/qm9_model_selection
