@@ -94,4 +94,8 @@ def run(o, command: str) -> dict:
     with suites.build(o.benchmark, o) as bench:
         specs = expand_methods(o.methods, bench.num_tasks)
         cfg = RunConfig.from_options(o, bench)
-        return train_and_report(bench, specs, cfg, o, command)
+        summary = train_and_report(bench, specs, cfg, o, command)
+    extra = getattr(suites.module(o.benchmark), "report", None)  # e.g. qm9_mpnn's throughput estimate
+    if extra is not None:
+        print(extra({"runs": summary["results"]}))
+    return summary

@@ -6,7 +6,10 @@ A benchmark module defines
 * ``DEFAULTS``: ``{name: {flag: value}}``, the full-size defaults shown by ``--help``;
 * ``TINY``: ``{flag: value}``, what ``--tiny`` overrides (a handful of steps on tiny data);
 * ``add_flags(parser, name)``: its own flags (optional);
-* ``build(name, options) -> Benchmark``.
+* ``build(name, options) -> Benchmark``;
+* ``report(results) -> str`` (optional): lines printed after the comparison table of
+  ``python -m experiments <name>``, from the ``results.json`` payload (qm9_mpnn: throughput
+  and the full-protocol estimate).
 
 Adding a benchmark is one new module here plus one line in :data:`REGISTRY`
 (see ``docs/contributing_experiments.md``).

@@ -20,7 +20,15 @@ Nash-MTL reports Δm 62 there and 179 on the shared feature -- compare like with
 
     python -m experiments qm9_mpnn --tiny                               # CPU smoke run (fixture)
     python -m experiments qm9_mpnn --epochs 2 --seeds 0 --methods equal imtl_h imtl_g nash_mtl \\
-        --data-dir qm9_graphs.npz                                       # a slice on one GPU
+        --data-dir qm9_graphs.npz --out runs/qm9_mpnn_slice             # a slice on one GPU
+    python -m experiments qm9_mpnn ... --resume                         # continue it after an interruption
+
+After the comparison table the command prints, per method, the step time, the throughput
+(molecules/s = batch x vmapped seeds / step time) and the estimated wall time of the full
+protocol (300 epochs x 923 steps, 3 seeds, one evaluation of the 10,000 + 10,000
+validation/test molecules per epoch), plus Δm% against the published single-task MAEs
+(:func:`throughput_report`). The estimate scales the measured step time linearly from the
+measured number of vmapped seeds to 3 (an upper bound where the device is not yet busy).
 
 ``--data-dir`` takes the exported graph file (``python -m experiments.data.qm9_graph export
 qm9_graphs.npz``: no qm9pack or RDKit needed) or a folder of qm9pack-format CSVs; without it
@@ -57,6 +65,68 @@ def delta_m_published(metrics: dict) -> float:
     if missing:
         raise ValueError(f"delta_m_published: metrics lack {missing}")
     return 100.0 * float(np.mean([(metrics[k] - b) / b for k, b in PUBLISHED_STL_MAE.items()]))
+
+
+FULL_EPOCHS = 300
+PROTOCOL_SEEDS = 3
+EVAL_MOLECULES = 20_000  # validation + test, evaluated once per epoch
+
+
+def throughput_report(results: dict) -> str:
+    """Per-method step time, molecules/s and the full-protocol estimate from a ``results.json``
+    payload (its ``runs``): what ``python -m experiments qm9_mpnn`` prints after the table.
+
+    Estimate per method: ``300 x (923 + 20,000 / 120 / 3) x step time at 3 seeds`` -- the
+    training steps plus one evaluation of 20,000 molecules per epoch counted as forward
+    passes (1/3 of a training step each); the step time at 3 seeds is the measured one
+    scaled by ``3 / measured seeds``.
+    """
+    lines = ["", "qm9_mpnn throughput (measured) and full-protocol estimate:"]
+    total_h = 0.0
+    by_method: dict[str, list] = {}
+    for r in results.get("runs", []):
+        key = "single_task" if r.get("single_task") is not None else r["method"]
+        by_method.setdefault(key, []).append(r)
+    machine = None
+    for method, runs in by_method.items():
+        r = runs[0]
+        machine = r.get("machine", machine)
+        cfg = r["config"]
+        step_ms = r.get("step_time_ms")
+        k = max(int(r.get("group_size") or 1), 1)
+        if not step_ms:
+            lines.append(f"  {method}: no timed steps (run more than one step)")
+            continue
+        mol_s = cfg["batch_size"] * k / (step_ms / 1e3)
+        n_runs = PROTOCOL_SEEDS * (11 if method == "single_task" else 1)  # the protocol's runs of it
+        step3_ms = step_ms * n_runs / k  # all of the method's protocol runs, scaled linearly from k
+        # one evaluation = 20,000 molecules forward; a forward is ~1/3 of a training step (XLA's
+        # count: forward + backward = 2.99 x forward, python -m experiments.models_mpnn)
+        eval3_s = EVAL_MOLECULES / cfg["batch_size"] * step3_ms / 3 / 1e3
+        full_s = FULL_EPOCHS * (STEPS_PER_EPOCH * step3_ms / 1e3 + eval3_s)
+        total_h += full_s / 3600
+        dm = ""
+        try:
+            if method == "single_task":
+                raise ValueError("single-task runs: one task each")
+            dm = f"; Δm vs published STL {delta_m_published(r['test']):+.1f}%"
+        except (ValueError, KeyError, TypeError):
+            pass
+        if cfg["batch_size"] != 120:
+            dm += f" [measured at batch {cfg['batch_size']}, not the protocol's 120: the estimate does not apply]"
+        lines.append(f"  {method}: {step_ms:.1f} ms/step for {k} seed(s) x batch {cfg['batch_size']} = "
+                     f"{mol_s:,.0f} molecules/s; full protocol "
+                     f"({n_runs} runs vmapped, {FULL_EPOCHS} epochs) ~ {full_s / 3600:.1f} h{dm}")
+    if machine:
+        lines.append(f"  machine: {machine.get('backend')} {machine.get('devices')}, {machine.get('cpus')} CPUs, "
+                     f"load {machine.get('load_1min') or 0:.1f}")
+    lines.append(f"  all of them: ~ {total_h:.1f} h (estimate; excludes compilation"
+                 + ("" if "single_task" in by_method else " and the 11 x 3 single-task baseline runs") + ")")
+    return "\n".join(lines)
+
+
+#: printed after the comparison table by ``python -m experiments qm9_mpnn`` (see :mod:`experiments.suites`).
+report = throughput_report
 
 
 def add_flags(parser, name):

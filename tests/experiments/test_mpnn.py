@@ -190,14 +190,14 @@ def test_unpack_rejects_a_wrong_shape():
 
 
 @pytest.mark.slow
-def test_mpnn_run_tiny_end_to_end(tmp_path, capsys):
+def test_qm9_mpnn_command_tiny_end_to_end(tmp_path, capsys):
     pytest.importorskip("rdkit")
     import json
 
-    from experiments import mpnn_run
+    from experiments.__main__ import main
 
     out = tmp_path / "run"
-    rc = mpnn_run.main(["--tiny", "--methods", "equal", "imtl_h", "--out", str(out), "--quiet"])
+    rc = main(["qm9_mpnn", "--tiny", "--methods", "equal", "imtl_h", "--out", str(out), "--quiet"])
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
     assert {r["method"] for r in results["runs"]} == {"equal", "imtl_h"}
@@ -207,7 +207,7 @@ def test_mpnn_run_tiny_end_to_end(tmp_path, capsys):
     report = capsys.readouterr().out
     assert "molecules/s" in report and "full protocol" in report
     # resuming a finished slice does not train again
-    assert mpnn_run.main(["--tiny", "--methods", "equal", "imtl_h", "--out", str(out), "--quiet", "--resume"]) == 0
+    assert main(["qm9_mpnn", "--tiny", "--methods", "equal", "imtl_h", "--out", str(out), "--quiet", "--resume"]) == 0
 
 
 @pytest.mark.slow
@@ -225,7 +225,6 @@ def test_full_protocol_config_and_first_batch():
     from experiments.options import Options
     from experiments.runs import RunConfig
 
-    suites.REGISTRY.setdefault("qm9_mpnn", "experiments.suites.qm9_mpnn")
     o = Options(benchmark="qm9_mpnn", **qm9_mpnn.DEFAULTS["qm9_mpnn"])
     bench = suites.build("qm9_mpnn", o)
     assert (len(bench.train), len(bench.val), len(bench.test)) == (110_831, 10_000, 10_000)
