@@ -27,7 +27,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["t_quantile", "mean_ci", "paired_diff_ci", "accuracy_standard_error", "format_ci"]
+__all__ = ["t_quantile", "mean_ci", "paired_diff_ci", "paired_t_pvalue", "holm", "accuracy_standard_error", "format_ci"]
 
 # Two-sided 95 % Student-t quantiles t_{0.975, df}, used when scipy is not importable.
 _T975 = {1: 12.706204736, 2: 4.302652730, 3: 3.182446305, 4: 2.776445105, 5: 2.570581836,
@@ -106,3 +106,45 @@ def format_ci(mean: float, half: float, digits: int = 2, signed: bool = False) -
     sign = "+" if signed else ""
     head = f"{mean:{sign}.{digits}f}"
     return head if not math.isfinite(half) else f"{head} ± {half:.{digits}f}"
+
+
+def paired_t_pvalue(
+    a: Mapping[int, float],
+    b: Mapping[int, float],
+) -> tuple[float, int]:
+    """Two-sided p-value of the paired t-test of ``a − b`` = 0 over the seeds both have, and n.
+
+    NaN when fewer than two seeds pair up. When every difference is the same (no variance) the
+    t statistic is infinite: p = 0 for a non-zero difference, 1 for an exact tie.
+    """
+    seeds = sorted(set(a) & set(b))
+    diffs = np.asarray([float(a[s]) - float(b[s]) for s in seeds], np.float64)
+    diffs = diffs[np.isfinite(diffs)]
+    n = int(diffs.size)
+    if n < 2:
+        return math.nan, n
+    if float(np.std(diffs)) == 0.0:
+        return (0.0 if float(diffs[0]) != 0.0 else 1.0), n
+    from scipy import stats as _st
+    return float(_st.ttest_1samp(diffs, 0.0).pvalue), n
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error control over the finite p-values).
+
+    Sort the m finite p-values ascending; the i-th (from 1) is adjusted to
+    ``max_{j <= i} min(1, (m - j + 1) p_(j))``. Rejecting where the adjusted value is ≤ α is
+    Holm's procedure at level α. NaN stays NaN and does not count in m.
+
+    >>> [round(p, 3) for p in holm([0.01, 0.04, 0.03, 0.005])]
+    [0.03, 0.06, 0.06, 0.02]
+    """
+    p = np.asarray(pvalues, np.float64)
+    out = np.full(p.shape, np.nan)
+    idx = np.nonzero(np.isfinite(p))[0]
+    m = idx.size
+    running = 0.0
+    for rank, i in enumerate(idx[np.argsort(p[idx], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * float(p[i])))
+        out[i] = running
+    return out.tolist()

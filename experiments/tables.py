@@ -120,25 +120,107 @@ def _verdict(mean: Optional[float], half: Optional[float], n: int) -> str:
     return "no difference"
 
 
-def verdict_table(folder: Path) -> str:
-    """Methods ranked by mean Δm%, with the paired Δm − EW interval and its reading at 95 %."""
-    from experiments.stats import format_ci
-    _, _, summary = load(folder)
-    rows = []
-    for m, e in summary["methods"].items():
-        if m == "single_task" or "delta_m" not in e:
+FAMILY_ALPHA = 0.05
+
+
+def _by_seed(entry: dict) -> dict:
+    return {int(k): float(v) for k, v in entry["delta_m"]["by_seed"].items()}
+
+
+def merge_identical(methods: dict) -> list[list[str]]:
+    """Groups of method labels whose per-seed Δm are identical (to 1e-9 relative) on at least
+    two common seeds: provably one method (IMTL-L and uncertainty weighting under Adam), reported
+    as one row so that it does not count twice in the family of comparisons."""
+    groups: list[list[str]] = []
+    for m in methods:
+        a = _by_seed(methods[m])
+        for g in groups:
+            b = _by_seed(methods[g[0]])
+            common = sorted(set(a) & set(b))
+            if len(common) >= 2 and set(a) == set(b) and all(
+                    abs(a[s] - b[s]) <= 1e-9 * max(1.0, abs(a[s])) for s in common):
+                g.append(m)
+                break
+        else:
+            groups.append([m])
+    return groups
+
+
+def selected_last(runs: list) -> dict:
+    """``{method: (runs whose selected step is the last evaluation, finished runs)}``."""
+    out: dict = {}
+    for r in runs:
+        if r.get("status") != "ok" or not r.get("selected") or not r.get("last"):
             continue
-        dm, d = e["delta_m"], e.get("delta_m_minus_ew", {})
-        rows.append((dm["mean"] if dm["mean"] is not None else math.inf, m, dm, d))
-    rows.sort(key=lambda r: (r[0], r[1]))
-    lines = ["| rank | method | seeds | Δm% vs single-task ↓ | Δm − EW (paired) | at 95 % |", "|---|---|---|---|---|---|"]
-    for i, (_, m, dm, d) in enumerate(rows, 1):
+        hit, n = out.get(r["method"], (0, 0))
+        out[r["method"]] = (hit + int(r["selected"]["step"] == r["last"]["step"]), n + 1)
+    return out
+
+
+def verdict_rows(folder: Path) -> list[dict]:
+    """Per method (identical methods merged), Δm, the paired Δm − EW interval, the paired t-test's
+    p-value and its Holm-adjusted value over the family (every row but EW), and the verdict:
+    better/worse only where Holm's procedure rejects at 5 %."""
+    from experiments.stats import holm, paired_t_pvalue
+    _, payload, summary = load(folder)
+    methods = {m: e for m, e in summary["methods"].items() if m != "single_task" and "delta_m" in e}
+    ew = _by_seed(methods["equal"]) if "equal" in methods else None
+    last = selected_last(payload["runs"])
+    rows = []
+    for group in merge_identical(methods):
+        m = group[0]
+        e = methods[m]
+        p, n = paired_t_pvalue(_by_seed(e), ew) if ew is not None and m != "equal" else (math.nan, 0)
+        hit = sum(last.get(g, (0, 0))[0] for g in group)
+        tot = sum(last.get(g, (0, 0))[1] for g in group)
+        rows.append({"label": " = ".join(group), "methods": group, "delta_m": e["delta_m"],
+                     "diff": e.get("delta_m_minus_ew", {}), "p": p, "n_pairs": n, "last": (hit, tot)})
+    for row, adj in zip(rows, holm([r["p"] for r in rows])):
+        row["p_holm"] = adj
+        mean = row["diff"].get("mean")
+        if "equal" in row["methods"]:
+            row["verdict"] = "(reference)"
+        elif not math.isfinite(adj):
+            row["verdict"] = "no test (n < 2)"
+        elif adj <= FAMILY_ALPHA:
+            row["verdict"] = "**better**" if mean < 0 else "**worse**"
+        else:
+            row["verdict"] = "no difference detected"
+    return sorted(rows, key=lambda r: (r["delta_m"]["mean"] if r["delta_m"]["mean"] is not None else math.inf,
+                                       r["label"]))
+
+
+def _p(p: float) -> str:
+    if not math.isfinite(p):
+        return "–"
+    return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def verdict_table(folder: Path) -> str:
+    """Methods ranked by mean Δm%, with the paired Δm − EW interval, its paired t-test p-value,
+    the Holm-adjusted p-value over the family of comparisons with EW, and the verdict (better or
+    worse only where the corrected test rejects at 5 %)."""
+    from experiments.stats import format_ci
+    rows = verdict_rows(folder)
+    m_family = sum(1 for r in rows if math.isfinite(r["p_holm"]))
+    lines = ["| rank | method | seeds | Δm% vs single-task ↓ | Δm − EW (paired, 95 % CI) | p | p, Holm "
+             f"(m = {m_family}) | verdict at 5 % (Holm) | selected step = last |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows, 1):
+        dm, d = r["delta_m"], r["diff"]
         half = d.get("ci95")
-        diff = "–" if m == "equal" else format_ci(d.get("mean") if d.get("mean") is not None else math.nan,
-                                                   half if half is not None else math.nan, 2, True)
-        verdict = "(reference)" if m == "equal" else _verdict(d.get("mean"), half, d.get("n", 0))
-        lines.append(f"| {i} | {m} | {dm['n']} | {format_ci(dm['mean'], dm['ci95'] if dm['ci95'] is not None else math.nan, 2, True)}"
-                     f" | {diff} | {verdict} |")
+        ref = "equal" in r["methods"]
+        diff = "–" if ref else format_ci(d.get("mean") if d.get("mean") is not None else math.nan,
+                                         half if half is not None else math.nan, 2, True)
+        hit, tot = r["last"]
+        lines.append(f"| {i} | {r['label']} | {dm['n']} | "
+                     f"{format_ci(dm['mean'], dm['ci95'] if dm['ci95'] is not None else math.nan, 2, True)} | {diff} | "
+                     f"{'–' if ref else _p(r['p'])} | {'–' if ref else _p(r['p_holm'])} | {r['verdict']} | "
+                     f"{hit} of {tot} |")
+    hit = sum(r["last"][0] for r in rows)
+    tot = sum(r["last"][1] for r in rows)
+    lines += ["", f"Runs whose selected (best-validation) step is the last evaluation: {hit} of {tot}"
+                  f"{f' ({100 * hit / tot:.0f} %)' if tot else ''}."]
     return "\n".join(lines)
 
 
@@ -214,19 +296,24 @@ def split_blocks(text: str) -> tuple[str, list]:
     return text, [m.group("name") for m in _BLOCK.finditer(text)]
 
 
-def update_file(path: Path) -> tuple[str, list]:
-    """(new text, names of blocks whose body changed); blocks without results are left as they are."""
+def update_file(path: Path) -> tuple[str, list, list]:
+    """(new text, names of blocks whose body changed, names of blocks whose results folder is
+    missing); a block without results is left as it is (and ``--check`` fails on it)."""
     text = path.read_text()
-    changed = []
+    changed: list = []
+    missing: list = []
 
     def sub(m):
         body = render(m.group("name"))
-        if body is None or body == m.group("body"):
+        if body is None:
+            missing.append(m.group("name"))
+            return m.group(0)
+        if body == m.group("body"):
             return m.group(0)
         changed.append(m.group("name"))
         return f"<!-- table:{m.group('name')} -->\n{body}<!-- /table:{m.group('name')} -->"
 
-    return _BLOCK.sub(sub, text), changed
+    return _BLOCK.sub(sub, text), changed, missing
 
 
 def main(argv=None) -> int:
@@ -238,7 +325,8 @@ def main(argv=None) -> int:
         path = ROOT / rel
         if not path.exists():
             continue
-        new, changed = update_file(path)
+        new, changed, missing = update_file(path)
+        stale += [f"{rel}: {c} (no results folder results/{c.partition(':')[0]})" for c in missing]
         if changed:
             stale += [f"{rel}: {c}" for c in changed]
             if not a.check:

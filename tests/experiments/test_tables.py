@@ -39,12 +39,53 @@ def test_verdict_reads_the_paired_interval(tmp_path, monkeypatch):
     (tmp_path / "f" / "results.json").write_text(json.dumps(_payload(
         {"equal": [5, 6, 7], "good": [3, 4, 5], "noisy": [8, 3, 7], "bad": [6, 7, 8]})))
     body = tables.render("f:verdict")
-    rows = {line.split(" | ")[1]: line for line in body.splitlines()[2:]}
-    assert "better than EW" in rows["good"] and "-2.00" in rows["good"]
-    assert "no difference" in rows["noisy"]
-    assert "worse than EW" in rows["bad"]
+    rows = {line.split(" | ")[1]: line for line in body.splitlines()[2:] if line.startswith("| ")}
+    assert "**better**" in rows["good"] and "-2.00" in rows["good"]
+    assert "no difference detected" in rows["noisy"]
+    assert "**worse**" in rows["bad"]
     assert "(reference)" in rows["equal"]
     assert body.splitlines()[2].split(" | ")[1] == "good"  # ranked by mean Δm
+    assert "(m = 3)" in body.splitlines()[0]  # the family: every row but EW
+
+
+def test_verdicts_need_the_holm_corrected_test(tmp_path, monkeypatch):
+    """Five methods each 'significant' alone (paired p ~ 0.02-0.03 < 0.05) but not after Holm's
+    correction over the five comparisons: no verdict; one method far below EW survives it."""
+    from experiments.stats import paired_t_pvalue
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    (tmp_path / "f").mkdir()
+    ew = [5.0, 6.0, 7.0]
+    methods = {"equal": ew}
+    for i in range(5):
+        methods[f"m{i}"] = [5.0 + 1.0 + 0.01 * i, 6.0 + 1.5, 7.0 + 2.0]   # differences ~1, 1.5, 2
+    methods["clear"] = [5.0 - 10.0, 6.0 - 10.1, 7.0 - 9.9]
+    (tmp_path / "f" / "results.json").write_text(json.dumps(_payload(methods)))
+    p, n = paired_t_pvalue(dict(enumerate(methods["m0"])), dict(enumerate(ew)))
+    assert n == 3 and 0.01 < p < 0.05
+    rows = {r["label"]: r for r in tables.verdict_rows(tmp_path / "f")}
+    for i in range(5):
+        assert rows[f"m{i}"]["p"] < 0.05 and rows[f"m{i}"]["p_holm"] > 0.05
+        assert rows[f"m{i}"]["verdict"] == "no difference detected"
+    assert rows["clear"]["verdict"] == "**better**"
+
+
+def test_provably_identical_methods_are_one_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "results.json").write_text(json.dumps(_payload(
+        {"equal": [5, 6, 7], "imtl_l": [4, 8, 6], "uncertainty": [4, 8, 6], "dwa": [4, 8, 6.5]})))
+    labels = [r["label"] for r in tables.verdict_rows(tmp_path / "f")]
+    assert "imtl_l = uncertainty" in labels and "dwa" in labels and len(labels) == 3
+
+
+def test_holm_against_a_hand_computed_case():
+    from experiments.stats import holm
+    # p = 0.01, 0.04, 0.03, 0.005 (m = 4). Sorted: 0.005*4 = 0.02; 0.01*3 = 0.03; 0.03*2 = 0.06;
+    # 0.04*1 = 0.04 -> max(0.06, 0.04) = 0.06 (monotone). NaN is not in the family.
+    got = holm([0.01, 0.04, 0.03, 0.005, float("nan")])
+    assert got[:4] == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert got[4] != got[4]
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
 
 
 def test_blocks_are_rewritten_and_check_detects_staleness(tmp_path, monkeypatch):
@@ -53,8 +94,9 @@ def test_blocks_are_rewritten_and_check_detects_staleness(tmp_path, monkeypatch)
     (tmp_path / "f" / "results.json").write_text(json.dumps(_payload({"equal": [5, 6, 7]})))
     doc = tmp_path / "doc.md"
     doc.write_text("intro\n<!-- table:f -->\ntyped by hand\n<!-- /table:f -->\n<!-- table:absent -->\nkeep\n<!-- /table:absent -->\n")
-    new, changed = tables.update_file(doc)
+    new, changed, missing = tables.update_file(doc)
     assert changed == ["f"] and "typed by hand" not in new and "keep" in new  # no results: left alone
+    assert missing == ["absent"]  # ... and reported: --check fails on it
     doc.write_text(new)
     assert tables.update_file(doc)[1] == []  # idempotent: regenerating gives the same bytes
 
