@@ -47,15 +47,19 @@ def main(argv=None) -> int:
     def body():
         mod = studies.module(study)
         bmod = suites.module(bench_name)
-        defaults = {**cli.BASE_DEFAULTS, **bmod.DEFAULTS[bench_name], **getattr(mod, "DEFAULTS", {})}
+        study_defaults = getattr(mod, "DEFAULTS", {})
+        defaults = cli.merge_defaults(cli.BASE_DEFAULTS, bmod.DEFAULTS[bench_name], study_defaults)
         defaults["out"] = f"runs/{bench_name}" if study == "compare" else f"runs/{study}/{bench_name}"
-        tiny = {**suites.tiny_defaults(bench_name), **getattr(mod, "TINY", {})}
-        parser = cli.make_parser(prog, mod.DESCRIPTION, defaults, tiny, epilog=getattr(mod, "USAGE", ""))
+        tiny = cli.merge_defaults(suites.tiny_defaults(bench_name), getattr(mod, "TINY", {}))
+        unused = tuple(getattr(bmod, "UNUSED_FLAGS", ())) + tuple(getattr(mod, "UNUSED_FLAGS", ()))
+        parser = cli.make_parser(prog, mod.DESCRIPTION, defaults, tiny, epilog=getattr(mod, "USAGE", ""),
+                                 omit=unused)
         if study != "compare":
             parser.add_argument("--benchmark", default=bench_name, choices=list(suites.REGISTRY),
                                 help=f"the benchmark to run the study on (default: "
                                      f"{getattr(mod, 'DEFAULT_BENCHMARK', 'multimnist')})")
         bench_keys = suites.add_flags(parser, bench_name)
+        cli.show_defaults(parser, study_defaults)  # a study's value for a benchmark's own flag
         keys = mod.add_flags(parser) if hasattr(mod, "add_flags") else ()
         o = cli.parse_options(parser, rest, benchmark=bench_name, study=study, defaults=defaults, tiny=tiny,
                               extra_keys=tuple(keys or ()) + bench_keys)

@@ -3,9 +3,11 @@
 ``python -m experiments <benchmark> [flags]`` and ``python -m experiments <study> --benchmark
 <name> [flags]`` build one parser from :func:`make_parser` (shared flags, with the chosen
 benchmark's real defaults in ``--help``), the benchmark's own flags and the study's; the result
-is an :class:`experiments.options.Options`. A bad flag, missing data or an unusable checkpoint
-ends the process with **one line** on stderr naming the fix (exit status 2); Ctrl-C ends it
-with one line saying whether and how the run can be resumed (exit status 130).
+is an :class:`experiments.options.Options`. A study or benchmark module lists the shared flags
+it does not read in ``UNUSED_FLAGS`` (their ``dest`` names); ``--help`` then does not offer them.
+A bad flag, missing data, an unusable checkpoint or a failed write ends the process with **one
+line** on stderr naming the fix, Ctrl-C with one line saying whether and how the run can be
+resumed; the exit statuses are listed once, in :mod:`experiments.errors`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from experiments.errors import (EXIT_INTERRUPTED, EXIT_USAGE, CheckpointError, C
 from experiments.options import Options
 
 __all__ = ["CLIError", "HarnessError", "ExperimentError", "CheckpointError", "one_line", "BASE_DEFAULTS",
-           "make_parser", "parse_options", "run_main", "command_line", "EXIT_USAGE", "EXIT_INTERRUPTED"]
+           "merge_defaults", "make_parser", "show_defaults", "parse_options", "run_main", "command_line",
+           "EXIT_USAGE", "EXIT_INTERRUPTED"]
 
 
 #: defaults every benchmark starts from; the benchmark's ``DEFAULTS`` override them; ``--tiny``
@@ -32,6 +35,22 @@ BASE_DEFAULTS = dict(
     max_train=None, max_eval=None, image_size=None, norm=None, targets=None, data_dir=None,
     parallel_seeds=None,
 )
+
+
+def merge_defaults(*layers: dict) -> dict:
+    """The layers of defaults (base, benchmark, study; or the ``--tiny`` ones), later ones winning.
+
+    ``steps`` and ``epochs`` are one choice: a layer that sets one of them (not None) and does not
+    mention the other clears the other, so ``--help`` never shows a default that is not used
+    (a study with ``steps=300`` on a benchmark whose default is ``epochs=30`` trains 300 steps).
+    """
+    out: dict = {}
+    for layer in layers:
+        out.update(layer)
+        for key, other in (("steps", "epochs"), ("epochs", "steps")):
+            if layer.get(key) is not None and other not in layer:
+                out[other] = None
+    return out
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,10 +105,31 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def make_parser(prog: str, description: str, defaults: dict, tiny: dict, epilog: str = "") -> argparse.ArgumentParser:
-    """The shared parser; ``defaults``/``tiny`` are shown in each flag's help."""
+class _Group:
+    """An argument group that leaves out the flags whose ``dest`` is in ``omit`` and records the
+    others in ``shared`` (the flags whose help shows the merged defaults)."""
+
+    def __init__(self, group, omit, shared: set):
+        self._group, self._omit, self._shared = group, omit, shared
+
+    def add_argument(self, *names, **kw):
+        dest = kw.get("dest") or names[0].lstrip("-").replace("-", "_")
+        if dest not in self._omit:
+            self._shared.add(dest)
+            self._group.add_argument(*names, **kw)
+
+    def add_mutually_exclusive_group(self):
+        return _Group(self._group.add_mutually_exclusive_group(), self._omit, self._shared)
+
+
+def make_parser(prog: str, description: str, defaults: dict, tiny: dict, epilog: str = "",
+                omit: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The shared parser; ``defaults``/``tiny`` are shown in each flag's help. Flags whose
+    ``dest`` is in ``omit`` (what a study or benchmark does not read) are not offered."""
     p = _Parser(prog=prog, description=description, epilog=epilog,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    omit = frozenset(omit)
+    p.shared_flags = set()  # type: ignore[attr-defined]
 
     def d(key: str, extra: str = "") -> str:
         s = f" (default: {_fmt(defaults.get(key))}"
@@ -97,7 +137,7 @@ def make_parser(prog: str, description: str, defaults: dict, tiny: dict, epilog:
             s += f"; with --tiny: {_fmt(tiny[key])}"
         return s + (f"; {extra}" if extra else "") + ")"
 
-    g = p.add_argument_group("methods and runs")
+    g = _Group(p.add_argument_group("methods and runs"), omit, p.shared_flags)
     g.add_argument("--method", "--methods", dest="methods", nargs="+", metavar="NAME", default=None,
                    help="registered method names (imtl_jax.methods.method_names()), 'linear' (constant "
                         "weights), 'all' (every registered method) and/or 'single_task' (one run per task, "
@@ -117,7 +157,7 @@ def make_parser(prog: str, description: str, defaults: dict, tiny: dict, epilog:
                    help="training batch size" + d("batch_size"))
     g.add_argument("--max-train", type=number(int, "--max-train", 1), default=None,
                    help="use at most this many training examples" + d("max_train", "none = all"))
-    g = p.add_argument_group("optimizer and schedule")
+    g = _Group(p.add_argument_group("optimizer and schedule"), omit, p.shared_flags)
     g.add_argument("--lr", type=number(float, "--lr", 0, strict=True), default=None,
                    help="Adam learning rate" + d("lr"))
     g.add_argument("--weight-decay", type=number(float, "--weight-decay", 0), default=None,
@@ -131,7 +171,7 @@ def make_parser(prog: str, description: str, defaults: dict, tiny: dict, epilog:
                    help="evaluations without improvement before the rate is cut" + d("plateau_patience"))
     g.add_argument("--plateau-factor", type=number(float, "--plateau-factor", 0, strict=True), default=None,
                    help="factor the rate is multiplied by on a plateau" + d("plateau_factor"))
-    g = p.add_argument_group("input and output")
+    g = _Group(p.add_argument_group("input and output"), omit, p.shared_flags)
     g.add_argument("--out", default=None, help="output folder: results.json, results.md, plots/, runs/ "
                                                f"(default: {defaults.get('out')})")
     g.add_argument("--data-dir", default=None, help="root of the real data set (CelebA, NYUv2, Cityscapes; "
@@ -144,7 +184,7 @@ def make_parser(prog: str, description: str, defaults: dict, tiny: dict, epilog:
     g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
                    help="do not write TensorBoard event files (runs/<method>/seed<k>/tb)")
     g.add_argument("--no-plots", dest="plots", action="store_false", help="do not draw the PNG plots")
-    g = p.add_argument_group("evaluation, checkpoints, safety")
+    g = _Group(p.add_argument_group("evaluation, checkpoints, safety"), omit, p.shared_flags)
     g.add_argument("--eval-every", type=number(int, "--eval-every", 0), default=None,
                    help="evaluate validation and test every k steps; the reported test metrics are those "
                         "at the step with the best validation Δm (0: only at the end)" + d("eval_every"))
@@ -157,13 +197,24 @@ def make_parser(prog: str, description: str, defaults: dict, tiny: dict, epilog:
                    help="discard checkpoints of earlier runs in --out instead of refusing to start")
     g.add_argument("--max-skipped", type=number(int, "--max-skipped", 1), default=None,
                    help="stop a run after this many consecutive non-finite (skipped) steps" + d("max_skipped"))
-    g = p.add_argument_group("loss rescaling (robustness)")
+    g = _Group(p.add_argument_group("loss rescaling (robustness)"), omit, p.shared_flags)
     g.add_argument("--loss-scale-task", default=None, metavar="TASK",
                    help="task index or name whose training loss is multiplied by --loss-scale"
                         + d("loss_scale_task"))
     g.add_argument("--loss-scale", type=number(float, "--loss-scale", 0, strict=True), default=None, metavar="K",
                    help="the factor" + d("loss_scale"))
     return p
+
+
+def show_defaults(parser: argparse.ArgumentParser, overrides: dict) -> None:
+    """Rewrites the ``(default: ...)`` of flags declared elsewhere (a benchmark's own flags) to
+    the values ``overrides`` gives them (a study's ``DEFAULTS``), so that ``--help`` is true."""
+    import re
+    for action in parser._actions:
+        shared = getattr(parser, "shared_flags", set())
+        if action.dest in overrides and action.dest not in shared and action.help and "(default:" in action.help:
+            action.help = re.sub(r"\(default: [^)]*\)", f"(default: {_fmt(overrides[action.dest])})", action.help,
+                                 count=1)
 
 
 _KEYS = [f.name for f in __import__("dataclasses").fields(Options)
@@ -176,28 +227,29 @@ def parse_options(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]
     """Parses ``argv``; unset flags come from ``tiny`` (with --tiny), then ``defaults``."""
     ns = parser.parse_args(list(argv) if argv is not None else None)
     merged = dict(BASE_DEFAULTS, **defaults)
-    if ns.tiny:
+    if getattr(ns, "tiny", False):
         merged.update(tiny)
     values = {}
     for key in _KEYS:
         given = getattr(ns, key, None)
         values[key] = given if given is not None else merged.get(key)
-    if ns.seeds is not None:
+    if getattr(ns, "seeds", None) is not None:
         values["seeds"] = [s for group in ns.seeds for s in group]
         if not values["seeds"]:
             raise CLIError(f"--seeds: give at least one seed (see `{parser.prog} --help`)")
-    if ns.epochs is not None:
+    if getattr(ns, "epochs", None) is not None:
         values["steps"] = None
     if values["steps"] is None and values["epochs"] is None:
         raise CLIError(f"give --steps or --epochs (see `{parser.prog} --help`)")
-    if ns.loss_scale is not None and ns.loss_scale != 1.0 and values.get("loss_scale_task") is None:
+    if getattr(ns, "loss_scale", None) not in (None, 1.0) and values.get("loss_scale_task") is None:
         raise CLIError("--loss-scale needs --loss-scale-task TASK (a task index or name)")
     if values.get("image_size") is not None:
         values["image_size"] = tuple(values["image_size"])
-    out = ns.out or merged.get("out") or (f"runs/{benchmark}" if study == "compare" else f"runs/{study}/{benchmark}")
-    return Options(benchmark=benchmark, study=study, out=out, tiny=bool(ns.tiny), quiet=bool(ns.quiet),
-                   resume=bool(ns.resume), overwrite=bool(ns.overwrite), tensorboard=bool(ns.tensorboard),
-                   plots=bool(ns.plots), extra={k: getattr(ns, k, None) for k in extra_keys},
+    out = getattr(ns, "out", None) or merged.get("out") or (f"runs/{benchmark}" if study == "compare" else f"runs/{study}/{benchmark}")
+    flag = (lambda name, default=False: bool(getattr(ns, name, default)))
+    return Options(benchmark=benchmark, study=study, out=out, tiny=flag("tiny"), quiet=flag("quiet"),
+                   resume=flag("resume"), overwrite=flag("overwrite"), tensorboard=flag("tensorboard", True),
+                   plots=flag("plots", True), extra={k: getattr(ns, k, None) for k in extra_keys},
                    **{k: values[k] for k in _KEYS})
 
 

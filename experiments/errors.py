@@ -44,7 +44,8 @@ EXIT_INTERRUPTED = 130
 
 
 class ExperimentError(RuntimeError):
-    """An error the user can fix (bad flag, missing data, unusable checkpoint): one line, exit 2."""
+    """An error the user can fix: one line on stderr; the exit status is its class's (table above;
+    2 for this base class and :class:`CLIError`)."""
 
 
 HarnessError = ExperimentError  # the name before the experiment suite was split up

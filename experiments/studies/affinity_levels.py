@@ -29,8 +29,8 @@ DESCRIPTION = ("Task affinity of the all-task equal-weighting network measured a
 DEFAULT_BENCHMARK = "qm9"
 DEFAULTS = {"seeds": [0, 1, 2]}
 TINY = {"seeds": [0]}
-#: always the equal-weighting network: ``--method`` is not offered.
-UNUSED_FLAGS = ("methods",)
+#: always the equal-weighting network, and no plots: ``--method`` and ``--no-plots`` are not offered.
+UNUSED_FLAGS = ("methods", "plots")
 USAGE = """examples:
   python -m experiments affinity_levels --tiny
   python -m experiments affinity_levels --steps 600 --max-train 5000 --probe-every 10

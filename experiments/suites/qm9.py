@@ -28,6 +28,8 @@ DEFAULTS = {"qm9": dict(methods=["imtl_h", "equal", "single_task"], seeds=[0, 1,
                         batch_size=512, lr=1e-3, schedule="plateau", plateau_patience=3, plateau_factor=0.5,
                         eval_every=216, max_train=None)}
 TINY = dict(seeds=[0], steps=6, epochs=None, batch_size=4, eval_every=2, max_train=None)
+#: an MLP without normalization layers.
+UNUSED_FLAGS = ("norm",)
 
 
 def add_flags(parser, name):

@@ -30,7 +30,7 @@ def _main(argv):
 
 def test_grouping_study_tiny(tmp_path):
     out = tmp_path / "grouping"
-    _main(["grouping", "--tiny", "--quiet", "--no-plots", "--no-tensorboard", "--out", str(out)])
+    _main(["grouping", "--tiny", "--quiet", "--no-tensorboard", "--out", str(out)])
     res = json.loads((out / "results.json").read_text())
     a = np.asarray(res["affinity"])
     T = len(res["tasks"])
@@ -61,7 +61,7 @@ def test_grouping_study_tiny(tmp_path):
 def test_overfitting_study_tiny(tmp_path):
     from experiments.studies.overfitting import policy_label, policy_priorities
     out = tmp_path / "overfitting"
-    _main(["overfitting", "--tiny", "--quiet", "--no-plots", "--no-tensorboard", "--patience", "1",
+    _main(["overfitting", "--tiny", "--quiet", "--no-tensorboard", "--patience", "1",
            "--out", str(out)])
     res = json.loads((out / "results.json").read_text())
     assert res["patience"] == [1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,28 @@ def test_help_shows_real_defaults(capsys):
     assert f"(default: {d['steps']}; with --tiny: {TINY['steps']})" in text
     assert "(default: imtl_h equal single_task" in text and "(default: None)" not in text
     assert f"(default: {d['eval_every']}" in text and "(default: 0.001)" in text
+
+
+@pytest.mark.parametrize("argv, absent, present", [
+    (["overfitting"], [], ["(default: 3000; with --tiny: 12)"]),
+    (["priorities"], ["--method", "--data-dir", "--norm"], ["--ratios"]),
+    (["priorities", "--benchmark", "qm9"], ["--method"], ["train on these targets only (default: mu homo)"]),
+    (["tuning"], ["--lr LR", "--weight-decay"], ["--lr-grid"]),
+    (["grouping"], ["--no-plots", "--norm"], ["--ks"]),
+    (["affinity_levels"], ["--method", "--no-plots"], ["--probe-every"]),
+])
+def test_help_offers_only_flags_the_study_reads(argv, absent, present, capsys):
+    """A study's --help lists no flag it ignores, and a default that is not used is not shown:
+    a study that sets --steps on a benchmark whose default is --epochs shows no --epochs default."""
+    assert main([*argv, "--help"]) == 0
+    flat = " ".join(capsys.readouterr().out.split())
+    for flag in absent:
+        assert flag not in flat, flag
+    for flag in present:
+        assert flag in flat, flag
+    steps = re.search(r"--steps STEPS training steps per run \(default: ([^;)]*)", flat).group(1)
+    epochs = re.search(r"--epochs EPOCHS training epochs per run, instead of --steps \(default: ([^;)]*)", flat).group(1)
+    assert "none" in (steps, epochs), (steps, epochs)
 
 
 def test_dispatcher_lists_benchmarks_and_studies(capsys):
