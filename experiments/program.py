@@ -4,7 +4,7 @@ K runs of one method (seeds, priority vectors) train as **one** jitted step: ``j
 over the stacked parameters, optimizer and method states, batches (each run its own data
 order), PRNG keys, learning rates and priorities. On one device this turns K small programs
 into one larger one (see ``benchmarks/vmapped_seeds.py``); per-run results equal the runs done
-one by one up to float32 round-off (``tests/experiments/test_train.py``).
+one by one up to float32 round-off (``tests/experiment_suite/test_train.py``).
 
 The step: ``imtl_jax.mtl_step`` -> Adam (``optax.scale_by_adam``, optional decoupled weight
 decay) -> ``-lr ·`` (the rate is an argument: schedules never recompile) -> keep the old
