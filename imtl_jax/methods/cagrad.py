@@ -171,8 +171,9 @@ def _cagrad_weights(grads, c, rescale, max_iterations, tol):
         weights = weights / (1.0 + c * c)
     elif rescale == 2:
         weights = weights / (1.0 + c)
+    tol = default_tol(gram.dtype) if tol is None else tol
     info = {"dual_weights": w.astype(grads.dtype), "certificate": cert.astype(grads.dtype),
-            "iterations": iters}
+            "iterations": iters, "converged": jnp.isfinite(cert) & (cert <= tol)}
     return nan_if_not_finite(weights, grads).astype(grads.dtype), info
 
 
@@ -231,7 +232,8 @@ def cagrad_weighting(*, c: float = 0.5, rescale: int = 1, max_iterations: Option
 
     Cost per step: the per-task gradients, the Gramian O(T^2 F), then O(T^2) per step and one
     (T, T) eigendecomposition per block of T steps. ``info``: ``dual_weights`` (``w``),
-    ``certificate`` (the final relative gap) and ``iterations`` (steps used, int32).
+    ``certificate`` (the final relative gap), ``iterations`` (steps used, int32) and
+    ``converged`` (bool: the certificate reached ``tol`` before ``max_iterations``).
     Gradient method: heads get their own loss gradient.
     """
     c, rescale, max_iterations, tol = _check_args(c, rescale, max_iterations, tol)

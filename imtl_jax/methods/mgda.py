@@ -314,10 +314,14 @@ def _mgda_weigh(grads, losses, state, key, priorities, *, max_iterations, solver
     gram, scale, w, info = _solve(grads, max_iterations, solver, tol)
     norm = jnp.sqrt(jnp.maximum(jnp.dot(w, jnp.matmul(gram, w, precision=HIGHEST)), 0.0)) * scale
     w = nan_if_not_finite(w, grads)
+    cap = default_max_iterations(grads.shape[0], solver) if max_iterations is None else max_iterations
+    tol = default_tol(gram.dtype) if tol is None else tol
+    # Stopped on its certificate (or, Wolfe, with no progress left in the working precision), not at its cap.
+    converged = jnp.isfinite(info.certificate) & ((info.certificate <= tol) | (info.iterations < cap))
     return WeightingOutput(w.astype(grads.dtype), state,
                            {"min_norm": norm.astype(grads.dtype),
                             "certificate": info.certificate.astype(grads.dtype),
-                            "iterations": info.iterations})
+                            "iterations": info.iterations, "converged": converged})
 
 
 def mgda_weighting(*, solver: str = "wolfe", max_iterations: Optional[int] = None,
@@ -345,7 +349,8 @@ def mgda_weighting(*, solver: str = "wolfe", max_iterations: Optional[int] = Non
     few (T+1, T+1) eigendecompositions (the affine min-norm solve on the support). Measured on
     the hard families of ``python -m benchmarks.accuracy`` (T <= 20, norms
     over 1e+-4): see docs/method.md. ``info``: ``min_norm`` (``||w @ grads||``), ``certificate``
-    (the final relative KKT gap) and ``iterations`` (major cycles or Frank-Wolfe steps used, int32).
+    (the final relative KKT gap), ``iterations`` (major cycles or Frank-Wolfe steps used, int32)
+    and ``converged`` (bool: stopped on its certificate, not at ``max_iterations``).
     """
     max_iterations, tol = _check_solver_args(max_iterations, tol, solver)
     return Weighting(name="mgda", init=stateless_init,

@@ -94,7 +94,11 @@ def _nash_weights(grads, max_iterations, tol):
     gram = gram / jnp.where(nonzero, fro, 1.0) + jnp.finfo(cdt).eps * jnp.eye(num_tasks, dtype=cdt)
     alpha, res, it = nash_solve(gram, max_iterations, tol)
     alpha = jnp.where(nonzero, alpha, jnp.ones_like(alpha))
-    info = {"certificate": jnp.where(nonzero, res, 0.0).astype(grads.dtype), "iterations": it}
+    # Stopped on its certificate, or with no decrease of phi left above round-off (the
+    # residual's floor), not at its cap.
+    converged = jnp.isfinite(res) & ((res <= (default_tol(cdt) if tol is None else tol)) | (it < max_iterations))
+    info = {"certificate": jnp.where(nonzero, res, 0.0).astype(grads.dtype), "iterations": it,
+            "converged": converged | ~nonzero}
     return nan_if_not_finite(alpha, grads).astype(grads.dtype), info
 
 
@@ -148,8 +152,9 @@ def nash_mtl_weighting(*, max_iterations: int = 50, tol: Optional[float] = None)
       tol: certificate tolerance (default ``16 eps`` of the working dtype).
 
     Cost per step: the per-task gradients, the Gramian O(T^2 F), then O(T^3) per Newton
-    iteration (one (T, T) Cholesky). ``info``: ``certificate`` (the final residual) and
-    ``iterations`` (int32). Gradient method: heads get their own loss gradient.
+    iteration (one (T, T) Cholesky). ``info``: ``certificate`` (the final residual),
+    ``iterations`` (int32) and ``converged`` (bool: stopped on ``tol`` or at the residual's
+    round-off floor, not at ``max_iterations``). Gradient method: heads get their own loss gradient.
     """
     max_iterations, tol = _check_args(max_iterations, tol)
     return Weighting(name="nash_mtl", init=stateless_init,

@@ -144,7 +144,9 @@ def _upgrad_weights(grads, iterations, max_rounds, tol):
     weights, res, rounds = project_weights(gram, jnp.eye(num_tasks, dtype=cdt),
                                            iterations=iterations, max_rounds=max_rounds, tol=tol)
     w = nan_if_not_finite(jnp.mean(weights, axis=0), grads).astype(grads.dtype)
-    return w, {"certificate": res.astype(grads.dtype), "iterations": rounds}
+    tol = default_tol(gram.dtype) if tol is None else tol
+    return w, {"certificate": res.astype(grads.dtype), "iterations": rounds,
+               "converged": jnp.isfinite(res) & (res <= tol)}
 
 
 def _check_args(iterations, max_rounds, tol=None):
@@ -191,8 +193,9 @@ def upgrad_weighting(*, iterations: int = 50, max_rounds: int = 20,
 
     Cost per step: the per-task gradients, the Gramian O(T^2 F), then per round
     O(iterations T^3 + T^4) for the T vmapped (T, T) problems (two (T, T) eigendecompositions
-    per problem in the polish). ``info``: ``certificate`` (the largest relative KKT residual)
-    and ``iterations`` (rounds used, int32). Gradient method: heads get their own loss gradient.
+    per problem in the polish). ``info``: ``certificate`` (the largest relative KKT residual),
+    ``iterations`` (rounds used, int32) and ``converged`` (bool: the certificate reached ``tol``
+    before ``max_rounds``). Gradient method: heads get their own loss gradient.
     """
     iterations, max_rounds, tol = _check_args(iterations, max_rounds, tol)
     return Weighting(name="upgrad", init=stateless_init,
