@@ -40,6 +40,14 @@ for m in $METHODS_Z; do JOBS+=("$MF --methods single_task $m"); done
 for m in imtl_g_exact nash_mtl@params mgda@params pcgrad@params cagrad@params aligned_mtl@params upgrad@params; do
   JOBS+=("$MF --methods single_task $m")
 done
+# The studies run earlier at one seed, under this protocol with 3 seeds (MultiFashion budget):
+# the static-scalarization sweep w in {0.1, ..., 0.9} (ratios w/(1-w), beside IMTL-H with the same
+# priorities), the x10 loss-rescale robustness test and the z-vs-theta ablation.
+MF_STUDY="--benchmark multifashion --seeds 0 1 2 --epochs 20 --batch-size 256 --eval-every 93 --schedule plateau \
+ --plateau-patience 3 --resume --no-tensorboard --quiet"
+JOBS+=("priorities $MF_STUDY --ratios 1/9 1/4 3/7 2/3 1 3/2 7/3 4 9 --out $HERE/results/scalarization_sweep")
+JOBS+=("robustness $MF_STUDY --methods equal imtl_l imtl_g imtl_h rlw si --out $HERE/results/robustness")
+JOBS+=("ablation_z_vs_theta $MF_STUDY --out $HERE/results/ablation_z_vs_theta")
 # Tuning parity: the same grid and tuning seed for every tuned method (one call per method so
 # that each finishes and is committed alone; the last call, all finished, writes the joint table).
 TUNED="equal imtl_h imtl_g imtl_g_exact si rlw"
