@@ -196,16 +196,27 @@ def _p(p: float) -> str:
     return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
 
 
+def method_costs(folder: Path) -> dict:
+    """``{method: step time / EW}`` from ``folder/method_cost.json`` (written by
+    ``python -m benchmarks.method_cost --out <folder>`` on an idle machine), or {}."""
+    path = folder / "method_cost.json"
+    if not path.exists():
+        return {}
+    return {m: float(r["ratio_to_equal"]) for m, r in json.loads(path.read_text())["methods"].items()}
+
+
 def verdict_table(folder: Path) -> str:
     """Methods ranked by mean Δm%, with the paired Δm − EW interval, its paired t-test p-value,
     the Holm-adjusted p-value over the family of comparisons with EW, and the verdict (better or
     worse only where the corrected test rejects at 5 %)."""
     from experiments.stats import format_ci
     rows = verdict_rows(folder)
+    costs = method_costs(folder)
     m_family = sum(1 for r in rows if math.isfinite(r["p_holm"]))
     lines = ["| rank | method | seeds | Δm% vs single-task ↓ | Δm − EW (paired, 95 % CI) | p | p, Holm "
-             f"(m = {m_family}) | verdict at 5 % (Holm) | selected step = last |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"(m = {m_family}) | verdict at 5 % (Holm) | selected step = last |"
+             + (" step time / EW |" if costs else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if costs else "")]
     for i, r in enumerate(rows, 1):
         dm, d = r["delta_m"], r["diff"]
         half = d.get("ci95")
@@ -216,11 +227,16 @@ def verdict_table(folder: Path) -> str:
         lines.append(f"| {i} | {r['label']} | {dm['n']} | "
                      f"{format_ci(dm['mean'], dm['ci95'] if dm['ci95'] is not None else math.nan, 2, True)} | {diff} | "
                      f"{'–' if ref else _p(r['p'])} | {'–' if ref else _p(r['p_holm'])} | {r['verdict']} | "
-                     f"{hit} of {tot} |")
+                     f"{hit} of {tot} |" + (f" {costs[r['methods'][0]]:.2f} |" if r["methods"][0] in costs
+                                            else " – |" if costs else ""))
     hit = sum(r["last"][0] for r in rows)
     tot = sum(r["last"][1] for r in rows)
     lines += ["", f"Runs whose selected (best-validation) step is the last evaluation: {hit} of {tot}"
                   f"{f' ({100 * hit / tot:.0f} %)' if tot else ''}."]
+    if costs:
+        cost = json.loads((folder / "method_cost.json").read_text())
+        lines += [f"Step time / EW: `{cost['command']}` (median of {cost['rounds']} interleaved rounds; 1-minute "
+                  f"load {cost['load_1min_before']:.2f} before, {cost['load_1min_after']:.2f} after)."]
     return "\n".join(lines)
 
 
@@ -273,6 +289,38 @@ def provenance(folder: Path) -> str:
            f"- sum of the runs' recorded wall times: {cpu_s / 60:.1f} min (runs vmapped together share theirs)"]
     out += [f"- {n}" for n in payload.get("notes", [])]
     return "\n".join(out)
+
+
+def plot_delta_m_vs_cost(folder: Path) -> Optional[Path]:
+    """``folder/delta_m_vs_cost.png``: each method's Δm% (mean, 95 % CI over seeds) against its
+    step time relative to EW (log axis), verdict rows marked; None without ``method_cost.json``."""
+    costs = method_costs(folder)
+    if not costs:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in verdict_rows(folder):
+        m = r["methods"][0]
+        if m not in costs or r["delta_m"]["mean"] is None:
+            continue
+        half = r["delta_m"]["ci95"] or 0.0
+        color = {"**better**": "tab:green", "**worse**": "tab:red"}.get(r["verdict"], "tab:blue")
+        ax.errorbar(costs[m], r["delta_m"]["mean"], yerr=half, fmt="o", color=color, capsize=3, ms=4)
+        ax.annotate(r["label"], (costs[m], r["delta_m"]["mean"]), fontsize=7, xytext=(4, 2),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("training step time / equal weighting (log; benchmarks.method_cost, idle machine)")
+    ax.set_ylabel("Δm% vs single-task (lower is better)")
+    ax.set_title(f"{folder.name}: what each method costs for what it gains\n"
+                 "(95 % CI over seeds; green/red: better/worse than EW after Holm)", fontsize=9)
+    ax.axvline(1.0, color="k", lw=0.6, ls=":")
+    fig.tight_layout()
+    out = folder / "delta_m_vs_cost.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def _producers() -> dict[str, Callable[[Path], str]]:
@@ -343,6 +391,11 @@ def main(argv=None) -> int:
             stale.append("README.md: main job")
             if not a.check:
                 readme.write_text(new)
+    if not a.check:
+        for folder in sorted({n.partition(":")[0] for rel in TARGET_FILES if (ROOT / rel).exists()
+                              for n in split_blocks((ROOT / rel).read_text())[1]}):
+            if (RESULTS / folder / "results.json").exists():
+                plot_delta_m_vs_cost(RESULTS / folder)
     verb = "stale" if a.check else "updated"
     print("\n".join(f"{verb}: {s}" for s in stale) or "all tables match results/")
     return 1 if (a.check and stale) else 0

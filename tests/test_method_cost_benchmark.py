@@ -1,0 +1,23 @@
+"""benchmarks.method_cost runs end to end on --tiny data and writes what the tables read."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_method_cost_tiny_writes_ratios(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "benchmarks.method_cost", "--tiny", "--benchmark", "qm9",
+                        "--methods", "rlw", "imtl_h", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    payload = json.loads((tmp_path / "method_cost.json").read_text())
+    assert set(payload["methods"]) == {"equal", "rlw", "imtl_h"}   # EW is always timed: the reference
+    assert payload["methods"]["equal"]["ratio_to_equal"] == pytest.approx(1.0)
+    assert all(m["median_ms"] > 0 for m in payload["methods"].values())
+    assert "load" in r.stdout
