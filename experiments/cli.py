@@ -245,8 +245,11 @@ def parse_options(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]
         raise CLIError("--loss-scale needs --loss-scale-task TASK (a task index or name)")
     if values.get("image_size") is not None:
         values["image_size"] = tuple(values["image_size"])
-    out = getattr(ns, "out", None) or merged.get("out") or (f"runs/{benchmark}" if study == "compare" else f"runs/{study}/{benchmark}")
-    flag = (lambda name, default=False: bool(getattr(ns, name, default)))
+    out = (getattr(ns, "out", None) or merged.get("out")
+           or (f"runs/{benchmark}" if study == "compare" else f"runs/{study}/{benchmark}"))
+
+    def flag(name: str, default: bool = False) -> bool:  # an omitted flag keeps its default
+        return bool(getattr(ns, name, default))
     return Options(benchmark=benchmark, study=study, out=out, tiny=flag("tiny"), quiet=flag("quiet"),
                    resume=flag("resume"), overwrite=flag("overwrite"), tensorboard=flag("tensorboard", True),
                    plots=flag("plots", True), extra={k: getattr(ns, k, None) for k in extra_keys},

@@ -83,7 +83,8 @@ def test_help_offers_only_flags_the_study_reads(argv, absent, present, capsys):
     for flag in present:
         assert flag in flat, flag
     steps = re.search(r"--steps STEPS training steps per run \(default: ([^;)]*)", flat).group(1)
-    epochs = re.search(r"--epochs EPOCHS training epochs per run, instead of --steps \(default: ([^;)]*)", flat).group(1)
+    epochs = re.search(r"--epochs EPOCHS training epochs per run, instead of --steps \(default: ([^;)]*)",
+                       flat).group(1)
     assert "none" in (steps, epochs), (steps, epochs)
 
 
