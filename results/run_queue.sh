@@ -15,8 +15,10 @@ CODE="${CODE:-$HERE}"
 LOG="$HERE/results/queue_log.tsv"
 START="${1:-1}"
 
-# Budgets chosen from the equal-weighting validation curves of results/budget_probe
-# (docs/budgets.md): QM9 60 epochs of 216 steps, MultiFashion 20 epochs of 93 steps.
+# Budgets: QM9 60 epochs of 216 steps, MultiFashion 20 epochs of 93 steps, checked against the
+# validation curves of the budget probes (equal weighting trained to 100 and 40 epochs, the first
+# job of each benchmark; results/budget_probe/*/curves.md) and of the single-task runs
+# (results/*_converged/curves.md); docs/budgets.md.
 QM9="qm9 --seeds 0 1 2 3 4 --single-task-seeds 0 1 2 3 4 --epochs 60 --batch-size 512 --eval-every 432 \
  --schedule plateau --plateau-patience 3 --resume --no-tensorboard --no-plots --quiet --out $HERE/results/qm9_converged"
 MF="multifashion --seeds 0 1 2 3 4 --epochs 20 --batch-size 256 --eval-every 93 --schedule plateau \
@@ -31,10 +33,13 @@ MF_TUNE="tuning --benchmark multifashion --seeds 0 1 2 3 4 --epochs 20 --batch-s
 # under Adam (mirror trajectories) and are run both only to show it.
 METHODS_Z="equal rlw si imtl_h imtl_g imtl_l uncertainty gls famo dwa mgda pcgrad cagrad nash_mtl aligned_mtl upgrad
  gradnorm gradnorm_gamma0 mgda_closed_form"
+PROBE="--methods equal --seeds 0 1 2 3 4 --schedule plateau --plateau-patience 5 --resume --no-tensorboard --no-plots --quiet"
 JOBS=()
+JOBS+=("qm9 $PROBE --epochs 100 --batch-size 512 --eval-every 216 --out $HERE/results/budget_probe/qm9")
 JOBS+=("$QM9 --methods single_task")
 for m in $METHODS_Z; do JOBS+=("$QM9 --methods single_task $m"); done
 JOBS+=("$QM9 --methods single_task imtl_g_exact" "$QM9 --methods single_task nash_mtl@params")
+JOBS+=("multifashion $PROBE --epochs 40 --batch-size 256 --eval-every 93 --out $HERE/results/budget_probe/multifashion")
 JOBS+=("$MF --methods single_task")
 for m in $METHODS_Z; do JOBS+=("$MF --methods single_task $m"); done
 for m in imtl_g_exact nash_mtl@params mgda@params pcgrad@params cagrad@params aligned_mtl@params upgrad@params; do
