@@ -28,7 +28,7 @@ from experiments.errors import CLIError, DataUnavailableError
 from experiments.metrics import MetricSpec
 
 __all__ = ["Benchmark", "REGISTRY", "names", "module", "defaults", "tiny_defaults", "add_flags", "build",
-           "options", "tmpdir", "need_data_dir"]
+           "options", "tmpdir", "need_data_dir", "regression"]
 
 #: benchmark name -> module that builds it (a module may serve several names).
 REGISTRY: dict[str, str] = {
@@ -188,3 +188,32 @@ def need_data_dir(name: str, layout: str, data_dir) -> Path:
     if not root.is_dir():
         raise DataUnavailableError(f"--data-dir {root} does not exist; pass the {name} root holding {layout}")
     return root
+
+
+def regression(name: str, targets: Sequence[str], splits: dict, make_model: Callable[[int], Any], *,
+               input_key: str, metric_std, **fields) -> Benchmark:
+    """A benchmark of scalar regression targets, one stacked linear head each (the two QM9
+    benchmarks): per-task MSE on standardized targets (``batch["y"]``, inputs ``batch[input_key]``)
+    and one MAE metric ``<target>_mae`` per target, lower is better, in the units that
+    ``metric_std`` (T,) converts a standardized error to. ``splits``: ``{"train", "val", "test"}``
+    datasets; ``fields``: the other :class:`Benchmark` fields (notes, fingerprint, cleanup, ...)."""
+    from experiments import losses as L
+    from experiments import metrics as M
+    from experiments import pure_model
+
+    targets = tuple(targets)
+    specs = tuple(MetricSpec(f"{t}_mae", t, False) for t in targets)
+
+    def pure(model, loss_factors=None):
+        return pure_model.stacked(model, name=name, num_tasks=len(targets), input_key=input_key, target_key="y",
+                                  loss=L.regression_losses, loss_factors=loss_factors)
+
+    def stats(preds, batch):
+        return M.regression_stats(preds, batch["y"], metric_std)
+
+    def finalize(totals):
+        return {s.name: float(v) for s, v in zip(specs, M.mae_from_stats(totals))}
+
+    return Benchmark(name=name, task_names=targets, train=splits["train"], val=splits["val"], test=splits["test"],
+                     make_model=make_model, pure_model=pure, metrics=specs, stats=stats, finalize=finalize,
+                     **fields)

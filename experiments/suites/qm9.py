@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments import losses as L
-from experiments import metrics as M
-from experiments.suites import Benchmark, tmpdir
+from experiments.suites import Benchmark, regression, tmpdir
 from experiments.errors import CLIError
 
 DEFAULT_HIDDEN = (256, 256, 256)  # chosen on single-task validation: results/qm9_model_selection
@@ -49,7 +47,6 @@ def add_flags(parser, name):
 
 def build(name: str, o) -> Benchmark:
     from flax import nnx
-    from experiments import pure_model
     from experiments.data import qm9 as Q
     from experiments.models import MLPMTL
 
@@ -78,26 +75,14 @@ def build(name: str, o) -> Benchmark:
     for split in ("train", "val", "test"):
         ds = data.split(split)
         splits[split] = type(ds)(x=ds.arrays["x"], y=ds.arrays["y"][:, idx])
-    specs = tuple(M.MetricSpec(f"{t}_mae", t, False) for t in targets)
     nf, T = data.num_features, len(targets)
 
     def make_model(seed):
         return MLPMTL(nf, T, hidden=hidden, rngs=nnx.Rngs(seed))
 
-    def pure(model, loss_factors=None):
-        return pure_model.stacked(model, name=name, num_tasks=T, input_key="x", target_key="y",
-                                  loss=L.regression_losses, loss_factors=loss_factors)
-
-    def stats(preds, batch):
-        return M.regression_stats(preds, batch["y"], std)
-
-    def finalize(totals):
-        return {s.name: float(v) for s, v in zip(specs, M.mae_from_stats(totals))}
-
     n = {k: len(v) for k, v in splits.items()}
-    return Benchmark(
-        name=name, task_names=targets, train=splits["train"], val=splits["val"], test=splits["test"],
-        make_model=make_model, pure_model=pure, metrics=specs, stats=stats, finalize=finalize,
+    return regression(
+        name, targets, splits, make_model, input_key="x", metric_std=std,
         eval_batch_size=2048, cleanup=cleanup,
         notes=[f"QM9 ({'generated fixture' if o.tiny else 'qm9pack'}): {n['train']} train / {n['val']} val / "
                f"{n['test']} test molecules; {nf} Coulomb-eigenvalue features; MLP {hidden} + {T} linear "

@@ -39,13 +39,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments import losses as L
-from experiments import metrics as M
-from experiments.suites import Benchmark, tmpdir
+from experiments.suites import Benchmark, regression, tmpdir
 
 STEPS_PER_EPOCH = 110_831 // 120  # 923: the published batches of one epoch (last partial one dropped)
-DEFAULTS = {"qm9_mpnn": dict(methods=["single_task", "equal", "imtl_h", "imtl_g", "nash_mtl"], seeds=[0, 1, 2], steps=None,
-                             epochs=300, batch_size=120, lr=1e-3, schedule="plateau", plateau_patience=5,
+DEFAULTS = {"qm9_mpnn": dict(methods=["single_task", "equal", "imtl_h", "imtl_g", "nash_mtl"], seeds=[0, 1, 2],
+                             steps=None, epochs=300, batch_size=120, lr=1e-3, schedule="plateau", plateau_patience=5,
                              plateau_factor=0.7, eval_every=STEPS_PER_EPOCH, max_train=None)}
 TINY = dict(seeds=[0], steps=4, epochs=None, batch_size=4, eval_every=2, max_train=None)
 #: the MPNN has no normalization layers to choose.
@@ -149,7 +147,6 @@ def _graphs(data_dir):
 
 def build(name: str, o) -> Benchmark:
     from flax import nnx
-    from experiments import pure_model
     from experiments.data import qm9 as Q
     from experiments.data import qm9_graph as G
     from experiments.models_mpnn import MPNNMTL
@@ -171,27 +168,15 @@ def build(name: str, o) -> Benchmark:
     targets = tuple(Q.QM9_TARGETS)
     splits = {k: G.GraphDataset(graphs, r, mean, std) for k, r in rows.items()}
     metric_std = np.asarray(std * np.asarray(Q.QM9_PAPER_SCALE), np.float32)  # MAE in the papers' units
-    specs = tuple(M.MetricSpec(f"{t}_mae", t, False) for t in targets)
     T = len(targets)
 
     def make_model(seed):
         return MPNNMTL(T, rngs=nnx.Rngs(seed), **dims)
 
-    def pure(model, loss_factors=None):
-        return pure_model.stacked(model, name=name, num_tasks=T, input_key="graph", target_key="y",
-                                  loss=L.regression_losses, loss_factors=loss_factors)
-
-    def stats(preds, batch):
-        return M.regression_stats(preds, batch["y"], metric_std)
-
-    def finalize(totals):
-        return {s.name: float(v) for s, v in zip(specs, M.mae_from_stats(totals))}
-
     n = {k: len(v) for k, v in splits.items()}
     src = np.bincount(graphs["source"], minlength=4)
-    return Benchmark(
-        name=name, task_names=targets, train=splits["train"], val=splits["val"], test=splits["test"],
-        make_model=make_model, pure_model=pure, metrics=specs, stats=stats, finalize=finalize,
+    return regression(
+        name, targets, splits, make_model, input_key="graph", metric_std=metric_std,
         eval_batch_size=500, cleanup=cleanup,
         notes=[f"QM9 graphs ({'generated fixture' if o.tiny else 'qm9pack, RDKit bonds'}): {n['train']} train / "
                f"{n['val']} val / {n['test']} test molecules (fixed protocol split); {int(src[1:].sum())} of "
