@@ -17,8 +17,10 @@ anything, the files are checked against it (so orbax never parses a damaged file
 So every byte that affects the resumed run is covered: an edited step, key, counter or history
 entry changes ``digest``; damaged array data (or array metadata that restores different values)
 changes ``checksum``. The metadata's ``step`` must also equal the number of the directory it is
-in. A checkpoint that fails any of these checks, or that orbax cannot read, is reported in one
-line naming it and the reason, renamed to ``<step>.corrupt`` (kept for inspection, never deleted)
+in, and the caller's ``check`` (:mod:`experiments.train`: the optimizer's and the method's step
+counters against the label) must pass. A checkpoint that fails any of these checks, or that
+orbax cannot read, is reported in one line naming it and the reason, renamed to
+``<step>.corrupt`` (kept for inspection, never deleted)
 and the previous good checkpoint is used; when no good one is left, :class:`CheckpointError` says
 so in one line. A save that fails (disk full, file-size limit, permissions) removes its partial
 directory, leaves the earlier checkpoints as they were and raises :class:`StorageError` (one line:
@@ -42,10 +44,15 @@ import numpy as np
 
 from experiments.errors import CheckpointError, StorageError, one_line, storage_error
 
-__all__ = ["RunCheckpoints", "StorageError", "storage_error", "FORMAT"]
+__all__ = ["RunCheckpoints", "StorageError", "storage_error", "FORMAT", "LabelMismatch"]
 
 FORMAT = 2  # 1: leaves checksum only (before issue 14); 2: + file manifest, metadata digest, step check
 MANIFEST = "integrity.json"
+
+
+class LabelMismatch(ValueError):
+    """A checkpoint whose contents (e.g. the optimizer's step count) disagree with its label."""
+
 
 def _leaves_checksum(leaves) -> str:
     h = hashlib.sha256()
@@ -282,28 +289,37 @@ class RunCheckpoints:
         self._verify(step, leaves, meta)
         return leaves, meta
 
-    def restore_latest(self, template_leaves: list, log: Callable[[str], None] = print):
+    def restore_latest(self, template_leaves: list, log: Callable[[str], None] = print, *,
+                       at_most: Optional[int] = None, check: Optional[Callable] = None):
         """(step, leaves, meta, bad) of the newest checkpoint that restores and verifies, or None.
 
         A checkpoint that fails (missing/truncated/altered files, altered metadata, a step that
-        differs from its directory) is reported in one line, renamed to ``<step>.corrupt``
-        (never deleted) and the next older one is tried; ``bad`` lists those paths. Raises
-        :class:`CheckpointError` when checkpoints exist but none is usable.
+        differs from its directory, or ``check(step, leaves, meta)`` raising
+        :class:`LabelMismatch`: contents that disagree with the step they are filed under) is
+        reported in one line, renamed to ``<step>.corrupt`` (never deleted) and the next older one
+        is tried; ``bad`` lists those paths. ``at_most``: only checkpoints of steps ``<= at_most``
+        are considered (newer ones are left alone). Raises :class:`CheckpointError` when
+        checkpoints exist but none is usable.
         """
         template_leaves = [np.asarray(x) for x in template_leaves]
         steps = self.steps()
         bad = []
         for step in reversed(steps):
+            if at_most is not None and step > at_most:
+                continue
             path = self.directory / str(step)
             try:
                 with _orbax_silenced():
                     leaves, meta = self._restore_step(step, template_leaves)
+                if check is not None:
+                    check(step, leaves, meta)
             except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise assorted types
-                reason = one_line(f"{type(e).__name__}: {e}")[:240]
+                reason = one_line(f"{type(e).__name__}: {e}" if not isinstance(e, LabelMismatch) else str(e))[:300]
                 self.close(quiet=True)  # re-list the steps after the rename below
                 target = self._quarantine(path)
                 bad.append(str(path))
-                log(f"warning: checkpoint {path} is corrupt or partial ({reason}); moved to {target.name}, "
+                what = "does not match its label" if isinstance(e, LabelMismatch) else "is corrupt or partial"
+                log(f"warning: checkpoint {path} {what} ({reason}); moved to {target.name}, "
                     "falling back to the previous checkpoint")
                 continue
             return step, leaves, meta, bad
@@ -312,6 +328,19 @@ class RunCheckpoints:
                 f"no usable checkpoint in {self.directory} (steps {steps} are all corrupt, kept as "
                 "*.corrupt); rerun without --resume and with --overwrite to start over")
         return None
+
+    def discard_after(self, step: int) -> list[int]:
+        """Removes the checkpoints of steps ``> step`` (a run rolled back to ``step`` to rejoin its
+        vmapped group recomputes them bit for bit); returns their steps."""
+        self.close(quiet=True)
+        gone = [s for s in self.steps() if s > step]
+        for s in gone:
+            shutil.rmtree(self.directory / str(s))
+        for name in self._entries():
+            head = name.split(".", 1)[0]
+            if ".orbax-checkpoint-tmp" in name and head.isdigit() and int(head) > step:
+                shutil.rmtree(self.directory / name, ignore_errors=True)
+        return gone
 
     def _quarantine(self, path: Path) -> Path:
         target = path.with_name(f"{path.name}.corrupt")

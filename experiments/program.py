@@ -99,6 +99,9 @@ class Program:
             return bench.stats(preds, batch), pure.eval_losses(preds, batch)
 
         self.eval_step = jax.jit(jax.vmap(eval_step, in_axes=(0, 0, None)))
+        # Evaluation runs one run at a time through this un-vmapped program: its compiled shape,
+        # hence every metric bit, does not depend on how many runs train as one group.
+        self.eval_one = jax.jit(eval_step)
 
     def init_state(self, seed: int) -> dict:
         """The initial state of the run with ``seed`` (the model initialized from ``seed``)."""
@@ -112,24 +115,34 @@ class Program:
         return jax.tree_util.tree_map(np.asarray, state)
 
     def evaluate(self, state_stacked, dataset, num_members: int) -> tuple[list, list]:
-        """Per run: (metrics, mean per-task losses) on ``dataset`` (evaluation mode)."""
+        """Per run: (metrics, mean per-task losses) on ``dataset`` (evaluation mode).
+
+        Each run is evaluated on its own by :attr:`eval_one` (not vmapped over the group), so
+        its numbers are the same bits whether it trains alone or with others: a resume that
+        regroups runs cannot change an evaluation, a plateau decision or the selected step."""
         import jax
         from experiments import metrics as M
         from experiments.data import BatchIterator
         bench = self.bench
         it = BatchIterator(dataset, min(bench.eval_batch_size, len(dataset)), shuffle=False, drop_last=False,
                            num_workers=bench.num_workers)
-        total, loss_sum, n = None, np.zeros((num_members, bench.num_tasks)), 0
+        members = [jax.tree_util.tree_map(lambda x, i=i: x[i], (state_stacked["params"],
+                                                                state_stacked.get("encoder_state")))
+                   for i in range(num_members)]
+        totals: list = [None] * num_members
+        loss_sum, n = np.zeros((num_members, bench.num_tasks)), 0
         try:
             for batch in it.epoch(0):
-                stats, losses = self.eval_step(state_stacked["params"], state_stacked.get("encoder_state"), batch)
-                total = M.accumulate(total, stats)
+                batch = jax.device_put(batch)
                 b = len(next(iter(batch.values())))
-                loss_sum += np.asarray(jax.device_get(losses), np.float64) * b
+                for i, (params, encoder_state) in enumerate(members):
+                    stats, losses = self.eval_one(params, encoder_state, batch)
+                    totals[i] = M.accumulate(totals[i], stats)
+                    loss_sum[i] += np.asarray(jax.device_get(losses), np.float64) * b
                 n += b
         finally:
             it.close()
-        metrics = [bench.finalize({k: v[i] for k, v in total.items()}) for i in range(num_members)]
+        metrics = [bench.finalize(t) for t in totals]
         return metrics, (loss_sum / max(n, 1)).tolist()
 
     def probe(self, make: Optional[Callable]):

@@ -12,7 +12,11 @@ TensorBoard event files; JSON conversion; reading runs back.
   numbers tables report), ``val_last``/``test_last`` the final-step ones;
 * ``per_task_best``: per task, its best validation step and value and the best-vs-final gap;
 * ``status`` (``ok`` / ``diverged``), ``steps_done``, ``skipped_steps``, ``wall_time_s``,
-  ``step_time_ms``, ``machine`` (platform, CPUs, load, JAX version and backend).
+  ``step_time_ms``, ``machine`` (platform, CPUs, load, JAX version and backend);
+* ``nonconverged_steps``: applied steps on which the method's iterative solver (MGDA, CAGrad,
+  UPGrad, Nash-MTL) reported ``converged`` False, i.e. stopped at its iteration cap short of its
+  tolerance; ``solver_steps``: the applied steps that reported ``converged`` at all (0 for a
+  method without an iterative solver, so ``nonconverged_steps`` is then 0 too).
 
 ``history.json`` holds the per-step training losses, weights α, loss scales, learning rate and
 every evaluation (validation and test metrics and losses at each ``eval_every`` step).

@@ -129,7 +129,7 @@ class RunConfig:
     and priority vectors of the method at once; 1: one by one; None: 0, except 1 for a benchmark
     with ``vmap_on_cpu=False`` on a CPU backend).
     ``checkpoint_every`` None: automatic (every ~minute of training; see ``train.py``); 0: never.
-    ``interrupt_at`` (tests only): raise KeyboardInterrupt once this many steps are done.
+    ``interrupt_at`` (tests only): request a stop (as SIGTERM does) once this many steps are done.
     """
 
     steps: int
