@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import tables
+from experiments import tables, verdicts
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,7 +62,7 @@ def test_verdicts_need_the_holm_corrected_test(tmp_path, monkeypatch):
     (tmp_path / "f" / "results.json").write_text(json.dumps(_payload(methods)))
     p, n = paired_t_pvalue(dict(enumerate(methods["m0"])), dict(enumerate(ew)))
     assert n == 3 and 0.01 < p < 0.05
-    rows = {r["label"]: r for r in tables.verdict_rows(tmp_path / "f")}
+    rows = {r["label"]: r for r in verdicts.verdict_rows(tmp_path / "f", *tables.load(tmp_path / "f")[1:])}
     for i in range(5):
         assert rows[f"m{i}"]["p"] < 0.05 and rows[f"m{i}"]["p_holm"] > 0.05
         assert rows[f"m{i}"]["verdict"] == "no difference detected"
@@ -74,7 +74,7 @@ def test_provably_identical_methods_are_one_row(tmp_path, monkeypatch):
     (tmp_path / "f").mkdir()
     (tmp_path / "f" / "results.json").write_text(json.dumps(_payload(
         {"equal": [5, 6, 7], "imtl_l": [4, 8, 6], "uncertainty": [4, 8, 6], "dwa": [4, 8, 6.5]})))
-    labels = [r["label"] for r in tables.verdict_rows(tmp_path / "f")]
+    labels = [r["label"] for r in verdicts.verdict_rows(tmp_path / "f", *tables.load(tmp_path / "f")[1:])]
     assert "imtl_l = uncertainty" in labels and "dwa" in labels and len(labels) == 3
 
 

@@ -1,0 +1,174 @@
+"""Verdicts of a results folder: each method against equal weighting (EW), corrected for the
+number of comparisons, beside what the method costs.
+
+* :func:`verdict_rows` / :func:`verdict_table`: per method, Δm% vs single-task, the paired
+  Δm − EW interval over seeds, the paired t-test's p-value and its Holm-adjusted value over the
+  family (every row but EW; provably identical methods merged into one row first), and the
+  verdict: better/worse only where Holm's procedure rejects at 5 %; the fraction of runs whose
+  selected step is the last evaluation; the step time relative to EW when
+  ``method_cost.json`` (``python -m benchmarks.method_cost --out <folder>``) is present.
+* :func:`plot_delta_m_vs_cost`: Δm% against that cost, one point per method.
+
+The inputs are a folder's ``payload`` and ``summary`` as :func:`experiments.tables.load` gives them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["FAMILY_ALPHA", "merge_identical", "selected_last", "verdict_rows", "method_costs", "verdict_table",
+           "plot_delta_m_vs_cost"]
+
+
+FAMILY_ALPHA = 0.05
+
+
+def _by_seed(entry: dict) -> dict:
+    return {int(k): float(v) for k, v in entry["delta_m"]["by_seed"].items()}
+
+
+def merge_identical(methods: dict) -> list[list[str]]:
+    """Groups of method labels whose per-seed Δm are identical (to 1e-9 relative) on at least
+    two common seeds: provably one method (IMTL-L and uncertainty weighting under Adam), reported
+    as one row so that it does not count twice in the family of comparisons."""
+    groups: list[list[str]] = []
+    for m in methods:
+        a = _by_seed(methods[m])
+        for g in groups:
+            b = _by_seed(methods[g[0]])
+            common = sorted(set(a) & set(b))
+            if len(common) >= 2 and set(a) == set(b) and all(
+                    abs(a[s] - b[s]) <= 1e-9 * max(1.0, abs(a[s])) for s in common):
+                g.append(m)
+                break
+        else:
+            groups.append([m])
+    return groups
+
+
+def selected_last(runs: list) -> dict:
+    """``{method: (runs whose selected step is the last evaluation, finished runs)}``."""
+    out: dict = {}
+    for r in runs:
+        if r.get("status") != "ok" or not r.get("selected") or not r.get("last"):
+            continue
+        hit, n = out.get(r["method"], (0, 0))
+        out[r["method"]] = (hit + int(r["selected"]["step"] == r["last"]["step"]), n + 1)
+    return out
+
+
+def verdict_rows(folder: Path, payload: dict, summary: dict) -> list[dict]:
+    """Per method (identical methods merged), Δm, the paired Δm − EW interval, the paired t-test's
+    p-value and its Holm-adjusted value over the family (every row but EW), and the verdict:
+    better/worse only where Holm's procedure rejects at 5 %."""
+    from experiments.stats import holm, paired_t_pvalue
+    methods = {m: e for m, e in summary["methods"].items() if m != "single_task" and "delta_m" in e}
+    ew = _by_seed(methods["equal"]) if "equal" in methods else None
+    last = selected_last(payload["runs"])
+    rows = []
+    for group in merge_identical(methods):
+        m = group[0]
+        e = methods[m]
+        p, n = paired_t_pvalue(_by_seed(e), ew) if ew is not None and m != "equal" else (math.nan, 0)
+        hit = sum(last.get(g, (0, 0))[0] for g in group)
+        tot = sum(last.get(g, (0, 0))[1] for g in group)
+        rows.append({"label": " = ".join(group), "methods": group, "delta_m": e["delta_m"],
+                     "diff": e.get("delta_m_minus_ew", {}), "p": p, "n_pairs": n, "last": (hit, tot)})
+    for row, adj in zip(rows, holm([r["p"] for r in rows])):
+        row["p_holm"] = adj
+        mean = row["diff"].get("mean")
+        if "equal" in row["methods"]:
+            row["verdict"] = "(reference)"
+        elif not math.isfinite(adj):
+            row["verdict"] = "no test (n < 2)"
+        elif adj <= FAMILY_ALPHA:
+            row["verdict"] = "**better**" if mean < 0 else "**worse**"
+        else:
+            row["verdict"] = "no difference detected"
+    return sorted(rows, key=lambda r: (r["delta_m"]["mean"] if r["delta_m"]["mean"] is not None else math.inf,
+                                       r["label"]))
+
+
+def _p(p: float) -> str:
+    if not math.isfinite(p):
+        return "–"
+    return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def method_costs(folder: Path) -> dict:
+    """``{method: step time / EW}`` from ``folder/method_cost.json`` (written by
+    ``python -m benchmarks.method_cost --out <folder>`` on an idle machine), or {}."""
+    path = folder / "method_cost.json"
+    if not path.exists():
+        return {}
+    return {m: float(r["ratio_to_equal"]) for m, r in json.loads(path.read_text())["methods"].items()}
+
+
+def verdict_table(folder: Path, payload: dict, summary: dict) -> str:
+    """Methods ranked by mean Δm%, with the paired Δm − EW interval, its paired t-test p-value,
+    the Holm-adjusted p-value over the family of comparisons with EW, and the verdict (better or
+    worse only where the corrected test rejects at 5 %)."""
+    from experiments.stats import format_ci
+    rows = verdict_rows(folder, payload, summary)
+    costs = method_costs(folder)
+    m_family = sum(1 for r in rows if math.isfinite(r["p_holm"]))
+    lines = ["| rank | method | seeds | Δm% vs single-task ↓ | Δm − EW (paired, 95 % CI) | p | p, Holm "
+             f"(m = {m_family}) | verdict at 5 % (Holm) | selected step = last |"
+             + (" step time / EW |" if costs else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if costs else "")]
+    for i, r in enumerate(rows, 1):
+        dm, d = r["delta_m"], r["diff"]
+        half = d.get("ci95")
+        ref = "equal" in r["methods"]
+        diff = "–" if ref else format_ci(d.get("mean") if d.get("mean") is not None else math.nan,
+                                         half if half is not None else math.nan, 2, True)
+        hit, tot = r["last"]
+        lines.append(f"| {i} | {r['label']} | {dm['n']} | "
+                     f"{format_ci(dm['mean'], dm['ci95'] if dm['ci95'] is not None else math.nan, 2, True)} | {diff} | "
+                     f"{'–' if ref else _p(r['p'])} | {'–' if ref else _p(r['p_holm'])} | {r['verdict']} | "
+                     f"{hit} of {tot} |" + (f" {costs[r['methods'][0]]:.2f} |" if r["methods"][0] in costs
+                                            else " – |" if costs else ""))
+    hit = sum(r["last"][0] for r in rows)
+    tot = sum(r["last"][1] for r in rows)
+    lines += ["", f"Runs whose selected (best-validation) step is the last evaluation: {hit} of {tot}"
+                  f"{f' ({100 * hit / tot:.0f} %)' if tot else ''}."]
+    if costs:
+        cost = json.loads((folder / "method_cost.json").read_text())
+        lines += [f"Step time / EW: `{cost['command']}` (median of {cost['rounds']} interleaved rounds; 1-minute "
+                  f"load {cost['load_1min_before']:.2f} before, {cost['load_1min_after']:.2f} after)."]
+    return "\n".join(lines)
+
+
+def plot_delta_m_vs_cost(folder: Path, payload: dict, summary: dict) -> Optional[Path]:
+    """``folder/delta_m_vs_cost.png``: each method's Δm% (mean, 95 % CI over seeds) against its
+    step time relative to EW (log axis), verdict rows marked; None without ``method_cost.json``."""
+    costs = method_costs(folder)
+    if not costs:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in verdict_rows(folder, payload, summary):
+        m = r["methods"][0]
+        if m not in costs or r["delta_m"]["mean"] is None:
+            continue
+        half = r["delta_m"]["ci95"] or 0.0
+        color = {"**better**": "tab:green", "**worse**": "tab:red"}.get(r["verdict"], "tab:blue")
+        ax.errorbar(costs[m], r["delta_m"]["mean"], yerr=half, fmt="o", color=color, capsize=3, ms=4)
+        ax.annotate(r["label"], (costs[m], r["delta_m"]["mean"]), fontsize=7, xytext=(4, 2),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("training step time / equal weighting (log; benchmarks.method_cost, idle machine)")
+    ax.set_ylabel("Δm% vs single-task (lower is better)")
+    ax.set_title(f"{folder.name}: what each method costs for what it gains\n"
+                 "(95 % CI over seeds; green/red: better/worse than EW after Holm)", fontsize=9)
+    ax.axvline(1.0, color="k", lw=0.6, ls=":")
+    fig.tight_layout()
+    out = folder / "delta_m_vs_cost.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
