@@ -274,6 +274,14 @@ def test_works_through_the_optax_aggregator(method):
         kwargs = {"losses": losses} if needs_losses or method.weighting.weights_heads else {}
         if method.scaling.trainable:  # a loss scaling needs the losses and its log-scales
             kwargs.update(losses=losses, log_scales=jnp.zeros(2))
+        elif method.scaling.name != "identity":
+            # A fixed scaling (DB-MTL's log): the aggregator only sees the weighting, so the
+            # caller stacks the updates of the scaled losses (chain rule, per task).
+            scaled, factor = jax.jvp(lambda l: method.scaling.scale(l, jnp.zeros(2)), (losses,),
+                                     (jnp.ones_like(losses),))
+            per_task = jax.tree_util.tree_map(
+                lambda x: x * factor.reshape((-1,) + (1,) * (x.ndim - 1)), per_task)
+            kwargs = {"losses": scaled} if "losses" in kwargs else kwargs
         updates, tx_state = tx.update(per_task, tx_state, params, key=key, **kwargs)
         return optax.apply_updates(params, updates), tx_state
 

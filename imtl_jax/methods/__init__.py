@@ -63,5 +63,10 @@ from imtl_jax.methods import aligned_mtl as _aligned_mtl  # noqa: E402,F401
 from imtl_jax.methods import upgrad as _upgrad  # noqa: E402,F401
 from imtl_jax.methods import rlw as _rlw  # noqa: E402,F401
 from imtl_jax.methods import scale_invariant as _scale_invariant  # noqa: E402,F401
+from imtl_jax.methods import config as _config  # noqa: E402,F401
+from imtl_jax.methods import db_mtl as _db_mtl  # noqa: E402,F401
+from imtl_jax.methods import stch as _stch  # noqa: E402,F401
+from imtl_jax.methods import gradvac as _gradvac  # noqa: E402,F401
+from imtl_jax.methods import dualproj as _dualproj  # noqa: E402,F401
 
 from imtl_jax.methods.loss_weighting import single_task as single_task  # noqa: E402  (a factory, not registered)
