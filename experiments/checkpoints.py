@@ -298,8 +298,8 @@ class RunCheckpoints:
         :class:`LabelMismatch`: contents that disagree with the step they are filed under) is
         reported in one line, renamed to ``<step>.corrupt`` (never deleted) and the next older one
         is tried; ``bad`` lists those paths. ``at_most``: only checkpoints of steps ``<= at_most``
-        are considered (newer ones are left alone). Raises :class:`CheckpointError` when
-        checkpoints exist but none is usable.
+        are considered (newer ones are left alone; None when there is no older one). Raises
+        :class:`CheckpointError` when such checkpoints exist but none is usable.
         """
         template_leaves = [np.asarray(x) for x in template_leaves]
         steps = self.steps()
@@ -323,7 +323,7 @@ class RunCheckpoints:
                     "falling back to the previous checkpoint")
                 continue
             return step, leaves, meta, bad
-        if steps:
+        if any(at_most is None or s <= at_most for s in steps):
             raise CheckpointError(
                 f"no usable checkpoint in {self.directory} (steps {steps} are all corrupt, kept as "
                 "*.corrupt); rerun without --resume and with --overwrite to start over")

@@ -557,25 +557,22 @@ def _plan_groups(bench, runs: list, size: int, cfg: RunConfig, program: Program,
     groups: list = []
     taken: set = set()
     for r in runs:
-        if r.group is None or r.ident in taken or r.start >= cfg.steps:
+        if r.group is None or r.ident in taken:
             continue
-        done_elsewhere = [n for n in r.group if n not in by_ident and n in finished]
-        if done_elsewhere:  # only when a member's final checkpoint was lost after it finished
-            log(f"warning: {bench.name} {r.name}: its vmapped group's {', '.join(done_elsewhere)} finished "
-                f"earlier; it resumes in a smaller group (training may then differ from an uninterrupted run "
-                f"at float32 round-off; evaluation does not)")
-        missing = [n for n in r.group if n not in by_ident and n not in finished]
+        group = list(r.group)  # r's own record may be reset by a roll-back below
+        done_elsewhere = [n for n in group if n not in by_ident and n in finished]
+        missing = [n for n in group if n not in by_ident and n not in finished]
         if missing:
             raise CheckpointError(
                 f"{bench.name} {r.name} was trained in one vmapped group with {', '.join(missing)} (checkpoint "
                 f"{r.ckpt.directory / str(r.start)}); resume them together (the same --methods and --seeds) so the "
                 "group keeps its compiled shape, or pass --overwrite to start over")
-        members = [by_ident[n] for n in r.group if n in by_ident]
-        other = [m for m in members if m.group is not None and m.group != r.group]
+        members = [by_ident[n] for n in group if n in by_ident]
+        other = [m for m in members if m.group is not None and m.group != group]
         if other:
             raise CheckpointError(
                 f"{bench.name}: the checkpoints of {r.name} and {other[0].name} record different vmapped groups "
-                f"({', '.join(r.group)} vs {', '.join(other[0].group)}); pass --overwrite to start over")
+                f"({', '.join(group)} vs {', '.join(other[0].group)}); pass --overwrite to start over")
         while len({m.start for m in members}) > 1:
             common = min(m.start for m in members)
             for m in members:
@@ -584,9 +581,14 @@ def _plan_groups(bench, runs: list, size: int, cfg: RunConfig, program: Program,
                     _restore(bench, m, cfg, program, log, at_most=common)
                     gone = m.ckpt.discard_after(m.start)
                     log(f"{bench.name} {m.name}: rolled back from step {ahead} to step {m.start} to resume with its "
-                        f"vmapped group ({', '.join(r.group)}); removed its checkpoints {gone}")
+                        f"vmapped group ({', '.join(group)}); removed its checkpoints {gone}")
+        if done_elsewhere and min(m.start for m in members) < cfg.steps:
+            # only when a member's final checkpoint was lost after that member finished
+            log(f"warning: {bench.name} {r.name}: its vmapped group's {', '.join(done_elsewhere)} finished "
+                f"earlier; it resumes in a smaller group (training may then differ from an uninterrupted run "
+                f"at float32 round-off; evaluation does not)")
         if len(members) > size:
-            log(f"{bench.name}: {', '.join(r.group)} resume as the one vmapped group they were trained in "
+            log(f"{bench.name}: {', '.join(group)} resume as the one vmapped group they were trained in "
                 f"(--parallel-seeds now asks for groups of {size}), so that no number depends on the grouping")
         groups.append(members)
         taken.update(m.ident for m in members)

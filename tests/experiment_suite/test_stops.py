@@ -247,13 +247,15 @@ class _Killed(BaseException):
     """Stands in for SIGKILL: nothing after it runs but ``finally`` blocks."""
 
 
-def test_kill_between_per_seed_saves_resumes_the_group_bitwise(bench, straight, tmp_path, monkeypatch):
-    """Killed after seed 0 saved step 4 but before seeds 1 and 2 did: the resume rolls seed 0
-    back to step 2 and trains the three together again, bit-identical to the uninterrupted run."""
+@pytest.mark.parametrize("at", [4, 2])
+def test_kill_between_per_seed_saves_resumes_the_group_bitwise(bench, straight, tmp_path, monkeypatch, at):
+    """Killed after seed 0 saved step ``at`` but before seeds 1 and 2 did: the resume rolls
+    seed 0 back to the group's common step (2, or the start when ``at`` was the first save) and
+    trains the three together again, bit-identical to the uninterrupted run."""
     real_save = T._save
 
     def save(run, step_done, state, wall0):
-        if step_done == 4 and run.seed == 1:
+        if step_done == at and run.seed == 1:
             raise _Killed
         real_save(run, step_done, state, wall0)
 
@@ -261,12 +263,14 @@ def test_kill_between_per_seed_saves_resumes_the_group_bitwise(bench, straight, 
     with pytest.raises(_Killed):
         _run(bench, tmp_path, _cfg())
     monkeypatch.undo()
-    assert [RunCheckpoints(_rd(tmp_path, s) / "ckpt").steps() for s in SEEDS] == [[2, 4], [2], [2]]
+    before = [s for s in (2, 4) if s < at]
+    assert [RunCheckpoints(_rd(tmp_path, s) / "ckpt").steps() for s in SEEDS] == [before + [at], before, before]
     logs = []
     res = _run(bench, tmp_path, _cfg(resume=True), log=logs.append)
-    assert [r["resumed_from"] for r in res] == [2, 2, 2] and all(r["group_size"] == 3 for r in res)
+    common = before[-1] if before else None
+    assert [r["resumed_from"] for r in res] == [common] * 3 and all(r["group_size"] == 3 for r in res)
     (rolled,) = [m for m in logs if "rolled back" in m]
-    assert "famo seed 0: rolled back from step 4 to step 2" in rolled and "[4]" in rolled
+    assert f"famo seed 0: rolled back from step {at} to step {common or 0}" in rolled and f"[{at}]" in rolled
     assert outcome(tmp_path) == straight
 
 
