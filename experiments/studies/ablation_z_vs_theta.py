@@ -7,6 +7,13 @@ costs T encoder VJPs), and -- measured along each variant's own training traject
 *same* params and batch: ``cos(Σ α^z_t ∇_θ L_t, Σ α^θ_t ∇_θ L_t)`` (the raw shared gradients
 the methods hand to the optimizer), their norm ratio and the L1 distance between the α vectors.
 The probe runs before the step and is excluded from the step time.
+
+The diagnosis of the representation level (why IMTL-G at z can trail the parameter level) is
+measured on the same probes: the smallest eigenvalue of the cosine matrix ``K = U U^T`` of the
+unit task gradients at z and at θ (1: orthogonal tasks; near 0: nearly dependent, where alpha is
+ill-determined), the spread of the per-task gradient norms at each level (max/min), and, from
+the runs' alpha trajectories, how often one task gets nearly all the weight
+(``max_t |α_t| / Σ|α_t| > 0.9``) and how far alpha moves between consecutive steps (mean L1).
 """
 
 from __future__ import annotations
@@ -29,6 +36,45 @@ def add_flags(parser):
     return ("probe_every",)
 
 
+def _diagnostics_method(level: str):
+    """A probe-only :class:`imtl_jax.Method` whose weighting reads the (T, F) matrix of per-task
+    gradients at ``level`` and reports its cosine matrix's smallest eigenvalue and the row norms
+    (its weights are EW's; they are never applied)."""
+    import jax.numpy as jnp
+    import imtl_jax
+    from imtl_jax.methods.equal import IDENTITY
+
+    def weigh(grads, losses, state, key, priorities):
+        del losses, key, priorities
+        g = grads.astype(jnp.float32)
+        norms = jnp.linalg.norm(g, axis=1)
+        units = g / jnp.where(norms > 0, norms, 1.0)[:, None]
+        eig = jnp.linalg.eigvalsh(units @ units.T)
+        info = {"min_eig_cosines": eig[0], "norm_spread": jnp.max(norms) / jnp.maximum(jnp.min(norms), 1e-30)}
+        return imtl_jax.WeightingOutput(jnp.ones(grads.shape[:1], grads.dtype), state, info)
+
+    weighting = imtl_jax.Weighting(name=f"probe_{level}", init=lambda num_tasks, dtype=None: (), weigh=weigh)
+    return imtl_jax.Method(f"probe_{level}", IDENTITY, weighting, level=level)
+
+
+def alpha_trajectory_stats(weights) -> dict:
+    """From a run's per-step weights (steps, T): the fraction of steps where one task holds more
+    than 90 % of ``Σ|α|``, and the mean L1 distance between consecutive steps' α.
+
+    >>> {k: round(v, 4) for k, v in alpha_trajectory_stats([[0.5, 0.5], [0.95, 0.05], [0.5, 0.5]]).items()}
+    {'dominated_fraction': 0.3333, 'mean_l1_jump': 0.9}
+    """
+    import numpy as np
+    w = np.asarray(weights, np.float64).reshape(len(weights), -1)
+    w = w[np.all(np.isfinite(w), axis=1)]
+    if len(w) == 0:
+        return {"dominated_fraction": None, "mean_l1_jump": None}
+    share = np.max(np.abs(w), axis=1) / np.maximum(np.sum(np.abs(w), axis=1), 1e-30)
+    jumps = np.sum(np.abs(np.diff(w, axis=0)), axis=1)
+    return {"dominated_fraction": float(np.mean(share > 0.9)),
+            "mean_l1_jump": float(np.mean(jumps)) if len(jumps) else None}
+
+
 def direction_probe(program):
     """``program`` -> probe(params, method_state, batch, key) -> dict (one run; vmapped by the loop)."""
     import jax
@@ -40,6 +86,8 @@ def direction_probe(program):
     pure = program.pure
     step_z = imtl_jax.mtl_step(pure.encoder, pure.task_losses, "imtl_g")
     step_t = imtl_jax.mtl_step(pure.encoder, pure.task_losses, "imtl_g_exact")
+    diag_z = imtl_jax.mtl_step(pure.encoder, pure.task_losses, _diagnostics_method("representation"))
+    diag_t = imtl_jax.mtl_step(pure.encoder, pure.task_losses, _diagnostics_method("parameters"))
 
     def flat(tree):
         return jnp.concatenate([jnp.ravel(x) for x in jax.tree_util.tree_leaves(tree)])
@@ -50,9 +98,13 @@ def direction_probe(program):
         gt, _, at = step_t(params, step_t.init(params), batch, key=key)
         a, b = flat(gz.shared), flat(gt.shared)
         na, nb = jnp.linalg.norm(a), jnp.linalg.norm(b)
+        _, _, dz = diag_z(params, (), batch, key=key)
+        _, _, dt = diag_t(params, (), batch, key=key)
         return {"cos_shared": jnp.dot(a, b) / (na * nb), "norm_ratio_z_over_theta": na / nb,
                 "alpha_l1_diff": jnp.sum(jnp.abs(az.weights - at.weights)),
-                "alpha_z": az.weights, "alpha_theta": at.weights}
+                "alpha_z": az.weights, "alpha_theta": at.weights,
+                "min_eig_cosines_z": dz.info["min_eig_cosines"], "min_eig_cosines_theta": dt.info["min_eig_cosines"],
+                "grad_norm_spread_z": dz.info["norm_spread"], "grad_norm_spread_theta": dt.info["norm_spread"]}
 
     return probe
 
@@ -111,13 +163,20 @@ def run(o, command: str) -> dict:
         (out / "plots").mkdir(parents=True, exist_ok=True)
         have_plot = plot_probes(out / "plots" / "cos_z_vs_theta.png", hist)
         lines = ["| trajectory of | seed | cos mean | cos min | cos last | ‖α_z−α_θ‖₁ mean | norm ratio z/θ mean | "
-                 "step ms |", "|---|---|---|---|---|---|---|---|"]
+                 "min eig K at z | min eig K at θ | norm spread z | norm spread θ | α dominated (share of steps) | "
+                 "α L1 jump per step | step ms |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in results:
             ps = r.get("probe_summary") or {}
             c, a, n = ps.get("cos_shared", {}), ps.get("alpha_l1_diff", {}), ps.get("norm_ratio_z_over_theta", {})
             f = (lambda d, k: "n/a" if d.get(k) is None else f"{d[k]:.4f}")
+            g = (lambda name: f(ps.get(name, {}), "mean"))
+            traj = alpha_trajectory_stats((hist.get((r["method"], r["seed"])) or {}).get("weight") or [])
+            r["alpha_trajectory"] = traj
+            t = (lambda k: "n/a" if traj[k] is None else f"{traj[k]:.3f}")
             lines.append(f"| {r['method']} | {r['seed']} | {f(c, 'mean')} | {f(c, 'min')} | {f(c, 'last')} | "
-                         f"{f(a, 'mean')} | {f(n, 'mean')} | "
+                         f"{f(a, 'mean')} | {f(n, 'mean')} | {g('min_eig_cosines_z')} | {g('min_eig_cosines_theta')} | "
+                         f"{g('grad_norm_spread_z')} | {g('grad_norm_spread_theta')} | {t('dominated_fraction')} | "
+                         f"{t('mean_l1_jump')} | "
                          f"{'n/a' if r.get('step_time_ms') is None else format(r['step_time_ms'], '.1f')} |")
         st = {r["method"]: r.get("step_time_ms") for r in results if r.get("step_time_ms")}
         ratio = (st["imtl_g_exact"] / st["imtl_g"]) if {"imtl_g", "imtl_g_exact"} <= set(st) else None
@@ -130,6 +189,7 @@ def run(o, command: str) -> dict:
         payload = json.loads((out / "results.json").read_text())
         payload["probe_every"] = every
         payload["step_time_ratio_exact_over_z"] = ratio
+        payload["alpha_trajectories"] = {f"{r['method']}/seed{r['seed']}": r.get("alpha_trajectory") for r in results}
         payload["total_wall_s"] = time.perf_counter() - t0
         (out / "results.json").write_text(json.dumps(records.to_json(payload), indent=1))
         print(res["markdown"] + "\n\n" + probe_md)
