@@ -65,6 +65,8 @@ def alpha_trajectory_stats(weights) -> dict:
     {'dominated_fraction': 0.3333, 'mean_l1_jump': 0.9}
     """
     import numpy as np
+    if len(weights) == 0:
+        return {"dominated_fraction": None, "mean_l1_jump": None}
     w = np.asarray(weights, np.float64).reshape(len(weights), -1)
     w = w[np.all(np.isfinite(w), axis=1)]
     if len(w) == 0:
