@@ -26,3 +26,12 @@ def fdtype(request):
             yield np.float64
     else:
         yield np.float32
+
+
+def pytest_collection_modifyitems(config, items):
+    """The eager (``__without_jit``) variant of every chex property test runs in CI's slow step:
+    without jit each ``lax.while_loop`` of a solver compiles on every call, so it costs many times
+    its jitted twin, which stays in the default suite and checks the same property."""
+    for item in items:
+        if item.name.endswith("__without_jit"):
+            item.add_marker(pytest.mark.slow)

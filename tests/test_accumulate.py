@@ -15,6 +15,7 @@ import pytest
 
 import imtl_jax
 from oracles import x64
+from marks import slow
 
 T, DIN, F, B, K = 3, 4, 5, 24, 4
 
@@ -44,8 +45,8 @@ def assert_rel(a, b, rtol=1e-10):
 
 
 @pytest.mark.parametrize("method,reduction", [
-    ("imtl_h", "sum"), ("imtl_h", "mean"), ("imtl_g", "sum"), ("equal", "sum"), ("uncertainty", "sum"),
-    ("dwa", "sum"), ("gradnorm", "sum"), ("mgda", "sum"), ("nash_mtl", "mean")])
+    slow("imtl_h", "sum"), ("imtl_h", "mean"), slow("imtl_g", "sum"), ("equal", "sum"), slow("uncertainty", "sum"),
+    slow("dwa", "sum"), slow("gradnorm", "sum"), ("mgda", "sum"), slow("nash_mtl", "mean")])
 def test_k_micro_batches_equal_one_batch(method, reduction):
     with x64():
         params, batch = make()
@@ -110,6 +111,7 @@ def test_stateful_encoder_threads_state_through_micro_batches_and_compiles_once(
         assert_rel(st2["sum"], st1["sum"])
 
 
+@pytest.mark.slow  # heavy oracle: CI's slow step
 def test_multi_steps_k_micro_batches_equal_one_batch_with_adam():
     with x64():
         params, batch = make(seed=4)

@@ -31,6 +31,9 @@ import sys
 
 import pytest
 
+# Each module runs its 8-device programs in one subprocess (a 30-70 s set-up): CI's slow step.
+pytestmark = pytest.mark.slow
+
 METHODS = ("imtl_h", "imtl_g", "imtl_g_exact", "imtl_g_exact:gramian", "equal")
 NUM_DEVICES = 8
 NUM_TASKS, BATCH, IN_FEATURES, HIDDEN, FEATURES, OUT = 3, 64, 12, 32, 16, 4

@@ -26,6 +26,9 @@ import sys
 
 import pytest
 
+# Each module runs its 8-device programs in one subprocess (a 30-70 s set-up): CI's slow step.
+pytestmark = pytest.mark.slow
+
 NUM_DEVICES = 8
 METHODS = ("imtl_h", "equal", "imtl_g_exact")
 T, BATCH, DIN, HIDDEN = 3, 64, 6, 16

@@ -46,7 +46,9 @@ def _library_modules() -> list[str]:
     return sorted(names)
 
 
-@pytest.mark.parametrize("module_name", _library_modules())
+# The accumulation examples train small models (~10 s): CI's slow step.
+@pytest.mark.parametrize("module_name", [pytest.param(n, marks=pytest.mark.slow) if n == "imtl_jax._accumulate"
+                                         else n for n in _library_modules()])
 def test_docstring_examples_run(module_name):
     module = importlib.import_module(module_name)
     finder = doctest.DocTestFinder(exclude_empty=True)

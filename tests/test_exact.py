@@ -85,6 +85,7 @@ def shared_rows(grads):
     return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(grads.shared)])
 
 
+@pytest.mark.slow  # heavy oracle: CI's slow step
 def test_float64_matches_paper_oracle(gramian_route):
     with x64():
         params, batch = make_problem(1, jnp.float64)

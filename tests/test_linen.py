@@ -98,6 +98,7 @@ def test_equal_reproduces_a_plain_flax_training_step():
     assert not np.allclose(ours[2]["batch_stats"]["BatchNorm_0"]["mean"], 0.0)
 
 
+@pytest.mark.slow  # heavy oracle: CI's slow step
 def test_imtl_h_shared_gradient_is_alpha_weighted_per_task_gradients_same_mask():
     with x64():
         net, heads, params, state, batch, key = make(seed=1, dtype=jnp.float64)

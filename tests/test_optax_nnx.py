@@ -12,6 +12,7 @@ from flax import nnx
 import imtl_jax
 from imtl_jax.nnx import LossScales, make_train_step
 from oracles import paper_alpha, x64
+from marks import slow, slow_unless_core
 
 J_BASE = np.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
 
@@ -67,7 +68,7 @@ def test_inject_hyperparams_interop():
     np.testing.assert_allclose(out["a"], paper_alpha(J_BASE) @ J_BASE, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("dtype", [slow(jnp.bfloat16), jnp.float32])
 def test_aggregator_preserves_dtype(dtype):
     tx = imtl_jax.imtl_g(num_tasks=2)
     out, _ = tx.update(stacked_updates(dtype), tx.init(None))
@@ -121,6 +122,7 @@ def _head_loss(head_t, z, batch, t):  # head_t: task t's head module (its slice 
     return jnp.mean((z @ head_t.w[...] - batch["y"][:, t]) ** 2)
 
 
+@pytest.mark.slow  # heavy oracle: CI's slow step
 def test_nnx_train_step_matches_functional_step_and_trains():
     model = _Model(nnx.Rngs(0))
     batch = {"x": jax.random.normal(jax.random.key(1), (16, 3)),
@@ -247,6 +249,7 @@ def _rng_count(model):
     return int(model.backbone.drop.rngs.count[...])
 
 
+@pytest.mark.slow  # heavy oracle: CI's slow step
 def test_nnx_equal_reproduces_a_plain_nnx_training_step():
     """method="equal" == nnx.value_and_grad of the summed losses: params, batch stats, RNG, losses."""
     batch = _hetero_batch()
@@ -283,6 +286,7 @@ def test_nnx_equal_reproduces_a_plain_nnx_training_step():
 # nnx.BatchNorm keeps its statistics in float32 whatever param_dtype; its own in-place update of
 # them with float64 batch statistics warns (flax, in the oracle's plain forward).
 @pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types:FutureWarning")
+@pytest.mark.slow  # heavy oracle: CI's slow step
 def test_nnx_imtl_h_shared_gradient_is_alpha_weighted_per_task_gradients_same_mask():
     with x64():
         dt = jnp.float64
@@ -317,7 +321,7 @@ def test_nnx_imtl_h_shared_gradient_is_alpha_weighted_per_task_gradients_same_ma
             np.testing.assert_allclose(g, w, rtol=1e-8, atol=1e-11)
 
 
-@pytest.mark.parametrize("method", imtl_jax.methods.method_names())
+@pytest.mark.parametrize("method", slow_unless_core(imtl_jax.methods.method_names()))
 def test_nnx_every_method_two_steps_one_compilation(method):
     batch = _hetero_batch()
     model = _HeteroNet(nnx.Rngs(0, dropout=1))
@@ -343,6 +347,7 @@ def test_nnx_every_method_two_steps_one_compilation(method):
         assert any(not np.array_equal(a, b) for a, b in zip(init_leaves, jax.tree_util.tree_leaves(state)))
 
 
+@pytest.mark.slow  # heavy oracle: CI's slow step
 def test_nnx_stacked_heads_tuple_of_attribute_names_and_priorities():
     class TwoHeads(nnx.Module):
         def __init__(self, rngs):
@@ -420,6 +425,7 @@ def test_nnx_wrong_layouts_name_the_missing_piece():
 # aggregate(): loss scaling, chain order, the optax wrappers
 
 
+@pytest.mark.slow  # heavy oracle: CI's slow step
 def test_aggregate_applies_the_loss_scaling_given_losses_and_log_scales():
     with x64():
         s = np.array([0.4, -0.7])

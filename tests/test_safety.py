@@ -14,6 +14,7 @@ import pytest
 import imtl_jax
 from imtl_jax._safety import flag_nonfinite, safe_optimizer, skipped_steps
 from oracles import paper_alpha
+from marks import slow, slow_unless_core
 
 T, B, DIN, F = 2, 8, 3, 4
 METHODS = ("imtl_h", "imtl_g", "equal", "imtl_g_exact", "imtl_l")
@@ -107,7 +108,7 @@ def warm_start(method, flag=False, steps=2):
 
 # --- mtl_step + safe_optimizer ---------------------------------------------------------------
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", slow_unless_core(METHODS, core=("imtl_h", "equal")))
 @pytest.mark.parametrize("kind", BAD_KINDS)
 def test_non_finite_step_is_skipped_bit_for_bit(method, kind):
     _, _, train = make_train(method)
@@ -378,7 +379,7 @@ def _train_twenty_steps(method: str):
     return params, opt_state
 
 
-@pytest.mark.parametrize("method", ["imtl_h", "imtl_g", "equal"])
+@pytest.mark.parametrize("method", [slow("imtl_h"), slow("imtl_g"), "equal"])
 def test_training_is_bitwise_deterministic(method):
     first_params, first_state = _train_twenty_steps(method)
     jax.clear_caches()  # the second run recompiles: determinism across compilations too

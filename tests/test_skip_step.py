@@ -23,6 +23,7 @@ import optax
 import pytest
 
 import imtl_jax
+from marks import slow_unless_core
 
 T, B, DIN, F = 3, 8, 3, 4
 METHODS = imtl_jax.methods.method_names()
@@ -103,7 +104,7 @@ def run(fn, carry, batches):
     return carry
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", slow_unless_core(METHODS))
 def test_skip_nonfinite_whole_step_every_method(method):
     plain, wrapped, _, carry0, _ = trainers(method)
     warm = run(plain, carry0, [good_batch(1)])

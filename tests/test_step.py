@@ -158,6 +158,7 @@ def test_sum_and_mean_reduction_give_same_alpha():
         imtl_jax.mtl_step(encoder, losses, reduction="flatten")
 
 
+@pytest.mark.slow  # heavy oracle: CI's slow step
 def test_forms_agree_and_jit_equals_eager():
     params, batch = make_problem(seed=5)
     stacked = imtl_jax.mtl_step(encoder, imtl_jax.stacked_task_losses(head_loss))

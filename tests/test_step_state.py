@@ -16,6 +16,7 @@ import pytest
 import imtl_jax
 from imtl_jax.methods import get_method, method_names
 from oracles import paper_alpha, x64
+from marks import CORE_METHODS, slow
 
 T, B, DIN, F = 3, 8, 4, 6
 RATE = 0.25
@@ -59,6 +60,7 @@ def _close(a, b, rtol, atol):
                                    rtol=rtol, atol=atol)
 
 
+@pytest.mark.slow  # heavy oracle: CI's slow step
 def test_equal_reproduces_a_plain_training_step():
     params, batch, stats, key = make_problem()
 
@@ -78,6 +80,7 @@ def test_equal_reproduces_a_plain_training_step():
     assert int(got_stats["count"]) == 1
 
 
+@pytest.mark.slow  # heavy oracle: CI's slow step
 def test_imtl_h_matches_an_independent_per_task_loop_with_the_same_dropout_mask():
     with x64():
         params, batch, stats, key = make_problem(seed=1, dtype=jnp.float64)
@@ -107,8 +110,9 @@ def test_imtl_h_matches_an_independent_per_task_loop_with_the_same_dropout_mask(
         _close(got_stats, new_stats, 1e-12, 0)
 
 
-_FORMS = ([("stacked", m) for m in method_names()]
-          + [(f, m) for f in ("tuple", "generic") for m in ("equal", "imtl_h", "imtl_g_exact", "pcgrad")])
+_FORMS = ([("stacked", m) if m in CORE_METHODS else slow("stacked", m) for m in method_names()]
+          + [(f, m) if m == "imtl_h" else slow(f, m)
+             for f in ("tuple", "generic") for m in ("equal", "imtl_h", "imtl_g_exact", "pcgrad")])
 
 
 @pytest.mark.parametrize("form,method", _FORMS)
@@ -134,6 +138,7 @@ def test_state_advances_exactly_once_for_every_method_and_form(method, form):
     assert get_method(method).level in ("representation", "parameters")
 
 
+@pytest.mark.slow  # heavy oracle: CI's slow step
 def test_exact_level_with_state_matches_per_task_parameter_gradients():
     with x64():
         params, batch, stats, key = make_problem(seed=3, dtype=jnp.float64)
