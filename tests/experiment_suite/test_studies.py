@@ -136,30 +136,3 @@ def test_no_import_cycle_and_no_oversized_file():
     assert not big, big
 
 
-def test_readme_table_is_generated_from_results(tmp_path):
-    """A results.json written by the reports renders into the README between the markers; --check
-    then passes, and fails once the results change."""
-    from experiments import readme_table
-    payload = {
-        "command": "python -m experiments multimnist --seeds 0 1", "baseline_label": "single-task runs",
-        "metrics": [{"name": "task1_acc", "task": "a", "higher_is_better": True}],
-        "summary": {"equal": {"n_seeds": 2, "test": {"task1_acc": {"mean": 0.9, "ci95": 0.01, "n": 2}},
-                              "delta_m": {"mean": 1.5, "ci95": 0.5}, "delta_m_minus_ew": {"mean": 0.0, "ci95": 0.0}}},
-        "runs": [{"seed": 0, "machine": {"processor": "x86_64", "cpus": 2, "backend": "cpu", "jax": "0.10.2"}},
-                 {"seed": 1}],
-    }
-    res = tmp_path / "results.json"
-    res.write_text(json.dumps(payload))
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{readme_table.START}\nold\n{readme_table.END}\nrest\n")
-    args = ["--results", str(res), "--readme", str(readme)]
-    assert readme_table.main(args + ["--check"]) == 1
-    assert readme_table.main(args) == 0
-    text = readme.read_text()
-    assert "| equal | 2 | 90.00 ± 1.00 | +1.50 ± 0.50 | +0.00 ± 0.00 |" in text
-    assert "2 seeds (0, 1)" in text and "python -m experiments multimnist --seeds 0 1" in text
-    assert text.startswith("intro\n") and text.endswith("rest\n")
-    assert readme_table.main(args + ["--check"]) == 0
-    payload["summary"]["equal"]["test"]["task1_acc"]["mean"] = 0.8
-    res.write_text(json.dumps(payload))
-    assert readme_table.main(args + ["--check"]) == 1
