@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["extract", "relative_gap", "flattened_index", "main"]
+__all__ = ["extract", "relative_gap", "flattened_index", "summarize", "main", "DEFAULT_TOL"]
+
+DEFAULT_TOL = 0.01
 
 
 def _payload(folder: Path) -> dict:
@@ -116,13 +118,22 @@ def _steps_per_epoch(folder: Path) -> float | None:
     return None
 
 
+def _shown(folder: Path) -> str:
+    """The folder as a path from the repository root when it lies inside it (stable in docs)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        return Path(folder).resolve().relative_to(root).as_posix()
+    except ValueError:
+        return Path(folder).as_posix()
+
+
 def summarize(folder: Path, curves: dict, tol: float) -> str:
     hib = _higher_is_better(folder)
     spe = _steps_per_epoch(folder)
     unit = "epoch" if spe else "step"
     lines = [f"# Validation curves: {folder.name}", "",
              f"Flattened: the first evaluation after which the mean relative gap of the run's validation metrics "
-             f"to their best value stays below {tol:.0%} (`python -m experiments.curves {folder.as_posix()}`).", "",
+             f"to their best value stays below {tol:.0%} (`python -m experiments.curves {_shown(folder)}`).", "",
              f"| run | seeds | last {unit} | flattened at {unit} (per seed) | selected step = last evaluation |",
              "|---|---|---|---|---|"]
     selected_last = _selected_is_last(folder)
@@ -179,7 +190,7 @@ def _write(path: Path, text: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.curves", description=__doc__.split("\n\n")[0])
     p.add_argument("folder", type=Path, help="a results folder (with runs/<method>/seed<k>/history.json)")
-    p.add_argument("--tol", type=float, default=0.01, help="the flattening tolerance (default: 0.01)")
+    p.add_argument("--tol", type=float, default=DEFAULT_TOL, help=f"the flattening tolerance (default: {DEFAULT_TOL})")
     p.add_argument("--no-plot", action="store_true", help="write curves.json and curves.md only")
     a = p.parse_args(argv)
     curves = extract(a.folder)

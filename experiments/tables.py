@@ -176,8 +176,19 @@ def verdict_table(folder: Path) -> str:
     return verdicts.verdict_table(folder, *load(folder)[1:])
 
 
+def curves_table(folder: Path) -> str:
+    """When each run's validation curve flattened (:mod:`experiments.curves`, from the committed
+    ``folder/curves.json``)."""
+    from experiments import curves
+    stored = folder / "curves.json"
+    if not stored.exists():
+        return "(no curves.json: run `python -m experiments.curves` on the folder)"
+    text = curves.summarize(folder, json.loads(stored.read_text())["runs"], curves.DEFAULT_TOL)
+    return "\n".join(text.splitlines()[2:])   # without the page title
+
+
 def _producers() -> dict[str, Callable[[Path], str]]:
-    return {"": full_table, "verdict": verdict_table, "levels": levels_table, "provenance": provenance}
+    return {"": full_table, "verdict": verdict_table, "curves": curves_table, "levels": levels_table, "provenance": provenance}
 
 
 def render(name: str) -> Optional[str]:

@@ -1,0 +1,58 @@
+"""experiments.curves: validation curves kept beside the results, the flattening rule, the plot."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import curves, tables
+
+
+def _write_run(folder, label, seed, values, steps):
+    run = folder / "runs" / label / f"seed{seed}"
+    run.mkdir(parents=True)
+    val = [{"step": s, "metrics": {"a_mae": v, "b_acc": 1 - v}, "lr": 1e-3} for s, v in zip(steps, values)]
+    (run / "history.json").write_text(json.dumps({"val": val}))
+
+
+def _results(folder):
+    runs = [{"method": "equal", "seed": 0, "status": "ok", "selected": {"step": 40}, "last": {"step": 50},
+             "config": {"batch_size": 1}}]
+    (folder / "results.json").write_text(json.dumps({
+        "benchmark": "fake", "tasks": ["a", "b"], "runs": runs,
+        "metrics": [{"name": "a_mae", "task": "a", "higher_is_better": False},
+                    {"name": "b_acc", "task": "b", "higher_is_better": True}]}))
+
+
+def test_flattening_and_stored_curves_survive_without_histories(tmp_path, monkeypatch):
+    f = tmp_path / "r"
+    steps = [10, 20, 30, 40, 50]
+    _write_run(f, "equal", 0, [0.5, 0.2, 0.101, 0.1, 0.1005], steps)
+    _results(f)
+    assert curves.main([str(f)]) == 0
+    stored = json.loads((f / "curves.json").read_text())["runs"]
+    assert stored["equal"]["0"]["step"] == steps
+    # Mean relative gap over the two metrics: at step 20, a_mae (0.2-0.1)/0.1 = 1 and b_acc
+    # (0.9-0.8)/0.9 = 0.11 -> 0.56; at step 30, 0.01 and 0.0011 -> 0.0056 < 1 % and it stays below:
+    # flattened at step 30 (index 2).
+    gap = curves.relative_gap(stored["equal"]["0"]["metrics"], {"a_mae": False, "b_acc": True})
+    np.testing.assert_allclose(gap[:3], [(4 + 0.4 / 0.9) / 2, (1 + 0.1 / 0.9) / 2, (0.01 + 0.001 / 0.9) / 2])
+    assert curves.flattened_index(gap, 0.01) == 2
+    assert (f / "curves.png").exists()
+    md = (f / "curves.md").read_text()
+    assert "| equal | 1 | 50 | 30 | 0 of 1 |" in md
+    # The histories are gone (a fresh checkout): the stored curves are kept, not lost.
+    for h in f.glob("runs/*/seed*/history.json"):
+        h.unlink()
+    assert curves.main([str(f), "--no-plot"]) == 0
+    assert json.loads((f / "curves.json").read_text())["runs"] == stored
+    # ... and the tables' curves block renders from them.
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    assert "| equal | 1 | 50 | 30 | 0 of 1 |" in tables.render("r:curves")
+
+
+def test_never_flattened_is_reported():
+    assert curves.flattened_index(np.array([0.5, 0.3, 0.2]), 0.01) == 3
+    assert curves.flattened_index(np.array([0.0, 0.0]), 0.01) == 0
+    with pytest.raises(SystemExit):
+        curves.main(["--help"])
