@@ -95,7 +95,8 @@ def main(argv=None) -> int:
     if a.out is not None:
         a.out.mkdir(parents=True, exist_ok=True)
         payload = {"benchmark": a.benchmark, "tiny": a.tiny, "rounds": rounds, "calls": calls,
-                   "command": "python -m benchmarks.method_cost " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+                   "command": "python -m benchmarks.method_cost "
+                              + " ".join(argv if argv is not None else os.sys.argv[1:]),
                    "load_1min_before": load0, "load_1min_after": load1,
                    "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
                    "methods": rows}

@@ -1,4 +1,4 @@
-"""benchmarks.method_cost runs end to end on --tiny data and writes what the tables read."""
+"""The speed benchmarks that feed the docs run end to end at --tiny and write what is read."""
 
 import json
 import subprocess
@@ -21,3 +21,16 @@ def test_method_cost_tiny_writes_ratios(tmp_path):
     assert payload["methods"]["equal"]["ratio_to_equal"] == pytest.approx(1.0)
     assert all(m["median_ms"] > 0 for m in payload["methods"].values())
     assert "load" in r.stdout
+
+
+@pytest.mark.slow
+def test_cost_vs_tasks_tiny_writes_table_plot_and_exponents(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "benchmarks.cost_vs_tasks", "--tiny", "--out", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    payload = json.loads((tmp_path / "cost_vs_tasks.json").read_text())
+    assert set(payload["rows"]) == {"2", "4"}
+    assert {"equal", "imtl_h", "imtl_g_exact", "mgda", "cagrad", "famo"} <= set(payload["exponents"])
+    assert all(row["equal"]["peak_mb"] > 0 for row in payload["rows"].values())
+    assert (tmp_path / "cost_vs_tasks.png").stat().st_size > 0
+    assert "growth exponent" in (tmp_path / "cost_vs_tasks.md").read_text()
