@@ -1,4 +1,4 @@
-"""Agreement with TorchJD 0.18 on the same float64 inputs for the issue-24 methods TorchJD has:
+"""Agreement with TorchJD 0.18 on the same float64 inputs for the methods TorchJD also has:
 ConFIG, DualProj, GradVac (T = 2, where the task order is fixed, over a sequence of steps) and the
 STCH scalarizer. Slow step only; skipped when torch/torchjd are not installed."""
 
