@@ -36,7 +36,7 @@ __all__ = ["RecordedBenchmark", "collect_runs", "load", "full_table", "verdict_t
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
-TARGET_FILES = ("README.md", "docs/does_imtl_help.md", "docs/results.md")
+TARGET_FILES = ("README.md", "docs/does_imtl_help.md", "docs/results.md", "docs/budgets.md")
 _BLOCK = re.compile(r"<!-- table:(?P<name>[\w:@.\-/]+) -->\n(?P<body>.*?)<!-- /table:(?P=name) -->", re.S)
 
 
