@@ -54,6 +54,10 @@ class LabelMismatch(ValueError):
     """A checkpoint whose contents (e.g. the optimizer's step count) disagree with its label."""
 
 
+class Unfinished(ValueError):
+    """A checkpoint of this format whose save did not finish (killed before its manifest)."""
+
+
 def _leaves_checksum(leaves) -> str:
     h = hashlib.sha256()
     for x in leaves:
@@ -116,6 +120,12 @@ def _write_manifest(step_dir: Path) -> None:
 def _check_manifest(step_dir: Path) -> None:
     path = step_dir / MANIFEST
     if not path.is_file():
+        try:
+            fmt = json.loads((step_dir / "meta" / "metadata").read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            fmt = FORMAT  # orbax's own files unfinished
+        if isinstance(fmt, int) and fmt >= FORMAT:
+            raise Unfinished(f"no {MANIFEST}: the save did not finish (interrupted)")
         raise ValueError(f"no {MANIFEST}: the save did not finish (interrupted or an older format)")
     try:
         files = json.loads(path.read_text())["files"]
@@ -187,6 +197,7 @@ class RunCheckpoints:
         self.directory = Path(directory).absolute()
         self.keep = max(1, int(keep))
         self._manager = None
+        self.quarantined: list = []  # the paths restore_latest renamed to *.corrupt
 
     def _mngr(self):
         if self._manager is None:
@@ -298,12 +309,14 @@ class RunCheckpoints:
         :class:`LabelMismatch`: contents that disagree with the step they are filed under) is
         reported in one line, renamed to ``<step>.corrupt`` (never deleted) and the next older one
         is tried; ``bad`` lists those paths. ``at_most``: only checkpoints of steps ``<= at_most``
-        are considered (newer ones are left alone; None when there is no older one). Raises
-        :class:`CheckpointError` when such checkpoints exist but none is usable.
+        are considered (newer ones are left alone; None when there is no older one). None too
+        when the only candidates are saves that never finished (:class:`Unfinished`): the run
+        starts over, as from a previous checkpoint. Raises :class:`CheckpointError` when
+        checkpoints exist but none is usable.
         """
         template_leaves = [np.asarray(x) for x in template_leaves]
         steps = self.steps()
-        bad = []
+        bad, unfinished = [], []
         for step in reversed(steps):
             if at_most is not None and step > at_most:
                 continue
@@ -318,11 +331,19 @@ class RunCheckpoints:
                 self.close(quiet=True)  # re-list the steps after the rename below
                 target = self._quarantine(path)
                 bad.append(str(path))
+                self.quarantined.append(str(path))
+                if isinstance(e, Unfinished):
+                    unfinished.append(str(path))
                 what = "does not match its label" if isinstance(e, LabelMismatch) else "is corrupt or partial"
                 log(f"warning: checkpoint {path} {what} ({reason}); moved to {target.name}, "
                     "falling back to the previous checkpoint")
                 continue
             return step, leaves, meta, bad
+        if bad and len(unfinished) == len(bad):
+            # only saves that never finished (a kill during the first save): the start is the
+            # previous checkpoint
+            log(f"warning: no finished checkpoint in {self.directory}: the run starts over")
+            return None
         if any(at_most is None or s <= at_most for s in steps):
             raise CheckpointError(
                 f"no usable checkpoint in {self.directory} (steps {steps} are all corrupt, kept as "

@@ -224,11 +224,11 @@ def _restore(bench, run: _Run, cfg: RunConfig, program: Program, log, at_most: O
     treedef = jax.tree_util.tree_structure(template)
     got = run.ckpt.restore_latest(jax.tree_util.tree_leaves(template), log=log, at_most=at_most,
                                   check=lambda step, leaves, meta: _check_label(treedef, step, leaves, meta))
+    run.corrupt.extend(c for c in run.ckpt.quarantined if c not in run.corrupt)
     if got is None:
         _fresh(bench, run, cfg, program)
         return
-    step0, leaves, meta, corrupt = got
-    run.corrupt.extend(c for c in corrupt if c not in run.corrupt)
+    step0, leaves, meta, _ = got
     fp = run.fingerprint
     if meta.get("fingerprint") != fp:
         raise CheckpointError(

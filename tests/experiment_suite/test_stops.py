@@ -316,3 +316,22 @@ def test_solver_at_its_cap_is_counted_and_reported(bench, tmp_path, monkeypatch)
     assert f"solver short of its tolerance on {STEPS} of {STEPS} steps" in logs[-1]
     eq = _run(bench, tmp_path / "eq", _cfg(checkpoint_every=0), seeds=[0], spec=RunSpec("equal"))[0]
     assert eq["nonconverged_steps"] == 0 and eq["solver_steps"] == 0
+
+
+def test_a_first_save_that_never_finished_starts_the_run_over(bench, straight, tmp_path):
+    """Killed after orbax wrote the first checkpoint but before its manifest (the soak's find):
+    ``--resume`` starts over with one warning (the start is the previous checkpoint) instead of
+    refusing, and ends bit-identical; a damaged finished checkpoint is still refused."""
+    from experiments.checkpoints import MANIFEST
+    _run(bench, tmp_path, _cfg(steps=2))
+    for s in SEEDS:
+        d = _rd(tmp_path, s)
+        (d / "result.json").unlink()
+        (d / "ckpt" / "2" / MANIFEST).unlink()
+    logs = []
+    res = _run(bench, tmp_path, _cfg(resume=True), log=logs.append)
+    assert [r["resumed_from"] for r in res] == [None] * 3
+    assert len([m for m in logs if "the run starts over" in m]) == 3, logs
+    assert all(r["corrupt_checkpoints"] == [str(_rd(tmp_path, r["seed"]) / "ckpt" / "2")] for r in res)
+    assert outcome(tmp_path) == straight
+
