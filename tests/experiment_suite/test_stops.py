@@ -335,3 +335,85 @@ def test_a_first_save_that_never_finished_starts_the_run_over(bench, straight, t
     assert all(r["corrupt_checkpoints"] == [str(_rd(tmp_path, r["seed"]) / "ckpt" / "2")] for r in res)
     assert outcome(tmp_path) == straight
 
+
+
+@pytest.mark.slow
+def test_sigterm_at_every_line_of_a_step_files_a_consistent_checkpoint(bench, tmp_path, monkeypatch):
+    """A SIGTERM delivered before each line the loop executes during step 4 (the loop's own
+    lines, its evaluation, the group's save and each per-seed save): the stop's checkpoint equals
+    the uninterrupted run's checkpoint of the same step, bit for bit (state and metadata), and
+    its counters equal its label. One compiled program serves every trial."""
+    import sys
+    cache: dict = {}
+
+    def program(b, method, cfg, *, with_priorities):
+        key = (method, with_priorities)
+        if key not in cache:
+            cache[key] = Program(b, method, cfg, with_priorities=with_priorities)
+        return cache[key]
+
+    monkeypatch.setattr(T, "Program", program)
+    every = _cfg(checkpoint_every=1, keep_checkpoints=100)
+    _run(bench, tmp_path / "every", every)
+    want = {(s, k): _checkpoint(_rd(tmp_path / "every", s), k) for s in SEEDS for k in range(1, 6)}
+    loop = T._train_group.__code__
+    codes = {loop, T._evaluate.__code__, T._save.__code__, T._stop_message.__code__,
+             *(c for c in loop.co_consts if getattr(c, "co_name", None) == "save_all")}
+    at_step = 3  # the loop's `step` of the 4th update: evaluation and checkpoint are due after it
+
+    def tracer(on_line):
+        cur = {"step": None}
+
+        def local(frame, event, arg):
+            if event == "line":
+                if frame.f_code is loop:
+                    cur["step"] = frame.f_locals.get("step")
+                if cur["step"] == at_step:
+                    on_line(frame.f_code, frame.f_lineno)
+            return local
+
+        def outer(frame, event, arg):
+            return local if frame.f_code in codes else None
+        return outer
+
+    seen: list = []
+
+    def record(code, line):
+        if (code, line) not in seen:
+            seen.append((code, line))
+
+    sys.settrace(tracer(record))
+    try:
+        _run(bench, tmp_path / "discover", _cfg(steps=5))
+    finally:
+        sys.settrace(None)
+    assert len(seen) > 20, seen
+    for n, target in enumerate(seen):
+        sent = []
+
+        def fire(code, line, target=target, sent=sent):
+            if not sent and (code, line) == target:
+                sent.append(1)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        out = tmp_path / f"t{n}"
+        sys.settrace(tracer(fire))
+        try:
+            with _cli_signals(), pytest.raises(RunInterrupted) as e:
+                _run(bench, out, _cfg())
+        finally:
+            sys.settrace(None)
+        where = f"{target[0].co_name} line {target[1]}"
+        assert sent, where
+        assert "interrupted at step" in str(e.value), (where, str(e.value))
+        for s in SEEDS:
+            step, leaves, meta = _checkpoint(_rd(out, s))
+            assert step in (3, 4, 5), (where, step)  # stopped before, in or after the step
+            _, wleaves, wmeta = want[(s, step)]
+            assert [x.tobytes() for x in leaves] == [x.tobytes() for x in wleaves], (where, s)
+            drop = ("timing", "digest")
+            assert {k: v for k, v in meta.items() if k not in drop} == \
+                {k: v for k, v in wmeta.items() if k not in drop}, (where, s)
+            assert set(_counters(bench, s, leaves).values()) == {step}, (where, s)
+        shutil.rmtree(out)
+    print(f"SIGTERM delivered at {len(seen)} points of one step; every checkpoint consistent")
