@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from imtl_jax._linalg import ldexp, pow2_normalize
 from imtl_jax._validation import check_float_array, check_task_vector
 
 HIGHEST = lax.Precision.HIGHEST
@@ -88,14 +89,22 @@ def cast_like(new: Any, old: Any) -> Any:
 def normalized_gramian(grads: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(M, scale)`` with ``M = (G / scale)(G / scale)^T`` and ``scale = max|G|`` (1 if G = 0).
 
-    Dividing first keeps ``M`` finite for gradients at 1e-20 or 1e20 in float32; every baseline
-    below is invariant to (or explicitly tracks) a uniform rescaling of G. NaN/inf in ``grads``
-    propagates into ``M`` (loud).
+    The rows are first rescaled by an exact power of two (:func:`imtl_jax._linalg.pow2_normalize`,
+    integer operations on the bit patterns, as IMTL-G does), so that the division by the maximum
+    sees normal numbers: subnormal gradients (which XLA's CPU backend otherwise reads as zero),
+    1e-30 and values up to the largest finite float give the same ``M`` as at scale 1. Every
+    baseline below is invariant to (or explicitly tracks) a uniform rescaling of G. ``scale`` is
+    ``max|G|`` rebuilt exactly by :func:`imtl_jax._linalg.ldexp` (a subnormal maximum may read as
+    0 on backends that flush denormals; 1 when G = 0). NaN/inf in ``grads`` propagates into ``M``
+    (loud).
     """
-    absmax = jnp.max(jnp.abs(grads))
-    scale = jnp.where(absmax > 0, absmax, jnp.ones((), grads.dtype))
-    g = grads / scale
+    y, exponent = pow2_normalize(grads)
+    absmax = jnp.max(jnp.abs(y))                                   # in [0.5, 1), or 0
+    nonzero = absmax > 0
+    top = jnp.where(nonzero, absmax, jnp.ones((), grads.dtype))
+    g = y / top
     m = jnp.matmul(g, g.T, precision=HIGHEST)
+    scale = jnp.where(nonzero, ldexp(top, exponent), jnp.ones((), grads.dtype))
     return 0.5 * (m + m.T), scale
 
 

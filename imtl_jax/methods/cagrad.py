@@ -52,17 +52,22 @@ def dual_gap(gram: jax.Array, c: float, w: jax.Array) -> jax.Array:
     return safe_div(top - jnp.min(grad), jnp.max(jnp.diag(gram)), 0.0)
 
 
-def _face_solve(gram, lin, rho, w):
-    """The exact minimiser of CAGrad's dual on the face ``S = {w > 0}``, kept when it is in the
-    simplex and no worse. On ``S`` the KKT conditions ``lin + rho M w / ||g_w|| = mu 1`` give, with
-    ``s = sqrt(diag M)``, the cosine matrix ``K = M / (s s^T)`` (equilibrated, so the solve sees
-    the angles, not the norms), ``w = z / s`` and ``p = K^+ (1/s)``, ``q = K^+ (lin/s)``:
-    ``z ∝ mu p - q``, with ``mu`` a root of ``(mu p - q)^T K (mu p - q) = rho^2`` and the scale fixed
-    by ``sum w = 1``."""
+def _value(gram, lin, rho, v):
+    return jnp.dot(v, lin) + rho * jnp.sqrt(jnp.maximum(
+        jnp.dot(v, jnp.matmul(gram, v, precision=HIGHEST)), 0.0))
+
+
+def _affine_minimiser(gram, lin, rho, support):
+    """The minimiser of CAGrad's dual on the affine hull of the face ``support`` (``sum w = 1``,
+    ``w = 0`` off it; entries may be negative) and whether it exists. On the face the KKT
+    conditions ``lin + rho M w / ||g_w|| = mu 1`` give, with ``s = sqrt(diag M)``, the cosine
+    matrix ``K = M / (s s^T)`` (equilibrated, so the solve sees the angles, not the norms),
+    ``w = z / s`` and ``p = K^+ (1/s)``, ``q = K^+ (lin/s)``: ``z ∝ mu p - q``, with ``mu`` a root
+    of ``(mu p - q)^T K (mu p - q) = rho^2`` and the scale fixed by ``sum w = 1``; of the two
+    roots the one with the lower objective."""
     num_tasks = gram.shape[0]
     dtype = gram.dtype
     eps = jnp.finfo(dtype).eps
-    support = w > 0
     diag = jnp.diag(gram)
     s = jnp.sqrt(jnp.where(diag > 0, diag, 1.0))
     both = support[:, None] & support[None, :]
@@ -77,21 +82,69 @@ def _face_solve(gram, lin, rho, w):
     qa, qb, qc = jnp.dot(p, kp), jnp.dot(p, kq), jnp.dot(q, kq) - rho * rho
     disc = jnp.sqrt(jnp.maximum(qb * qb - qa * qc, 0.0))
     safe_a = jnp.where(qa > 0, qa, 1.0)
-
-    def value(v):
-        return jnp.dot(v, lin) + rho * jnp.sqrt(jnp.maximum(
-            jnp.dot(v, jnp.matmul(gram, v, precision=HIGHEST)), 0.0))
-
-    best, best_value = w, value(w)
+    best = jnp.zeros((num_tasks,), dtype)
+    best_value = jnp.asarray(jnp.inf, dtype)
     for mu in ((qb + disc) / safe_a, (qb - disc) / safe_a):
         z = jnp.where(support, mu * p - q, 0.0)
         total = jnp.sum(z * c)
         cand = z * c / jnp.where(total != 0, total, 1.0)
-        ok = (qa > 0) & (total > 0) & jnp.all(cand >= 0) & jnp.all(jnp.isfinite(cand))
-        better = ok & (value(cand) <= best_value)
+        ok = (qa > 0) & (total > 0) & jnp.all(jnp.isfinite(cand))
+        better = ok & (_value(gram, lin, rho, cand) < best_value)
         best = jnp.where(better, cand, best)
-        best_value = jnp.where(better, value(cand), best_value)
-    return best
+        best_value = jnp.where(better, _value(gram, lin, rho, cand), best_value)
+    return best, jnp.isfinite(best_value)
+
+
+def _face_steps(gram, lin, rho, w, threshold, max_steps):
+    """Active-set steps from the simplex point ``w`` (a primal active-set method, Nocedal &
+    Wright ch. 16.5, on the simplex). Each step minimises on the affine hull of the working face:
+    the support of ``w``, plus, after a step that ended at a face minimiser, the vertex with the
+    smallest partial derivative when it undercuts the support's largest by more than
+    ``threshold`` (the :func:`dual_gap` units). The minimiser ``y`` is taken when it lies in the
+    simplex and is no worse; otherwise the iterate moves from ``w`` towards ``y`` until the first
+    coordinate hits 0, which is dropped (``F`` is convex and ``F(y) <= F(w)``, so ``F`` never
+    increases). Stops when the face minimiser is KKT-optimal to ``threshold``, when a step makes
+    no progress, or after ``max_steps`` solves; the Frank-Wolfe steps remain the fallback."""
+    num_tasks = gram.shape[0]
+    idx = jnp.arange(num_tasks)
+    scale = jnp.max(jnp.diag(gram))
+    threshold = threshold * jnp.where(scale > 0, scale, 1.0)
+
+    def entering(w):
+        grad, _, _ = _dual_gradient(gram, lin, rho, w)
+        top = jnp.max(jnp.where(w > 0, grad, -jnp.inf))
+        j = jnp.argmin(jnp.where(w > 0, jnp.inf, grad))
+        return j, (top - grad[j] > threshold) & (w[j] <= 0)
+
+    def cond(carry):
+        _, _, go, step = carry
+        return go & (step < max_steps)
+
+    def body(carry):
+        w, at_face_min, _, step = carry
+        j, add = entering(w)
+        add = add & at_face_min
+        support = (w > 0) | (add & (idx == j))
+        y, ok = _affine_minimiser(gram, lin, rho, support)
+        ok = ok & (_value(gram, lin, rho, y) <= _value(gram, lin, rho, w))
+        blocked = support & (y < 0)
+        ratio = jnp.where(blocked, w / jnp.where(blocked, w - y, 1.0), jnp.inf)
+        k = jnp.argmin(ratio)
+        alpha = jnp.clip(ratio[k], 0.0, 1.0)
+        moved = jnp.maximum(w + alpha * (y - w), 0.0).at[k].set(0.0)
+        moved = moved / jnp.sum(moved)
+        infeasible = jnp.any(blocked)
+        new = jnp.where(ok, jnp.where(infeasible, moved, jnp.maximum(y, 0.0)), w)
+        finite = jnp.all(jnp.isfinite(new))
+        new = jnp.where(finite, new, w)
+        stalled = infeasible & (alpha <= 0)                # the entering vertex left at once
+        _, more = entering(new)
+        go = ok & finite & ~stalled & (infeasible | more)
+        return new, ok & finite & ~infeasible, go, step + 1
+
+    w, _, _, _ = lax.while_loop(cond, body, (w, jnp.zeros((), bool), jnp.ones((), bool),
+                                             jnp.zeros((), jnp.int32)))
+    return w
 
 
 def cagrad_dual(gram: jax.Array, c: float, max_iterations: int,
@@ -149,7 +202,8 @@ def cagrad_dual(gram: jax.Array, c: float, max_iterations: int,
 
     def body(carry):
         w, _, it = carry
-        w = _face_solve(gram, lin, rho, lax.fori_loop(0, block, step, w))
+        w = _face_steps(gram, lin, rho, lax.fori_loop(0, block, step, w), 0.25 * tol,
+                         2 * num_tasks + 2)
         return w, dual_gap(gram, c, w), it + block
 
     w0 = jnp.full((num_tasks,), 1.0 / num_tasks, dtype)

@@ -18,7 +18,7 @@ from imtl_jax.methods import register
 from imtl_jax.methods._common import (check_grads, check_matrix, compute_dtype, nan_if_not_finite,
                                       normalized_gramian)
 from imtl_jax.methods.equal import IDENTITY
-from imtl_jax.methods.upgrad import _check_args, default_tol, project_weights
+from imtl_jax.methods.upgrad import _check_args, project_weights
 
 
 def _dualproj_weights(grads, iterations, max_rounds, tol):
@@ -26,12 +26,11 @@ def _dualproj_weights(grads, iterations, max_rounds, tol):
     cdt = compute_dtype(grads.dtype)
     gram, _ = normalized_gramian(grads.astype(cdt))
     target = jnp.full((1, num_tasks), 1.0 / num_tasks, cdt)
-    weights, res, rounds = project_weights(gram, target, iterations=iterations,
-                                           max_rounds=max_rounds, tol=tol)
+    weights, res, rounds, converged = project_weights(gram, target, iterations=iterations,
+                                                      max_rounds=max_rounds, tol=tol)
     w = nan_if_not_finite(weights[0], grads).astype(grads.dtype)
-    tol = default_tol(gram.dtype) if tol is None else tol
     return w, {"certificate": res.astype(grads.dtype), "iterations": rounds,
-               "converged": jnp.isfinite(res) & (res <= tol)}
+               "converged": converged}
 
 
 @functools.partial(jax.jit, static_argnames=("iterations", "max_rounds", "tol"))

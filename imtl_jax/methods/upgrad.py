@@ -45,6 +45,20 @@ def kkt_residual(gram: jax.Array, lin: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.where(scale > 0, jnp.max(per) / jnp.where(scale > 0, scale, 1.0), 0.0)
 
 
+def residual_floor(gram: jax.Array, lin: jax.Array, v: jax.Array) -> jax.Array:
+    r"""The rounding error bound of :func:`kkt_residual` itself: evaluating ``r = M v + lin`` in
+    the working precision errs by at most ``gamma_{T+1} (|M| |v| + |lin|)`` per entry (Higham,
+    *Accuracy and Stability of Numerical Algorithms*, 2002, eq. 3.5, ``gamma_n = n eps /
+    (1 - n eps)``), so a residual below this is indistinguishable from 0: derived from the data,
+    not tuned. In the certificate's units (relative to ``max_t M_tt``)."""
+    n = gram.shape[0] + 1
+    eps = jnp.finfo(gram.dtype).eps
+    gamma = n * eps / (1.0 - n * eps)
+    mag = jnp.matmul(jnp.abs(v), jnp.abs(gram), precision=HIGHEST) + jnp.abs(lin)
+    scale = jnp.max(jnp.diag(gram))
+    return jnp.where(scale > 0, gamma * jnp.max(mag) / jnp.where(scale > 0, scale, 1.0), 0.0)
+
+
 def _fista(v, gram, lin, step, iterations):
     """Accelerated projected gradient on ``min_{v >= 0} v^T M v / 2 + lin . v`` (row-wise
     problems), with the gradient-based adaptive restart of O'Donoghue & Candes (2015)."""
@@ -64,40 +78,65 @@ def _fista(v, gram, lin, step, iterations):
     return v
 
 
-def _polish(v, gram, lin):
-    """Active-set Newton steps per problem: solve ``M_FF v_F = -lin_F`` on the free set ``F``
-    (``{v > 0}``, and ``{v > 0} or {r < 0}``), clip at 0, keep the best where it is better. The
-    solve is equilibrated (``K = M / (s s^T)``, ``s = sqrt(diag M)``), so the conditioning is
-    that of the angles between the rows, not of their norms; scale-relative pseudo-inverse."""
+def _active_set(z, gram, lin, s, threshold, max_steps):
+    r"""Lawson & Hanson's active-set method (NNLS, 1974, ch. 23) on the equilibrated problems
+    ``min_{z >= 0} z^T K z / 2 + c . z`` (rows of ``z``, ``c``; ``K`` the cosine matrix), warm
+    started from ``z``: each step solves ``K_PP y_P = -c_P`` exactly on the passive set ``P``
+    (scale-relative pseudo-inverse); if ``y_P > 0`` it is accepted and the index with the most
+    negative scaled residual ``s_t (K y + c)_t`` (the certificate's own units) joins ``P`` when it
+    exceeds ``threshold``; otherwise the iterate moves from ``z`` towards ``y`` until the first
+    coordinate hits 0, which leaves ``P`` (the objective never increases). Finite in exact
+    arithmetic (no set repeats); runs until no row changes or ``max_steps`` steps. Returns
+    ``(z, steps)``."""
     num = gram.shape[0]
     eye = jnp.eye(num, dtype=gram.dtype)
     eps = jnp.finfo(gram.dtype).eps
-    diag = jnp.diag(gram)
-    s = jnp.sqrt(jnp.where(diag > 0, diag, 1.0))
-    cos = gram / (s[:, None] * s[None, :])
 
-    def solve(free, li):
-        sub = jnp.where(free[:, None] & free[None, :], cos, eye)
-        z = jnp.matmul(symmetric_pinv(sub, 10.0 * num * eps), jnp.where(free, -li / s, 0.0),
+    def solve(free, ci):
+        sub = jnp.where(free[:, None] & free[None, :], gram, eye)
+        y = jnp.matmul(symmetric_pinv(sub, 10.0 * num * eps), jnp.where(free, -ci, 0.0),
                        precision=HIGHEST)
-        return jnp.maximum(jnp.where(free, z / s, 0.0), 0.0)
+        return jnp.where(free, y, 0.0)
 
-    def one(vi, li):
-        r = jnp.matmul(gram, vi, precision=HIGHEST) + li
-        return solve(vi > 0, li), solve((vi > 0) | (r < 0), li)
+    def one(zi, free, ci):
+        y = solve(free, ci)
+        blocked = free & (y <= 0)
+        infeasible = jnp.any(blocked)
+        ratio = jnp.where(blocked, zi / jnp.where(blocked, zi - y, 1.0), jnp.inf)
+        k = jnp.argmin(ratio)
+        alpha = jnp.clip(ratio[k], 0.0, 1.0)
+        zb = jnp.maximum(zi + alpha * (y - zi), 0.0).at[k].set(0.0)
+        zb = jnp.where(free, zb, 0.0)
+        neg = jnp.where(free, -jnp.inf, -s * (jnp.matmul(gram, y, precision=HIGHEST) + ci))
+        j = jnp.argmax(neg)
+        add = jnp.arange(num) == j
+        grow = neg[j] > threshold
+        z_new = jnp.where(infeasible, zb, y)
+        free_new = jnp.where(infeasible, free & (zb > 0), free | (grow & add))
+        changed = infeasible | grow
+        return z_new, free_new, changed
 
-    best = v
-    for cand in jax.vmap(one)(v, lin):
-        better = _objective(cand, gram, lin) <= _objective(best, gram, lin)
-        better = better & jnp.all(jnp.isfinite(cand), axis=1)
-        best = jnp.where(better[:, None], cand, best)
-    return best
+    def cond(carry):
+        _, _, changed, step = carry
+        return jnp.any(changed) & (step < max_steps)
+
+    def body(carry):
+        z, free, _, step = carry
+        z_new, free_new, changed = jax.vmap(one)(z, free, lin)
+        ok = jnp.all(jnp.isfinite(z_new), axis=1, keepdims=True)
+        return (jnp.where(ok, z_new, z), jnp.where(ok, free_new, free), changed & ok[:, 0],
+                step + 1)
+
+    z = jnp.maximum(z, 0.0)
+    changed = jnp.ones(z.shape[:1], bool)
+    z, _, _, steps = lax.while_loop(cond, body, (z, z > 0, changed, jnp.zeros((), jnp.int32)))
+    return z, steps
 
 
 def project_weights(gram: jax.Array, targets: jax.Array, *, iterations: int = 50,
                     max_rounds: int = 20, tol: Optional[float] = None):
     r"""``W[k] = argmin_{w >= targets[k]} w^T M w`` for each row of ``targets`` (K, T); returns
-    ``(W, certificate, rounds)``.
+    ``(W, certificate, rounds, converged)``.
 
     With ``M = G G^T``, ``G^T W[k]`` is the projection of ``G^T targets[k]`` onto the dual cone
     ``{x : G x >= 0}`` (TorchJD's Proposition; the dual of ``min ||x - G^T u||^2 s.t. G x >= 0``).
@@ -105,9 +144,11 @@ def project_weights(gram: jax.Array, targets: jax.Array, *, iterations: int = 50
     (``iterations`` steps of accelerated projected gradient with step ``1 / lambda_max``, then
     active-set Newton polishing), all problems
     vmapped, under ``lax.while_loop`` until the largest :func:`kkt_residual` is ``<= tol``
-    (default ``8 eps``) or after ``max_rounds`` rounds.
+    (default ``8 eps``) or below its own rounding bound :func:`residual_floor` (``converged``),
+    or after ``max_rounds`` rounds.
     """
     dtype = gram.dtype
+    num_tasks = gram.shape[0]
     tol = default_tol(dtype) if tol is None else float(tol)
     lin = jnp.matmul(targets, gram, precision=HIGHEST)     # rows: M u (M symmetric)
     # Equilibrate: v = z / s with s = sqrt(diag M) turns M into the cosine matrix K (unit
@@ -122,31 +163,36 @@ def project_weights(gram: jax.Array, targets: jax.Array, *, iterations: int = 50
     step = jnp.where(lam_max > 0, 1.0 / jnp.where(lam_max > 0, lam_max, 1.0), 0.0)
 
     def cond(carry):
-        _, res, it = carry
-        return (res > tol) & (it < max_rounds)
+        z, res, it = carry
+        floor = residual_floor(gram, lin, z / s[None, :])
+        return (res > jnp.maximum(tol, floor)) & (it < max_rounds)
+
+    scale = jnp.max(diag)
+    threshold = 0.25 * tol * jnp.where(scale > 0, scale, 1.0)  # in the certificate's units
 
     def body(carry):
         z, _, it = carry
-        z = _polish(_fista(z, cos, lin_z, step, iterations), cos, lin_z)
+        z, _ = _active_set(_fista(z, cos, lin_z, step, iterations), cos, lin_z, s, threshold,
+                           4 * num_tasks + 8)
         return z, kkt_residual(gram, lin, z / s[None, :]), it + 1
 
     z0 = jnp.zeros(targets.shape, dtype)
     z, res, rounds = lax.while_loop(cond, body, (z0, kkt_residual(gram, lin, z0),
                                                  jnp.zeros((), jnp.int32)))
     v = z / s[None, :]
-    return targets + v, res, rounds
+    converged = jnp.isfinite(res) & (res <= jnp.maximum(tol, residual_floor(gram, lin, v)))
+    return targets + v, res, rounds, converged
 
 
 def _upgrad_weights(grads, iterations, max_rounds, tol):
     num_tasks = grads.shape[0]
     cdt = compute_dtype(grads.dtype)
     gram, _ = normalized_gramian(grads.astype(cdt))
-    weights, res, rounds = project_weights(gram, jnp.eye(num_tasks, dtype=cdt),
-                                           iterations=iterations, max_rounds=max_rounds, tol=tol)
+    weights, res, rounds, converged = project_weights(
+        gram, jnp.eye(num_tasks, dtype=cdt), iterations=iterations, max_rounds=max_rounds, tol=tol)
     w = nan_if_not_finite(jnp.mean(weights, axis=0), grads).astype(grads.dtype)
-    tol = default_tol(gram.dtype) if tol is None else tol
     return w, {"certificate": res.astype(grads.dtype), "iterations": rounds,
-               "converged": jnp.isfinite(res) & (res <= tol)}
+               "converged": converged}
 
 
 def _check_args(iterations, max_rounds, tol=None):
