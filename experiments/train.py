@@ -13,25 +13,16 @@ bit-identical to an uninterrupted one. Checkpoints: ``checkpoint_every`` k > 0: 
 and at the end; None (the default): every minute of training, at the end and when the run is
 stopped (Ctrl-C, SIGTERM); 0: never.
 
-Stops (issue 26): during training SIGINT and SIGTERM only *request* a stop; the loop honours it
-between two steps, where the state, the step counter, the history and the evaluations are
-consistent, saves there and raises :class:`RunInterrupted`. A second signal stops at once
-without saving (the newest checkpoint on disk stays the valid one). On load, the optimizer's
-step count and every method-state counter must equal the number of updates the checkpoint's
-label and history imply; a checkpoint that disagrees is refused in one line (and the previous
-one used). Grouping: each checkpoint records the runs it was vmapped with; a resume trains them
-as that same group again (rolling a run that was saved one checkpoint ahead back to the
-group's common step), and evaluation runs each run on its own, so no number depends on how
-runs were grouped.
+Stops, label checks (:mod:`experiments.stops`) and grouping on resume
+(:mod:`experiments.run_groups`): a resumed run trains in the group it was saved with, and
+evaluation runs each run on its own, so no number depends on how runs were grouped.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import shutil
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -39,89 +30,20 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from experiments import records, selection
-from experiments.checkpoints import LabelMismatch, RunCheckpoints, _diff
+from experiments.checkpoints import RunCheckpoints, _diff
 from experiments.errors import CheckpointError
 from experiments.program import Program, stack, unstack
 from experiments.runs import RunConfig, RunSpec, run_dir
+from experiments.run_groups import _group_size, _plan_groups
+from experiments.run_results import _finish as _finish_result, _solver_record, _nonconverged  # noqa: F401
 from experiments.schedules import Plateau, Schedule
+from experiments.stops import (_COUNTER, RunInterrupted, _StopRequests, _check_label, _counters,  # noqa: F401
+                               _stop_message)
 
 __all__ = ["run_experiment", "RunInterrupted", "AUTO_CHECKPOINT_SECONDS", "NONCONVERGED_WARN_FRACTION", "log"]
 
 AUTO_CHECKPOINT_SECONDS = 60.0
 NONCONVERGED_WARN_FRACTION = 0.01  # warn once when a run's solver missed its tolerance on more steps
-
-
-class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training; ``str()`` says what was saved and how to continue."""
-
-
-class _StopRequests:
-    """SIGINT/SIGTERM handling of :func:`run_experiment` (main thread only).
-
-    While ``deferring`` (inside the training loop) the first signal only sets ``requested``;
-    the loop checks it between steps. A second signal, or any signal outside the loop,
-    raises KeyboardInterrupt at once (nothing half-updated is saved then). A signal that was
-    ignored (SIG_IGN, e.g. SIGINT of a background job) stays ignored."""
-
-    def __init__(self):
-        self.requested: Optional[str] = None
-        self.deferring = False
-        self._previous: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                if signal.getsignal(sig) is not signal.SIG_IGN:
-                    self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-        return False
-
-    def _handle(self, signum, frame):
-        if not self.deferring or self.requested is not None:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-
-
-_COUNTER = "count"
-
-
-def _counters(state) -> list:
-    """(path, value) of the step counters in a run's state: optax's ``count`` in the optimizer
-    state (Adam) and a method state's own ``count`` (DWA, FAMO, GradNorm, PCGrad, RLW, ...),
-    each advanced once per applied update. A method's inner optimizer (FAMO's logits' Adam,
-    one step behind by design) is not one of them."""
-    import jax
-    out = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-        if names and names[-1] == _COUNTER and "opt_state" not in names[1:-1] and np.ndim(leaf) == 0:
-            out.append((jax.tree_util.keystr(path), int(np.asarray(leaf))))
-    return out
-
-
-def _check_label(treedef, step: int, leaves: list, meta: dict) -> None:
-    """Raises :class:`LabelMismatch` when the checkpoint filed as ``step`` holds a state whose
-    counters disagree with it: the updates applied (finite steps of the history, which for a
-    run still training covers every step up to ``step``) must equal each counter."""
-    import jax
-    h = meta.get("history") or {}
-    finite = h.get("finite") or []
-    status = meta.get("status", "ok")
-    if status == "ok" and (len(h.get("step") or []) != step or (step and h["step"][-1] != step)):
-        raise LabelMismatch(f"labelled step {step}, its history holds {len(h.get('step') or [])} steps")
-    updates = sum(bool(x) for x in finite)
-    state = jax.tree_util.tree_unflatten(treedef, leaves)
-    wrong = [f"{name} = {value}" for name, value in _counters(state) if value != updates]
-    if wrong:
-        skipped = len(finite) - updates
-        raise LabelMismatch(
-            f"labelled step {step}, i.e. {updates} updates applied" + (f" ({skipped} steps skipped)" if skipped else "")
-            + f", but the state holds {', '.join(wrong)}: its contents belong to another step")
 
 
 def log(msg: str) -> None:
@@ -247,20 +169,6 @@ def _restore(bench, run: _Run, cfg: RunConfig, program: Program, log, at_most: O
     run.nonconverged = _nonconverged(run.history)
     run.resumed_from = run.start
     log(f"{bench.name} {run.name}: resumed from step {run.start} ({run.ckpt.directory / str(run.start)})")
-
-
-def _solver_record(history: dict) -> tuple[int, int]:
-    """(applied steps whose solver reported ``converged``, those of them it reported False);
-    (0, 0) for a method without an iterative solver. ``converged`` covers the newest steps
-    (a run resumed from a checkpoint of a version without it covers fewer)."""
-    conv = (history.get("info") or {}).get("converged") or []
-    finite = history["finite"][len(history["finite"]) - len(conv):] if conv else []
-    return sum(1 for f in finite if f), sum(1 for c, f in zip(conv, finite) if f and not c)
-
-
-def _nonconverged(history: dict) -> int:
-    """Applied (finite) steps whose solver reported ``converged`` False."""
-    return _solver_record(history)[1]
 
 
 def _schedule(cfg: RunConfig) -> Schedule:
@@ -421,30 +329,6 @@ def _train_group(bench, program: Program, runs: list, cfg: RunConfig, *, referen
         r.timing["group_size"] = K
 
 
-def _stop_message(runs, cfg, start, done, last_saved, forced, save) -> str:
-    """Saves (a requested stop with checkpoints on) and says what was kept, in one line."""
-    where = runs[0].dir.parent.parent
-    if forced:
-        if last_saved is not None and cfg.checkpoint_every != 0:
-            return (f"stopped at once by a second interrupt, without saving; the checkpoints at step {last_saved} "
-                    f"under {where} are intact — rerun the same command with --resume to continue")
-        return ("stopped at once (a second interrupt) before anything of these runs was saved; nothing to resume "
-                "for them (finished runs are kept; --resume skips them)")
-    if cfg.checkpoint_every == 0:
-        return (f"interrupted at step {done}; checkpoints are off (--checkpoint-every 0), so these runs "
-                "cannot be resumed (finished runs are kept; --resume skips them)")
-    if done > start:
-        if last_saved != done:
-            save()
-        return (f"interrupted at step {done}; checkpoint written under {where} — rerun the same command with "
-                "--resume to continue")
-    if start > 0:
-        return (f"interrupted before step {start + 1}; the checkpoints at step {start} under {where} are "
-                "intact — rerun the same command with --resume to continue")
-    return ("interrupted before the first training step; nothing to resume for these runs (finished "
-            "runs are kept; --resume skips them)")
-
-
 def _warn_nonconverged(bench, run: _Run, cfg: RunConfig, done: int, log) -> None:
     """Once per run: its solver missed its tolerance on more than 1 % of the planned steps."""
     if run.warned or run.nonconverged <= NONCONVERGED_WARN_FRACTION * cfg.steps:
@@ -474,132 +358,6 @@ def _evaluate(bench, program, runs, state, done, reference, on_eval, which) -> N
                 if r.priorities is None:
                     raise ValueError("on_eval returned priorities for a run trained without priorities")
                 r.priorities = np.asarray(new, np.float32)
-
-
-def _finish(bench, run: _Run, cfg: RunConfig, out: Path, reference, log) -> dict:
-    h = run.history
-    evals = h["val"]
-    names = _metric_names(bench, run.spec)
-    i = selection.select(evals, bench.higher_is_better, names, reference)
-    sel, last = evals[i], evals[-1]
-    tm = run.timing
-    n_t = tm["step_time_count"]
-    steps_done = h["step"][-1] if h["step"] else run.start
-    solver_steps, run.nonconverged = _solver_record(h)
-    result = {
-        "record_version": records.RECORD_VERSION,
-        "benchmark": bench.name, "method": run.spec.label, "base_method": run.spec.method,
-        "priorities": list(run.spec.priorities) if run.spec.priorities else None,
-        "final_priorities": None if run.priorities is None else run.priorities.tolist(),
-        "single_task": run.spec.single_task, "seed": run.seed, "tasks": list(bench.task_names),
-        "run_dir": str(run.dir.relative_to(out)),
-        "status": run.status, "message": run.message, "complete": run.status == "ok",
-        "steps_planned": cfg.steps, "steps_done": steps_done if run.status != "ok" else cfg.steps,
-        "skipped_steps": run.skipped, "nonconverged_steps": run.nonconverged, "solver_steps": solver_steps,
-        "resumed_from": run.resumed_from, "corrupt_checkpoints": run.corrupt,
-        "selection": {"criterion": "best validation Δm% over " + ("the task's metrics" if run.spec.single_task
-                      is not None else "every task's metrics"),
-                      "reference": "single-task validation metrics" if reference is not None else "first evaluation",
-                      "metrics": names},
-        "selected": {"step": sel["step"], "val": sel["metrics"], "test": sel["test_metrics"]},
-        "last": {"step": last["step"], "val": last["metrics"], "test": last["test_metrics"]},
-        "val": sel["metrics"], "test": sel["test_metrics"], "val_losses": sel["losses"],
-        "test_losses": sel["test_losses"], "val_last": last["metrics"], "test_last": last["test_metrics"],
-        "per_task_best": selection.per_task_best(evals, bench.higher_is_better, bench.metric_tasks, reference),
-        "final_weights": h["weight"][-1] if h["weight"] else None,
-        "final_scales": h["scale"][-1] if h["scale"] else None,
-        "wall_time_s": tm["wall_before_s"], "group_size": tm.get("group_size", 1),
-        "step_time_ms": 1e3 * tm["step_time_sum"] / n_t if n_t else None, "first_step_s": tm["first_step_s"],
-        "config": cfg.describe(), "fingerprint": run.fingerprint, "machine": records.machine(),
-    }
-    if h.get("probe"):
-        result["probe_summary"] = _probe_summary(h["probe"])
-    result = records.to_json(result)
-    records.write_run(run.dir, result, h, tensorboard=cfg.tensorboard)
-    first_metric = names[0]
-    log(f"{bench.name} {run.name}: {run.status}, {result['steps_done']} steps, {result['wall_time_s']:.1f} s; "
-        f"selected step {sel['step']} of {last['step']} on validation; test {first_metric} "
-        f"{sel['test_metrics'].get(first_metric)!s:.8} (last step {last['test_metrics'].get(first_metric)!s:.8})"
-        + (f"; solver short of its tolerance on {run.nonconverged} of {solver_steps} steps" if solver_steps else ""))
-    return result
-
-
-def _probe_summary(probes: list) -> dict:
-    out = {}
-    for k in [k for k in probes[0] if k != "step"]:
-        vals = [p[k] for p in probes if isinstance(p.get(k), (int, float))]
-        if vals:
-            out[k] = {"mean": float(np.mean(vals)), "min": float(np.min(vals)), "max": float(np.max(vals)),
-                      "last": float(vals[-1]), "n": len(vals)}
-    return out
-
-
-def _group_size(cfg: RunConfig, bench, n: int) -> int:
-    k = cfg.parallel_seeds
-    if k is None:
-        import jax
-        k = 1 if jax.default_backend() == "cpu" and not getattr(bench, "vmap_on_cpu", True) else 0
-    return k if k > 0 else max(n, 1)
-
-
-def _plan_groups(bench, runs: list, size: int, cfg: RunConfig, program: Program, log,
-                 finished: frozenset = frozenset()) -> list:
-    """The vmapped groups to train, in order.
-
-    A run resumed from a checkpoint rejoins the group it was trained in (its checkpoint names
-    the runs, in order), whatever ``--parallel-seeds`` says now: the same compiled program
-    then continues the same runs. A run whose newest checkpoint is ahead of its group's (a
-    kill between the per-run saves) is rolled back to the group's common step, and its newer
-    checkpoints are removed (they are recomputed bit for bit). Runs without a recorded group
-    (fresh runs, checkpoints of older versions) are grouped by start step, ``size`` at a time.
-    """
-    by_ident = {r.ident: r for r in runs}
-    groups: list = []
-    taken: set = set()
-    for r in runs:
-        if r.group is None or r.ident in taken:
-            continue
-        group = list(r.group)  # r's own record may be reset by a roll-back below
-        done_elsewhere = [n for n in group if n not in by_ident and n in finished]
-        missing = [n for n in group if n not in by_ident and n not in finished]
-        if missing:
-            raise CheckpointError(
-                f"{bench.name} {r.name} was trained in one vmapped group with {', '.join(missing)} (checkpoint "
-                f"{r.ckpt.directory / str(r.start)}); resume them together (the same --methods and --seeds) so the "
-                "group keeps its compiled shape, or pass --overwrite to start over")
-        members = [by_ident[n] for n in group if n in by_ident]
-        other = [m for m in members if m.group is not None and m.group != group]
-        if other:
-            raise CheckpointError(
-                f"{bench.name}: the checkpoints of {r.name} and {other[0].name} record different vmapped groups "
-                f"({', '.join(group)} vs {', '.join(other[0].group)}); pass --overwrite to start over")
-        while len({m.start for m in members}) > 1:
-            common = min(m.start for m in members)
-            for m in members:
-                if m.start > common:
-                    ahead = m.start
-                    _restore(bench, m, cfg, program, log, at_most=common)
-                    gone = m.ckpt.discard_after(m.start)
-                    log(f"{bench.name} {m.name}: rolled back from step {ahead} to step {m.start} to resume with its "
-                        f"vmapped group ({', '.join(group)}); removed its checkpoints {gone}")
-        if done_elsewhere and min(m.start for m in members) < cfg.steps:
-            # only when a member's final checkpoint was lost after that member finished
-            log(f"warning: {bench.name} {r.name}: its vmapped group's {', '.join(done_elsewhere)} finished "
-                f"earlier; it resumes in a smaller group (training may then differ from an uninterrupted run "
-                f"at float32 round-off; evaluation does not)")
-        if len(members) > size:
-            log(f"{bench.name}: {', '.join(group)} resume as the one vmapped group they were trained in "
-                f"(--parallel-seeds now asks for groups of {size}), so that no number depends on the grouping")
-        groups.append(members)
-        taken.update(m.ident for m in members)
-    by_start: dict = {}
-    for r in runs:
-        if r.ident not in taken:
-            by_start.setdefault(r.start, []).append(r)
-    for start_runs in by_start.values():
-        for i in range(0, len(start_runs), size):
-            groups.append(start_runs[i:i + size])
-    return groups
 
 
 def run_experiment(bench, specs: Sequence[RunSpec], seeds: Sequence[int], cfg: RunConfig, out, *,
@@ -633,10 +391,10 @@ def run_experiment(bench, specs: Sequence[RunSpec], seeds: Sequence[int], cfg: R
                     else:
                         runs.append(run)
             size = _group_size(cfg, bench, len(runs))
-            for chunk in _plan_groups(bench, runs, size, cfg, program, log, frozenset(finished)):
+            for chunk in _plan_groups(bench, runs, size, cfg, program, log, frozenset(finished), restore=_restore):
                 if chunk[0].start < cfg.steps:
                     _train_group(bench, program, chunk, cfg, reference=reference, on_eval=on_eval, probe=probe,
                                  probe_every=probe_every, log=log, stop=stop)
                 for r in chunk:
-                    results[(r.spec.label, r.seed)] = _finish(bench, r, cfg, out, reference, log)
+                    results[(r.spec.label, r.seed)] = _finish_result(bench, r, cfg, out, reference, log, _metric_names)
     return [results[(s.label, seed)] for s in specs for seed in seeds]
