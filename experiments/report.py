@@ -131,6 +131,8 @@ def summarize(bench, results: Sequence[dict]) -> dict:
         entry["wall_time_s"] = _ci([r.get("wall_time_s") for r in runs])
         entry["step_time_ms"] = _ci([r.get("step_time_ms") for r in runs])
         entry["skipped_steps"] = int(sum(r.get("skipped_steps", 0) or 0 for r in runs))
+        entry["nonconverged_steps"] = int(sum(r.get("nonconverged_steps", 0) or 0 for r in runs))
+        entry["solver_steps"] = int(sum(r.get("solver_steps", 0) or 0 for r in runs))
         entry["steps_done"] = [r.get("steps_done") for r in runs]
         methods[m] = entry
     if "equal" in methods and "delta_m" in methods["equal"]:
@@ -164,7 +166,10 @@ def markdown_table(bench, summary: dict, split: str = "test", max_inline_metrics
         return f"{n}{' (%)' if is_percent_metric(n) else ''} {'↑' if specs[n].higher_is_better else '↓'}"
 
     cols = ["method", "seeds"] + ([head(n) for n in names] if inline else [f"mean of {len(names)} metrics"])
+    # Iterative solvers that stopped at their cap: shown when any method of the table has one.
+    has_solver = any(e.get("solver_steps") for e in summary["methods"].values())
     cols += (["Δm% ↓", "Δp% ↑"] if has_delta else []) + (["Δm − EW"] if has_ew else []) + ["wall s", "step ms", "skipped"]
+    cols += ["solver short of tolerance"] if has_solver else []
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * len(cols)) + "|"]
     for m in summary["order"]:
         e = summary["methods"][m]
@@ -181,6 +186,8 @@ def markdown_table(bench, summary: dict, split: str = "test", max_inline_metrics
         w, st = e["wall_time_s"], e["step_time_ms"]
         row += ["n/a" if w["mean"] is None else f"{w['mean']:.1f}", "n/a" if st["mean"] is None else f"{st['mean']:.1f}",
                 str(e["skipped_steps"])]
+        if has_solver:
+            row.append(f"{e['nonconverged_steps']} of {e['solver_steps']} steps" if e.get("solver_steps") else "–")
         lines.append("| " + " | ".join(row) + " |")
     table = "\n".join(lines)
     if not inline:

@@ -316,6 +316,12 @@ def test_solver_at_its_cap_is_counted_and_reported(bench, tmp_path, monkeypatch)
     assert f"solver short of its tolerance on {STEPS} of {STEPS} steps" in logs[-1]
     eq = _run(bench, tmp_path / "eq", _cfg(checkpoint_every=0), seeds=[0], spec=RunSpec("equal"))[0]
     assert eq["nonconverged_steps"] == 0 and eq["solver_steps"] == 0
+    # ... and the results table shows the count in its own column.
+    from experiments import report
+    table = report.markdown_table(bench, report.summarize(bench, [res, eq]))
+    header, _, cagrad_row, equal_row = table.splitlines()[:4]
+    assert header.rstrip(" |").endswith("solver short of tolerance")
+    assert cagrad_row.rstrip(" |").endswith(f"{STEPS} of {STEPS} steps") and equal_row.rstrip(" |").endswith("–")
 
 
 def test_a_first_save_that_never_finished_starts_the_run_over(bench, straight, tmp_path):
