@@ -133,3 +133,21 @@ def keep_state_if_not_finite(new_state: Any, old_state: Any, *arrays: jax.Array)
     NaN/inf (e.g. by ``optax.apply_if_finite``) does not poison the method's state either."""
     ok = all_finite(*arrays)
     return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new_state, old_state)
+
+
+def certified_loop(step, finish, certificate, w0: jax.Array, *, block: int, max_iterations: int, tol):
+    """The solver loop of the certified simplex methods (MGDA, CAGrad): rounds of ``block``
+    ``step(i, w)`` iterations followed by ``finish(w)`` (a face solve or polish), inside one
+    ``lax.while_loop`` that stops when ``certificate(w) <= tol`` or after ``max_iterations``
+    steps. Returns ``(w, certificate, iterations)``; the caller reports the certificate, so a
+    solver stopped at its cap is never silent."""
+    def cond(carry):
+        _, gap, it = carry
+        return (gap > tol) & (it < max_iterations)
+
+    def body(carry):
+        w, _, it = carry
+        w = finish(lax.fori_loop(0, block, step, w))
+        return w, certificate(w), it + block
+
+    return lax.while_loop(cond, body, (w0, certificate(w0), jnp.zeros((), jnp.int32)))

@@ -16,7 +16,7 @@ from jax import lax
 from imtl_jax._linalg import symmetric_pinv
 from imtl_jax._method import Method, Weighting, WeightingOutput, stateless_init
 from imtl_jax.methods import register
-from imtl_jax.methods._common import (HIGHEST, check_grads, check_matrix, compute_dtype,
+from imtl_jax.methods._common import (HIGHEST, certified_loop, check_grads, check_matrix, compute_dtype,
                                       nan_if_not_finite, normalized_gramian, safe_div)
 from imtl_jax.methods.equal import IDENTITY
 
@@ -194,20 +194,10 @@ def cagrad_dual(gram: jax.Array, c: float, max_iterations: int,
         w = w + step * eye[t] - step * eye[s]
         return w.at[s].set(jnp.where(step >= cap, 0.0, w[s]))
 
-    block = min(num_tasks, max_iterations)
-
-    def cond(carry):
-        _, gap, it = carry
-        return (gap > tol) & (it < max_iterations)
-
-    def body(carry):
-        w, _, it = carry
-        w = _face_steps(gram, lin, rho, lax.fori_loop(0, block, step, w), 0.25 * tol,
-                         2 * num_tasks + 2)
-        return w, dual_gap(gram, c, w), it + block
-
     w0 = jnp.full((num_tasks,), 1.0 / num_tasks, dtype)
-    return lax.while_loop(cond, body, (w0, dual_gap(gram, c, w0), jnp.zeros((), jnp.int32)))
+    return certified_loop(step, lambda w: _face_steps(gram, lin, rho, w, 0.25 * tol, 2 * num_tasks + 2),
+                          lambda w: dual_gap(gram, c, w), w0, block=min(num_tasks, max_iterations),
+                          max_iterations=max_iterations, tol=tol)
 
 
 def _cagrad_weights(grads, c, rescale, max_iterations, tol):

@@ -23,7 +23,7 @@ from jax import lax
 from imtl_jax._linalg import symmetric_pinv
 from imtl_jax._method import Method, Weighting, WeightingOutput, stateless_init
 from imtl_jax.methods import register
-from imtl_jax.methods._common import (HIGHEST, check_grads, check_matrix, compute_dtype,
+from imtl_jax.methods._common import (HIGHEST, certified_loop, check_grads, check_matrix, compute_dtype,
                                       nan_if_not_finite, normalized_gramian, safe_div)
 from imtl_jax.methods.equal import IDENTITY
 
@@ -116,19 +116,9 @@ def min_norm_simplex(gram: jax.Array, max_iterations: int, pairwise: bool = True
         return (1.0 - step) * w + step * eye[t]
 
     step_fn = pairwise_step if pairwise else vanilla_step
-    block = min(num_tasks, max_iterations)
-
-    def cond(carry):
-        _, gap, it = carry
-        return (gap > tol) & (it < max_iterations)
-
-    def body(carry):
-        w, _, it = carry
-        w = _polish(gram, lax.fori_loop(0, block, step_fn, w))
-        return w, kkt_gap(gram, w), it + block
-
     w0 = jnp.full((num_tasks,), 1.0 / num_tasks, dtype)
-    w, gap, it = lax.while_loop(cond, body, (w0, kkt_gap(gram, w0), jnp.zeros((), jnp.int32)))
+    w, gap, it = certified_loop(step_fn, lambda w: _polish(gram, w), lambda w: kkt_gap(gram, w), w0,
+                                block=min(num_tasks, max_iterations), max_iterations=max_iterations, tol=tol)
     return w, SolverInfo(gap, it)
 
 
