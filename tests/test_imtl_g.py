@@ -31,7 +31,7 @@ def _random_jacobian(seed: int, num_tasks: int, dim: int) -> np.ndarray:
     return units * norms[:, None]
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
+@settings(max_examples=25, deadline=None, derandomize=True)  # more in tests/test_stress.py
 @given(shape=st.sampled_from(SHAPES), seed=st.integers(0, 2**31 - 1))
 def test_random_jacobians_float64(shape, seed):
     with x64():
@@ -50,7 +50,7 @@ def test_random_jacobians_float64(shape, seed):
                                    rtol=1e-10)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
+@settings(max_examples=25, deadline=None, derandomize=True)  # more in tests/test_stress.py
 @given(shape=st.sampled_from(SHAPES), seed=st.integers(0, 2**31 - 1))
 def test_random_jacobians_float32(shape, seed):
     grads = _random_jacobian(seed, *shape).astype(np.float32)
@@ -96,7 +96,7 @@ def test_golden_value(dtype):
         np.testing.assert_allclose(res.weights, paper_alpha(np.asarray(grads)), rtol=1e-13)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), dim=st.sampled_from([2, 8, 64]))
 def test_two_tasks_closed_form(seed, dim):
     with x64():
@@ -108,7 +108,7 @@ def test_two_tasks_closed_form(seed, dim):
         assert np.all((alpha >= 0) & (alpha <= 1))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(shape=st.sampled_from(SHAPES), seed=st.integers(0, 2**31 - 1))
 def test_theorem_2_per_task_scaling(shape, seed):
     """Scaling row t by k_t > 0: alpha'_t = (alpha_t/k_t)/S, g' = g/S, S = sum alpha_tau/k_tau."""
@@ -154,7 +154,7 @@ def test_lemma_3_equal_cosines():
         np.testing.assert_allclose(alpha, (1 / norms) / np.sum(1 / norms), rtol=1e-12)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(shape=st.sampled_from(SHAPES), seed=st.integers(0, 2**31 - 1))
 def test_permutation_equivariance(shape, seed):
     with x64():

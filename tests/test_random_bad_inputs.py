@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import imtl_jax
 from test_bad_inputs import BATCH, head_loss, params, run_step
 
-SETTINGS = dict(max_examples=15, deadline=None, derandomize=True, database=None,
+SETTINGS = dict(max_examples=8, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 DTYPES = ("float16", "bfloat16", "float32", "int32", "bool")
 FLOAT = ("float16", "bfloat16", "float32")

@@ -173,6 +173,7 @@ def test_sigterm_between_state_update_and_step_counter_resumes_bitwise(bench, st
     assert outcome(tmp_path) == straight
 
 
+@pytest.mark.slow  # the default suite keeps the SIGTERM defect, the label check and the solver count
 def test_second_signal_stops_at_once_and_saves_nothing_new(bench, straight, tmp_path, monkeypatch):
     """A second SIGTERM during step 4 (in its evaluation) stops at once without saving: the
     checkpoints of step 2 stay the newest, and the resume from them equals the uninterrupted run."""
@@ -232,6 +233,7 @@ def test_checkpoint_whose_counters_disagree_with_its_label_is_refused(bench, tmp
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow  # the default suite keeps the SIGTERM defect, the label check and the solver count
 def test_evaluation_does_not_depend_on_the_grouping(bench, straight, tmp_path):
     """Seeds one at a time (--parallel-seeds 1) give the grouped run's records bit for bit:
     evaluation runs each seed through one un-vmapped program whatever the group."""
@@ -247,6 +249,7 @@ class _Killed(BaseException):
     """Stands in for SIGKILL: nothing after it runs but ``finally`` blocks."""
 
 
+@pytest.mark.slow  # the default suite keeps the SIGTERM defect, the label check and the solver count
 @pytest.mark.parametrize("at", [4, 2])
 def test_kill_between_per_seed_saves_resumes_the_group_bitwise(bench, straight, tmp_path, monkeypatch, at):
     """Killed after seed 0 saved step ``at`` but before seeds 1 and 2 did: the resume rolls
@@ -274,6 +277,7 @@ def test_kill_between_per_seed_saves_resumes_the_group_bitwise(bench, straight, 
     assert outcome(tmp_path) == straight
 
 
+@pytest.mark.slow  # the default suite keeps the SIGTERM defect, the label check and the solver count
 def test_resume_keeps_the_group_whatever_parallel_seeds_says(bench, straight, tmp_path):
     with pytest.raises(RunInterrupted):
         _run(bench, tmp_path, _cfg(interrupt_at=3))
@@ -324,6 +328,7 @@ def test_solver_at_its_cap_is_counted_and_reported(bench, tmp_path, monkeypatch)
     assert cagrad_row.rstrip(" |").endswith(f"{STEPS} of {STEPS} steps") and equal_row.rstrip(" |").endswith("–")
 
 
+@pytest.mark.slow  # the default suite keeps the SIGTERM defect, the label check and the solver count
 def test_a_first_save_that_never_finished_starts_the_run_over(bench, straight, tmp_path):
     """Killed after orbax wrote the first checkpoint but before its manifest (the soak's find):
     ``--resume`` starts over with one warning (the start is the previous checkpoint) instead of
