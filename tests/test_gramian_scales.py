@@ -17,6 +17,7 @@ import pytest
 
 from imtl_jax.methods import get_method
 from imtl_jax.methods._common import normalized_gramian
+from marks import slow_unless_core
 
 # Every registered method whose weighting calls normalized_gramian (grep the helper).
 METHODS = ("aligned_mtl", "cagrad", "config", "db_mtl", "dualproj", "gradvac", "mgda",
@@ -57,7 +58,7 @@ def test_helper_zero_and_nonfinite():
     assert not np.all(np.isfinite(np.asarray(m)))
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", slow_unless_core(METHODS, core=("mgda", "pcgrad", "config")))
 def test_methods_scale_free_at_extreme_scales(name):
     ref = _weights(name, jnp.asarray(BASE))
     assert np.all(np.isfinite(ref)), (name, ref)

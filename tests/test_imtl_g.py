@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 import imtl_jax
 from oracles import paper_alpha, paper_alpha_error_bound, projections, random_directions, relative_spread, x64
+from marks import slow
 
 solve = jax.jit(imtl_jax.imtl_g_solve, static_argnames="nonconflicting")
 
@@ -349,7 +350,7 @@ def test_priorities_validation():
     assert np.all(np.isnan(np.asarray(out)))
 
 
-@pytest.mark.parametrize("num_tasks,dim", [(2, 8), (3, 8), (5, 16)])
+@pytest.mark.parametrize("num_tasks,dim", [(2, 8), slow(3, 8), slow(5, 16)])
 def test_priorities_projections_proportional(num_tasks, dim, dtype):
     rng = np.random.default_rng(num_tasks)
     grads = _random_jacobian(num_tasks, num_tasks, dim).astype(dtype)

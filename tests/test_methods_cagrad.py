@@ -115,6 +115,7 @@ def test_cagrad_degenerate_and_validation():
 
 
 @pytest.mark.parametrize("case", inputs.HARD)
+@pytest.mark.slow  # the hard families at every size: CI's slow step (the random draws stay)
 def test_cagrad_hard_families_duality_gap(fdtype, case):
     """KKT verification independent of the solver: for the returned dual weights w and the
     direction d = g_0 + (c |g_0| / |g_w|) g_w (feasible: |d - g_0| = c |g_0|), weak duality gives

@@ -206,6 +206,7 @@ def exhaustive_min_norm(grads):
 
 
 @pytest.mark.parametrize("case", [c for c in inputs.HARD if c[1] <= 10])
+@pytest.mark.slow  # the hard families at every size: CI's slow step (the random draws stay)
 def test_mgda_hard_families(fdtype, case):
     """Certificate <= tol, the true Frank-Wolfe gap (float64, on the rounded data) <= 8 eps, and
     the aggregate within the gap's bound of the exhaustive oracle:

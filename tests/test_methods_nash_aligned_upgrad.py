@@ -191,6 +191,7 @@ _NASH_INFO = jit(lambda g: nash_mtl_weighting().weigh(g, jnp.zeros(g.shape[:1], 
 
 
 @pytest.mark.parametrize("case", inputs.HARD)
+@pytest.mark.slow  # the hard families at every size: CI's slow step (the random draws stay)
 def test_upgrad_hard_families_against_nnls(fdtype, case):
     """Certificate <= tol; against scipy's exact NNLS (float64, Lawson-Hanson: not our algorithm)
     through the bound ||x - x*||^2 <= sum_t v_t r_t + sum_t v*_t max(-r_t, 0) (r = G x, x the
@@ -215,6 +216,7 @@ def test_upgrad_hard_families_against_nnls(fdtype, case):
 
 
 @pytest.mark.parametrize("case", inputs.HARD)
+@pytest.mark.slow  # the hard families at every size: CI's slow step (the random draws stay)
 def test_nash_hard_families_residual(fdtype, case):
     """The defining equation M a = 1 / a (M: the Frobenius-normalised Gramian plus the eps ridge)
     verified in float64 on the rounded data; certificate <= tol."""

@@ -15,11 +15,16 @@ from oracles import x64  # noqa: F401  (fdtype fixture: tests/conftest.py)
 import imtl_jax
 from imtl_jax.methods import get_method, method_names
 from imtl_jax.methods.loss_weighting import single_task
+from marks import CORE_METHODS
 
 NAMES = method_names()
 # Every registered method plus the (unregistered) single-task factory.
 METHODS = [get_method(n) for n in NAMES] + [single_task(0), single_task(1)]
 IDS = [m.name for m in METHODS]
+# Every method runs each registry test; by default one per family (tests/marks.py), the rest in
+# CI's slow step.
+CORE_OR_SLOW = [m if m.name in CORE_METHODS + ("single_task_0",) else pytest.param(m, marks=pytest.mark.slow)
+                for m in METHODS]
 PREEXISTING = {"equal", "imtl_h", "imtl_g", "imtl_g_exact", "imtl_l"}
 
 
@@ -79,7 +84,7 @@ def _degenerate_cases():
 DEGENERATE = _degenerate_cases()
 
 
-@pytest.mark.parametrize("method", METHODS, ids=IDS)
+@pytest.mark.parametrize("method", CORE_OR_SLOW, ids=IDS)
 @pytest.mark.parametrize("case", sorted(DEGENERATE))
 def test_degenerate_inputs_give_finite_weights(method, case):
     grads, losses = DEGENERATE[case]
@@ -93,7 +98,7 @@ def test_degenerate_inputs_give_finite_weights(method, case):
             assert np.all(np.isfinite(np.asarray(leaf))), (method.name, case)
 
 
-@pytest.mark.parametrize("method", METHODS, ids=IDS)
+@pytest.mark.parametrize("method", CORE_OR_SLOW, ids=IDS)
 def test_non_finite_inputs_do_not_poison_the_state(method):
     """A NaN step (skipped by optax.apply_if_finite) leaves a finite state; gradient methods
     answer it with NaN weights (loud), and the next finite step is finite again."""
@@ -112,7 +117,7 @@ def test_non_finite_inputs_do_not_poison_the_state(method):
     assert np.all(np.isfinite(np.asarray(good.weights))), method.name
 
 
-@pytest.mark.parametrize("method", METHODS, ids=IDS)
+@pytest.mark.parametrize("method", CORE_OR_SLOW, ids=IDS)
 def test_dtype_in_equals_dtype_out(method, fdtype):
     rng = np.random.default_rng(1)
     grads = rng.standard_normal((3, 8)).astype(fdtype)
@@ -203,7 +208,7 @@ def raw_losses(params, batch):
     return jnp.stack([head_loss(params.heads[t], z, batch, t) for t in range(2)])
 
 
-@pytest.mark.parametrize("method", METHODS, ids=IDS)
+@pytest.mark.parametrize("method", CORE_OR_SLOW, ids=IDS)
 def test_trains_tiny_problem_with_one_compilation(method):
     params, batch = _problem()
     step = imtl_jax.mtl_step(encoder, imtl_jax.stacked_task_losses(head_loss), method)

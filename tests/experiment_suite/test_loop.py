@@ -113,7 +113,7 @@ _ORBAX_CLEANUP = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExce
 
 
 @_ORBAX_CLEANUP
-@pytest.mark.parametrize("damage", ["truncate", "delete"])
+@pytest.mark.parametrize("damage", ["truncate", pytest.param("delete", marks=pytest.mark.slow)])
 def test_corrupt_latest_checkpoint_falls_back_to_previous(bench, straight, tmp_path, damage):
     _run(bench, tmp_path, _cfg(steps=6))
     ckdir = _rd(tmp_path) / "ckpt"

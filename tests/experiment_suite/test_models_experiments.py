@@ -55,6 +55,7 @@ def lenet():
     return LeNetMTL(rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow  # heavy: CI's slow step
 def test_task_loss_touches_only_its_head(lenet):
     model = lenet
     x = jax.random.uniform(jax.random.key(0), (3, 28, 28, 1))

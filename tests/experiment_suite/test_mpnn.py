@@ -13,6 +13,9 @@ from flax import nnx
 from experiments.data.qm9_graph import MAX_ATOMS, NUM_NODE, PACK_WIDTH
 from experiments.models_mpnn import MPNNMTL, NNConv, Set2Set, complete_edge_features, nnconv_direct, unpack
 
+# The message-passing network's oracles compile large programs: CI's slow step.
+pytestmark = pytest.mark.slow
+
 A = MAX_ATOMS
 
 

@@ -27,7 +27,7 @@ def bench():
         yield b
 
 
-@pytest.mark.parametrize("r", [0.125, 3.0])
+@pytest.mark.parametrize("r", [0.125, pytest.param(3.0, marks=pytest.mark.slow)])
 def test_jitted_step_projections_follow_priorities(bench, r):
     """g.u_2 / g.u_1 = r for the shared z-gradient aggregate of one jitted IMTL-H step, with a
     float64 numpy oracle on per-task z-gradients computed independently from the NNX model."""

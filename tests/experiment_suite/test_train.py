@@ -63,7 +63,8 @@ def _plain_flax_run(bench, method, seed, steps, lr, batch_size):
 # PCGrad draws its projection order from the per-run key: one step checks that every vmapped
 # run gets its own key. Over more steps Adam turns round-off in (near-)zero gradient entries
 # into O(lr) updates (g / (|g| + eps)), which PCGrad's branches expose: not a vmap effect.
-@pytest.mark.parametrize("method,steps", [("imtl_h", STEPS), ("equal", STEPS), ("pcgrad", 1)])
+@pytest.mark.parametrize("method,steps", [("imtl_h", STEPS), pytest.param("equal", STEPS, marks=pytest.mark.slow),
+                                          pytest.param("pcgrad", 1, marks=pytest.mark.slow)])
 def test_vmapped_seeds_equal_one_by_one_plain_runs(bench, tmp_path, method, steps):
     """K = 3 seeds as one vmapped program end where three plain optax runs end (float32 round-off)."""
     cfg = RunConfig(steps=steps, batch_size=4, lr=1e-2, eval_every=3, checkpoint_every=steps,
