@@ -132,3 +132,43 @@ def test_imtl_g_huge_tasks(num_tasks, dim, seed):
     """T >= 256 (mostly T > D): finite weights summing to 1 in float32."""
     g = jnp.asarray(np.random.default_rng(seed).standard_normal((num_tasks, dim)), jnp.float32)
     _check_weights(imtl_jax.imtl_g_weights(g), g, None)
+
+
+@settings(**SETTINGS)
+@given(k=st.sampled_from([-1, 0, 1, 2, 3, 4, True, 1.5, "2"]),
+       rows=st.sampled_from([0, 6, 8, 12]),
+       dtype=st.sampled_from(["float32", "float16", "int32"]),
+       bad=st.sampled_from([None, np.nan, np.inf]))
+def test_accumulate_step_random_bad_input(k, rows, dtype, bad):
+    """accumulate_step with random micro-batch counts, batch sizes, dtypes and non-finite
+    entries: a ValueError/TypeError naming ``num_micro_batches`` (or the divisibility of the
+    batch by it), a trace-time error naming the input, or a finite step whose ``all_finite``
+    flag reports the non-finite batch."""
+    step = imtl_jax.mtl_step(lambda w, b: jnp.tanh(b["x"] @ w), imtl_jax.stacked_task_losses(head_loss), "imtl_h")
+    valid_k = isinstance(k, int) and not isinstance(k, bool) and k >= 1
+    if not valid_k:
+        with pytest.raises((TypeError, ValueError), match="num_micro_batches"):
+            imtl_jax.accumulate_step(step, k)
+        return
+    acc = imtl_jax.accumulate_step(step, k)
+    rng = np.random.default_rng(rows + 10 * k)
+    x = rng.standard_normal((rows, 3))
+    if bad is not None and x.size:
+        x.flat[0] = bad
+    batch = {"x": jnp.asarray(x).astype(dtype), "y": jnp.asarray(rng.standard_normal((rows, 2)), jnp.float32)}
+    p = imtl_jax.MTLParams(jnp.full((3, 4), 0.1), jnp.full((2, 4), 0.2), jnp.zeros(2))
+    if rows == 0 or rows % k:
+        with pytest.raises((TypeError, ValueError)) as err:
+            acc(p, (), batch)
+        assert "num_micro_batches" in str(err.value) or "batch" in str(err.value), str(err.value)
+        return
+    try:
+        grads, _, aux = jax.jit(lambda p_, b_: acc(p_, (), b_))(p, batch)
+    except (TypeError, ValueError) as err:   # a named trace-time error (e.g. an integer input)
+        assert "`" in str(err) or "batch" in str(err) or "dtype" in str(err), str(err)
+        return
+    finite = bad is None or dtype == "int32"   # NaN/inf cast to an integer input is some finite integer
+    assert bool(aux.all_finite) == finite
+    if finite:
+        for leaf in jax.tree_util.tree_leaves(grads):
+            assert np.all(np.isfinite(np.asarray(leaf, np.float32)))
