@@ -50,18 +50,6 @@ def _own_metrics(folder: Path, label: str, metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k in own} or metrics
 
 
-def _selected_is_last(folder: Path) -> dict:
-    """``{label: (runs whose selected step is the last evaluation, runs)}`` from results.json."""
-    out: dict = {}
-    for r in _payload(folder).get("runs", []):
-        if r.get("status") != "ok" or not r.get("selected") or not r.get("last"):
-            continue
-        label = r.get("method")
-        hit, n = out.get(label, (0, 0))
-        out[label] = (hit + int(r["selected"]["step"] == r["last"]["step"]), n + 1)
-    return out
-
-
 def extract(folder: Path) -> dict:
     """``{label: {seed: {"step": [...], "lr": [...], "metrics": {name: [...]}}}}`` from the
     histories under ``folder/runs``, merged over the curves already stored in ``curves.json``."""
@@ -136,7 +124,8 @@ def summarize(folder: Path, curves: dict, tol: float) -> str:
              f"to their best value stays below {tol:.0%} (`python -m experiments.curves {_shown(folder)}`).", "",
              f"| run | seeds | last {unit} | flattened at {unit} (per seed) | selected step = last evaluation |",
              "|---|---|---|---|---|"]
-    selected_last = _selected_is_last(folder)
+    from experiments.verdicts import selected_last as _selected_last
+    selected_last = _selected_last(_payload(folder).get("runs", []))
     for label in sorted(curves, key=lambda k: (k.startswith("single_task_"), len(k), k)):
         flat, last = [], 0.0
         for seed in sorted(curves[label], key=int):

@@ -78,16 +78,19 @@ def paired_diff_ci(
     ``a`` and ``b`` are either sequences aligned by seed, or ``{seed: value}`` mappings (then
     only common seeds count, so a missing run never pairs two different seeds).
     """
+    return mean_ci(_paired_diffs(a, b, "paired_diff_ci"), confidence)
+
+
+def _paired_diffs(a, b, caller: str) -> list[float]:
+    """``a − b`` per seed: over the common seeds of two ``{seed: value}`` mappings (a missing run
+    never pairs two different seeds), or position by position for two equal-length sequences."""
     if isinstance(a, Mapping) or isinstance(b, Mapping):
         if not (isinstance(a, Mapping) and isinstance(b, Mapping)):
-            raise TypeError("paired_diff_ci: give both a and b as {seed: value} mappings, or both as sequences")
-        seeds = sorted(set(a) & set(b))
-        diffs = [float(a[s]) - float(b[s]) for s in seeds]
-    else:
-        if len(a) != len(b):
-            raise ValueError(f"paired_diff_ci: sequences differ in length ({len(a)} vs {len(b)}); pass seed mappings")
-        diffs = [float(x) - float(y) for x, y in zip(a, b)]
-    return mean_ci(diffs, confidence)
+            raise TypeError(f"{caller}: give both a and b as {{seed: value}} mappings, or both as sequences")
+        return [float(a[s]) - float(b[s]) for s in sorted(set(a) & set(b))]
+    if len(a) != len(b):
+        raise ValueError(f"{caller}: sequences differ in length ({len(a)} vs {len(b)}); pass seed mappings")
+    return [float(x) - float(y) for x, y in zip(a, b)]
 
 
 def accuracy_standard_error(p: float, n: int) -> float:
@@ -117,8 +120,7 @@ def paired_t_pvalue(
     NaN when fewer than two seeds pair up. When every difference is the same (no variance) the
     t statistic is infinite: p = 0 for a non-zero difference, 1 for an exact tie.
     """
-    seeds = sorted(set(a) & set(b))
-    diffs = np.asarray([float(a[s]) - float(b[s]) for s in seeds], np.float64)
+    diffs = np.asarray(_paired_diffs(a, b, "paired_t_pvalue"), np.float64)
     diffs = diffs[np.isfinite(diffs)]
     n = int(diffs.size)
     if n < 2:

@@ -98,13 +98,17 @@ def _p(p: float) -> str:
     return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
 
 
-def method_costs(folder: Path) -> dict:
-    """``{method: step time / EW}`` from ``folder/method_cost.json`` (written by
-    ``python -m benchmarks.method_cost --out <folder>`` on an idle machine), or {}."""
+def _cost_record(folder: Path) -> Optional[dict]:
+    """``folder/method_cost.json`` (written by ``python -m benchmarks.method_cost --out <folder>``
+    on an idle machine), or None."""
     path = folder / "method_cost.json"
-    if not path.exists():
-        return {}
-    return {m: float(r["ratio_to_equal"]) for m, r in json.loads(path.read_text())["methods"].items()}
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def method_costs(folder: Path, record: Optional[dict] = None) -> dict:
+    """``{method: step time / EW}`` from the folder's method-cost record, or {}."""
+    record = _cost_record(folder) if record is None else record
+    return {m: float(r["ratio_to_equal"]) for m, r in record["methods"].items()} if record else {}
 
 
 def verdict_table(folder: Path, payload: dict, summary: dict) -> str:
@@ -113,7 +117,8 @@ def verdict_table(folder: Path, payload: dict, summary: dict) -> str:
     worse only where the corrected test rejects at 5 %)."""
     from experiments.stats import format_ci
     rows = verdict_rows(folder, payload, summary)
-    costs = method_costs(folder)
+    cost = _cost_record(folder)
+    costs = method_costs(folder, cost)
     m_family = sum(1 for r in rows if math.isfinite(r["p_holm"]))
     lines = ["| rank | method | seeds | Δm% vs single-task ↓ | Δm − EW (paired, 95 % CI) | p | p, Holm "
              f"(m = {m_family}) | verdict at 5 % (Holm) | selected step = last |"
@@ -135,8 +140,7 @@ def verdict_table(folder: Path, payload: dict, summary: dict) -> str:
     tot = sum(r["last"][1] for r in rows)
     lines += ["", f"Runs whose selected (best-validation) step is the last evaluation: {hit} of {tot}"
                   f"{f' ({100 * hit / tot:.0f} %)' if tot else ''}."]
-    if costs:
-        cost = json.loads((folder / "method_cost.json").read_text())
+    if cost:
         lines += [f"Step time / EW: `{cost['command']}` (median of {cost['rounds']} interleaved rounds; 1-minute "
                   f"load {cost['load_1min_before']:.2f} before, {cost['load_1min_after']:.2f} after)."]
     return "\n".join(lines)

@@ -48,8 +48,7 @@ def _diagnostics_method(level: str):
         del losses, key, priorities
         g = grads.astype(jnp.float32)
         norms = jnp.linalg.norm(g, axis=1)
-        units = g / jnp.where(norms > 0, norms, 1.0)[:, None]
-        eig = jnp.linalg.eigvalsh(units @ units.T)
+        eig = jnp.linalg.eigvalsh(imtl_jax.cosine_matrix(g))
         info = {"min_eig_cosines": eig[0], "norm_spread": jnp.max(norms) / jnp.maximum(jnp.min(norms), 1e-30)}
         return imtl_jax.WeightingOutput(jnp.ones(grads.shape[:1], grads.dtype), state, info)
 
