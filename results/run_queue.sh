@@ -82,6 +82,16 @@ commit() {  # commit only the results of this queue (retry while another git com
   echo "run_queue: could not commit $msg" >&2
 }
 
+# The interpreter: PYTHON, else this checkout's .venv, else python on PATH. A queue that cannot even
+# import the library stops here rather than logging (and committing) 80 failed jobs in a minute.
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x "$HERE/.venv/bin/python" ]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python; fi
+fi
+if ! (cd "$CODE" && "$PYTHON" -c "import jax, imtl_jax, experiments.suites") >/dev/null 2>&1; then
+  echo "run_queue: $PYTHON cannot import jax/imtl_jax/experiments from $CODE; activate the environment or set PYTHON" >&2
+  exit 2
+fi
+
 [ -f "$LOG" ] || printf "job\tstatus\twall_s\tload_before\tload_after\tended\tcommand\n" > "$LOG"
 n=0
 for job in "${JOBS[@]}"; do
@@ -91,12 +101,18 @@ for job in "${JOBS[@]}"; do
   folder="${out#$HERE/}"
   before=$(cut -d' ' -f1 /proc/loadavg); t0=$(date +%s)
   echo "run_queue: job $n/${#JOBS[@]}: python -m experiments $job"
-  (cd "$CODE" && python -m experiments $job)
+  (cd "$CODE" && "$PYTHON" -m experiments $job)
   status=$?
   after=$(cut -d' ' -f1 /proc/loadavg); t1=$(date +%s)
   printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$n" "$status" "$((t1 - t0))" "$before" "$after" "$(date -u +%FT%TZ)" \
     "python -m experiments ${job//$HERE\//}" >> "$LOG"
-  (cd "$CODE" && python -m experiments.curves "$out" >/dev/null 2>&1) || true
+  (cd "$CODE" && "$PYTHON" -m experiments.curves "$out" >/dev/null 2>&1) || true
   commit "queue job $n/${#JOBS[@]} ($folder): python -m experiments ${job//$HERE\//}" "$folder" results/queue_log.tsv
+  # A job that fails within a minute failed to start (bad flag, broken environment): stop, since the
+  # next jobs would fail the same way; a job that failed later is logged and the queue goes on.
+  if [ "$status" != 0 ] && [ "$((t1 - t0))" -lt 60 ]; then
+    echo "run_queue: job $n failed within a minute (exit $status); stopping. Fix it and restart with: $0 $n" >&2
+    exit 1
+  fi
 done
 echo "run_queue: all ${#JOBS[@]} jobs done"
