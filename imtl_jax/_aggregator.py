@@ -10,7 +10,7 @@ import optax
 
 from imtl_jax._method import LossScaling, Method, PyTree, Weighting
 from imtl_jax._validation import check_float_array
-from imtl_jax.methods import get_method
+from imtl_jax.methods import _mask, get_method
 
 
 class AggregatorState(NamedTuple):
@@ -92,11 +92,18 @@ def aggregate(method: Union[str, Method, Weighting], num_tasks: int, *,
               dtype: Any = None) -> optax.GradientTransformationExtraArgs:
     """An optax transformation that combines T stacked per-task updates with a weighting.
 
-    ``update(updates, state, params=None, *, losses=None, key=None, priorities=None, **extra)``
-    takes ``updates`` whose every leaf has a leading task axis of size ``num_tasks`` and returns
-    one update ``sum_t w_t updates[t]`` of the unstacked shape, the weights ``w`` coming from
-    the method's weighting applied to the flattened (T, P) matrix of updates. Unknown extra
-    arguments are accepted and ignored, so it composes in ``optax.chain``.
+    ``update(updates, state, params=None, *, losses=None, key=None, priorities=None,
+    task_mask=None, **extra)`` takes ``updates`` whose every leaf has a leading task axis of
+    size ``num_tasks`` and returns one update ``sum_t w_t updates[t]`` of the unstacked shape,
+    the weights ``w`` coming from the method's weighting applied to the flattened (T, P) matrix
+    of updates. Unknown extra arguments are accepted and ignored, so it composes in
+    ``optax.chain``.
+
+    ``task_mask`` (T,) bool or 0/1, traced: partial labels. Absent tasks' updates and losses
+    are ignored (NaN included), they get weight 0, stay out of the solve and keep their
+    per-task method state; the present tasks get the update of the same method on the present
+    tasks only. Only methods whose weighting has ``supports_task_mask`` accept it (see
+    ``docs/partial_labels.md``).
 
     Put it **first** in the chain: with ``params`` given, updates shaped like the parameters
     (already combined) raise a ``ValueError`` naming the fix. Wrap the chain in
@@ -152,10 +159,23 @@ def aggregate(method: Union[str, Method, Weighting], num_tasks: int, *,
 
     def update_fn(updates, state, params=None, *, losses: Optional[jax.Array] = None,
                   key: Optional[jax.Array] = None, priorities: Optional[jax.Array] = None,
-                  log_scales: Optional[jax.Array] = None, **extra_args):
+                  log_scales: Optional[jax.Array] = None, task_mask: Optional[jax.Array] = None,
+                  **extra_args):
         del extra_args
         matrix = _stack_matrix(updates, num_tasks)
         _check_chain_order(updates, params, num_tasks)
+        mask = None
+        if task_mask is not None:
+            # Partial labels: absent tasks' updates and losses are selected to 0 (NaN dropped),
+            # and the weighting leaves them out of its solve (weight 0, state unchanged).
+            _mask.require_mask_support(weighting, method_name or weighting.name)
+            mask = _mask.check_task_mask(task_mask, num_tasks)
+            updates = jax.tree_util.tree_map(
+                lambda x: jnp.where(mask.reshape((-1,) + (1,) * (jnp.ndim(x) - 1)), x,
+                                    jnp.zeros((), jnp.result_type(x))), updates)
+            matrix = _mask.rows(matrix, mask)
+            if losses is not None:
+                losses = jnp.where(mask, jnp.asarray(losses), 0)
         if scaling is not None:
             factor, losses = _apply_scaling(scaling, method_name, losses, log_scales, num_tasks)
             updates = jax.tree_util.tree_map(
@@ -171,8 +191,9 @@ def aggregate(method: Union[str, Method, Weighting], num_tasks: int, *,
             if losses.shape != (num_tasks,):
                 raise ValueError(f"`losses` must have shape ({num_tasks},), got {losses.shape}.")
             check_float_array(losses, "losses")
-        out = weighting.weigh(matrix if weighting.needs_grads else None, losses.astype(matrix.dtype),
-                              state.method_state, key, priorities)
+        out = _mask.weigh(weighting, matrix if weighting.needs_grads else None,
+                          losses.astype(matrix.dtype), state.method_state, key, priorities, mask,
+                          method_name or weighting.name)
         w = out.weights
         new_updates = jax.tree_util.tree_map(
             lambda x: jnp.tensordot(w.astype(x.dtype), x, axes=1), updates)

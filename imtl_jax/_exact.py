@@ -47,6 +47,7 @@ from jax import lax
 from imtl_jax._linalg import spd_inverse
 from imtl_jax._imtl_g import _REFINE_MAX_SIZE, _check_priorities
 from imtl_jax._method import PyTree, Weighting, WeightingOutput
+from imtl_jax.methods import _mask
 from imtl_jax.methods import imtl as _imtl_methods
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -166,12 +167,16 @@ def _mul_sqrt_pow2(x: jax.Array, f: jax.Array) -> jax.Array:
 
 
 def imtl_g_from_gramian(gram: jax.Array, exponent: jax.Array, *, priorities: Optional[jax.Array] = None,
-                        nonconflicting: bool = False) -> tuple[jax.Array, jax.Array]:
+                        nonconflicting: bool = False,
+                        task_mask: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
     """IMTL-G weights and common projection from the Gramian ``J J^T = gram * 2^exponent``.
 
     The same solution and degenerate-input policy as :func:`imtl_jax.imtl_g_solve` (zero rows
     relative to ``eps^2`` of the largest norm, Cholesky or pseudo-inverse of the cosine matrix,
     the ``1/|g_t|`` fallback, NaN for non-finite input), without the refinement on the data.
+
+    ``task_mask`` (T,) bool: absent tasks are excluded from the solve (identity rows, zero
+    target) and get weight 0, as in :func:`imtl_jax.imtl_g_solve`.
 
     Returns:
       ``(weights (T,), common_projection ())``.
@@ -186,9 +191,16 @@ def imtl_g_from_gramian(gram: jax.Array, exponent: jax.Array, *, priorities: Opt
     num_tasks = gram.shape[0]
     dtype = gram.dtype
     eps = jnp.finfo(dtype).eps
+    if task_mask is not None:  # absent rows and columns selected to 0 (NaN dropped)
+        both = task_mask[:, None] & task_mask[None, :]
+        gram = jnp.where(both, gram, jnp.zeros((), dtype))
+        if priorities is not None:
+            priorities = jnp.where(task_mask, priorities, jnp.ones((), priorities.dtype))
     diag = jnp.diagonal(gram)
     norms = jnp.sqrt(jnp.maximum(diag, 0.0))
     valid = norms > (eps * eps) * jnp.max(norms)
+    if task_mask is not None:
+        valid = valid & task_mask
     safe_norms = jnp.where(valid, norms, 1.0)
     eye = jnp.eye(num_tasks, dtype=dtype)
     both_valid = valid[:, None] & valid[None, :]
@@ -208,8 +220,10 @@ def imtl_g_from_gramian(gram: jax.Array, exponent: jax.Array, *, priorities: Opt
     solvable = solvable & (jnp.linalg.norm(fit) > tol * jnp.linalg.norm(target))
     inverse_norms = jnp.where(valid, 1.0 / safe_norms, 0.0)
     any_valid = jnp.any(valid)
+    uniform = (jnp.full((num_tasks,), 1.0 / num_tasks, dtype) if task_mask is None
+               else jnp.where(task_mask, 1.0, 0.0).astype(dtype) / jnp.maximum(jnp.sum(task_mask), 1))
     fallback = jnp.where(any_valid, inverse_norms / jnp.where(any_valid, jnp.sum(inverse_norms), 1.0),
-                         jnp.full((num_tasks,), 1.0 / num_tasks, dtype))
+                         uniform)
     safe_total = jnp.where(solvable, total, 1.0)
     weights = jnp.where(solvable, raw / safe_total, fallback)
 
@@ -240,7 +254,8 @@ def _gramian_imtl_g(weighting: Weighting) -> Optional[bool]:
 
 def parameter_level(encoder_vjp: Callable, z_grads: jax.Array, weighting: Weighting,
                     scaled: jax.Array, state: PyTree, key, priorities,
-                    pmean: Callable[[PyTree], PyTree]) -> tuple[PyTree, WeightingOutput]:
+                    pmean: Callable[[PyTree], PyTree], *, task_mask: Optional[jax.Array] = None,
+                    name: str = "") -> tuple[PyTree, WeightingOutput]:
     """The shared-parameter gradient ``sum_t w_t J_t`` of the exact level and the weighting's
     output.
 
@@ -250,6 +265,8 @@ def parameter_level(encoder_vjp: Callable, z_grads: jax.Array, weighting: Weight
       weighting: the method's weighting; IMTL-G takes the gramian route above a size.
       scaled: (T,) scaled losses, already averaged over the data-parallel axis.
       state, key, priorities: passed to the weighting.
+      task_mask: optional (T,) bool (partial labels; the absent tasks' rows of ``z_grads`` are
+        already 0), passed to the weighting; ``name`` names the method in its error.
       pmean: the mean over the data-parallel axis (identity without one); the weights are
         computed from the mean Jacobian, the returned gradient is this device's
         ``sum_t w_t J_t`` (the caller reduces it with the other gradients).
@@ -269,14 +286,16 @@ def parameter_level(encoder_vjp: Callable, z_grads: jax.Array, weighting: Weight
             pmean(jacobian), lambda: pmean(per_task_parameter_grads(encoder_vjp, z_grads)),
             num_tasks, dtype)
         weights, common = imtl_g_from_gramian(gram, exponent, priorities=p,
-                                              nonconflicting=nonconflicting)
+                                              nonconflicting=nonconflicting, task_mask=task_mask)
+        if task_mask is not None:  # as _mask.weigh: exact zeros, and all-absent gives zeros
+            weights = jnp.where(task_mask & jnp.any(task_mask), weights, jnp.zeros((), weights.dtype))
         out_dtype = jnp.result_type(*leaves)
         out = WeightingOutput(weights.astype(out_dtype), state,
                               {"common_projection": common.astype(out_dtype)})
     else:  # the generic route: the flattened (T, P) matrix
         matrix = pmean(jnp.concatenate([_leaf_rows(x, num_tasks) for x in leaves], axis=1))
-        out = weighting.weigh(lax.stop_gradient(matrix), lax.stop_gradient(scaled), state, key,
-                              priorities)
+        out = _mask.weigh(weighting, lax.stop_gradient(matrix), lax.stop_gradient(scaled), state,
+                          key, priorities, task_mask, name or weighting.name)
     w = lax.stop_gradient(out.weights)
     shared = jax.tree_util.tree_map(lambda x: jnp.tensordot(w.astype(x.dtype), x, axes=1), jacobian)
     return shared, out

@@ -188,10 +188,17 @@ def _compensated_residual(g, n_hi, n_lo, beta, target):
 
 
 def _imtl_g_impl(grads: jax.Array, priorities: Optional[jax.Array],
-                 nonconflicting: bool) -> ImtlGResult:
+                 nonconflicting: bool, task_mask: Optional[jax.Array] = None) -> ImtlGResult:
     num_tasks = grads.shape[0]
     dtype = grads.dtype
     eps = jnp.finfo(dtype).eps
+    if task_mask is not None:
+        # Partial labels: absent rows are selected to 0 (NaN dropped) and excluded from `valid`
+        # below, so the cosine system gets identity rows with a zero right-hand side for them:
+        # the present tasks get the alpha of the sub-problem of the present rows.
+        grads = jnp.where(task_mask[:, None], grads, jnp.zeros((), dtype))
+        if priorities is not None:
+            priorities = jnp.where(task_mask, priorities, jnp.ones((), priorities.dtype))
 
     # Uniform rescale by an exact power of two 2^-k (alpha is invariant, Theorem 2), taken from
     # the bit patterns: exact for every finite input, float32's largest values and subnormals
@@ -199,6 +206,8 @@ def _imtl_g_impl(grads: jax.Array, priorities: Optional[jax.Array],
     g, shift = pow2_normalize(grads)
     norms, norms_lo = _compensated_norms(g)
     valid = norms > (eps * eps) * jnp.max(norms)
+    if task_mask is not None:
+        valid = valid & task_mask
     safe_norms = jnp.where(valid, norms, 1.0)
     units = jnp.where(valid[:, None], g / safe_norms[:, None], 0.0)
 
@@ -253,8 +262,10 @@ def _imtl_g_impl(grads: jax.Array, priorities: Optional[jax.Array],
     consistent = jnp.linalg.norm(fit - target) <= jnp.sqrt(eps) * target_norm
     inverse_norms = jnp.where(valid, 1.0 / safe_norms, 0.0)
     any_valid = jnp.any(valid)
+    uniform = (jnp.full((num_tasks,), 1.0 / num_tasks, dtype) if task_mask is None
+               else jnp.where(task_mask, 1.0, 0.0).astype(dtype) / jnp.maximum(jnp.sum(task_mask), 1))
     fallback = jnp.where(any_valid, inverse_norms / jnp.where(any_valid, jnp.sum(inverse_norms), 1.0),
-                         jnp.full((num_tasks,), 1.0 / num_tasks, dtype))
+                         uniform)
     safe_hi = jnp.where(solvable, total_hi, 1.0)
     safe_lo = jnp.where(solvable, total_lo, 0.0)
     w_hi, w_lo = _divide(raw_hi, raw_lo, safe_hi, safe_lo)
@@ -288,7 +299,7 @@ def _imtl_g_impl(grads: jax.Array, priorities: Optional[jax.Array],
 
 
 def imtl_g_solve(grads: jax.Array, *, priorities: Optional[jax.Array] = None,
-           nonconflicting: bool = False) -> ImtlGResult:
+           nonconflicting: bool = False, task_mask: Optional[jax.Array] = None) -> ImtlGResult:
     r"""IMTL-G weights, aggregated gradient and common projection.
 
     Solves ``g . u_t = C p_t`` for all t with ``g = sum_t alpha_t g_t`` and ``sum(alpha) = 1``
@@ -306,6 +317,9 @@ def imtl_g_solve(grads: jax.Array, *, priorities: Optional[jax.Array] = None,
         negative afterwards; when they differ (``T > D``, rank deficiency), the mean projection
         is non-negative afterwards, and if either sign makes every projection non-negative,
         that sign is the one returned up to round-off (no sign can help every task otherwise).
+      task_mask: optional (T,) bool (traced): partial labels. Masked rows are ignored (any
+        value, NaN included) and get ``alpha_t = 0``; the present rows get the solution of the
+        sub-problem of the present rows only (impartial among them, ``sum alpha = 1``).
 
     Returns:
       :class:`ImtlGResult` ``(weights (T,), aggregate (D,), common_projection ())`` in the
@@ -332,8 +346,11 @@ def imtl_g_solve(grads: jax.Array, *, priorities: Optional[jax.Array] = None,
     if num_tasks < 1 or dim < 1:
         raise ValueError(f"`grads` must be (T, D) with T >= 1 and D >= 1, got shape {grads.shape}.")
     p = _check_priorities(priorities, num_tasks, grads.shape)
+    if task_mask is not None:
+        from imtl_jax.methods._mask import check_task_mask
+        task_mask = check_task_mask(task_mask, num_tasks)
     compute_dtype = jnp.promote_types(grads.dtype, jnp.float32)  # eigh has no 16-bit kernels
-    res = _imtl_g_impl(grads.astype(compute_dtype), p, bool(nonconflicting))
+    res = _imtl_g_impl(grads.astype(compute_dtype), p, bool(nonconflicting), task_mask)
     return ImtlGResult(*(x.astype(grads.dtype) for x in res))
 
 

@@ -54,6 +54,15 @@ class Weighting(NamedTuple):
         heads receive ``w_t grad L_t``); False for gradient methods (IMTL-G, MGDA, PCGrad, ...),
         whose weights act on the shared parameters only while each head gets the gradient of
         its own (scaled) loss.
+      supports_task_mask: True when ``weigh`` also accepts a keyword ``task_mask`` ((T,) bool,
+        traced) for partial labels (see ``docs/partial_labels.md``). Its contract: the rows of
+        ``grads`` and entries of ``losses`` of masked tasks are ignored (any value, NaN
+        included), masked tasks get weight exactly 0, the present tasks get the weights of the
+        same method on the sub-problem of the present tasks only, and the state's per-task
+        entries of masked tasks are returned unchanged (its shared entries, e.g. a step counter,
+        advance as in the sub-problem). ``weigh`` is only called with ``task_mask=`` when a mask
+        is given, so a weighting without the keyword keeps working (and a mask given to it
+        raises a ``ValueError`` naming the methods that support masks).
     """
 
     name: str
@@ -61,6 +70,7 @@ class Weighting(NamedTuple):
     weigh: Callable[..., WeightingOutput]
     needs_grads: bool = True
     weights_heads: bool = False
+    supports_task_mask: bool = False
 
 
 class LossScaling(NamedTuple):

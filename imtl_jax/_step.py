@@ -28,6 +28,7 @@ from imtl_jax._exact import parameter_level
 from imtl_jax._method import Method, PyTree
 from imtl_jax._validation import check_array, check_float_array, check_step_task_reads
 from imtl_jax.methods import get_method
+from imtl_jax.methods import _mask
 
 
 class MTLParams(NamedTuple):
@@ -145,6 +146,26 @@ def _scale_one(scaling, loss, log_scale):
     return scaling.scale(_scalar_loss(loss)[None], log_scale[None])[0]
 
 
+def _gate(present, tree):
+    """A masked task's loss inputs: ``where(present, x, stop_gradient(x))``. The values are
+    unchanged, but the gradient of anything w.r.t. ``x`` through an absent task is *selected*
+    to exactly 0 (select's transpose does not multiply), so a NaN loss or NaN partials of an
+    absent task (garbage labels) never reach the shared feature, the heads or the scales."""
+    return jax.tree_util.tree_map(lambda x: jnp.where(present, x, lax.stop_gradient(x)), tree)
+
+
+def _gated_task(scaling, loss_of, present):
+    """``(z, head_t, s_t) -> (scaled, raw)`` for one task, gated by ``present`` (see
+    :func:`_gate`): both are 0 for an absent task, and so is every gradient."""
+    def scaled(z_, head_t, s_t):
+        z_, head_t, s_t = _gate(present, (z_, head_t, s_t))
+        raw = _scalar_loss(loss_of(head_t, z_))
+        raw = jnp.where(present, raw, jnp.zeros((), raw.dtype))
+        ls = _scale_one(scaling, raw, s_t)
+        return jnp.where(present, ls, jnp.zeros((), ls.dtype)), raw
+    return scaled
+
+
 class _NoState:
     """Sentinel: no encoder state given (``None`` and ``()`` are valid states)."""
 
@@ -257,12 +278,15 @@ class MTLStep:
         return log_scales
 
     # ----------------------------------------------------------------------------------------
-    def _per_task_pass(self, heads, z, batch, log_scales):
+    def _per_task_pass(self, heads, z, batch, log_scales, mask=None):
         """Per-task scaled-loss gradients w.r.t. z (per example), heads and log-scales.
 
         Returns raw losses (T,), scaled losses (T,), z-grads (T, *z.shape), head grads (own
-        scaled loss, unweighted; structure of ``heads``), log-scale grads (T,).
+        scaled loss, unweighted; structure of ``heads``), log-scale grads (T,). With a task
+        mask, every output of an absent task is exactly 0.
         """
+        if mask is not None:
+            return self._masked_per_task_pass(heads, z, batch, log_scales, mask)
         scaling = self.method.scaling
         tl = self.task_losses
 
@@ -304,7 +328,60 @@ class MTLStep:
         gz = jax.vmap(lambda c: vjp(c)[0])(self._varying(jnp.eye(ls.shape[0], dtype=ls.dtype)))
         return raw, ls, gz, vjp, None
 
-    def _weighted_z_cotangent(self, heads, z, batch, log_scales, w, gh):
+    def _masked_per_task_pass(self, heads, z, batch, log_scales, mask):
+        """:meth:`_per_task_pass` for partial labels: each task's loss is gated (:func:`_gate`)."""
+        scaling = self.method.scaling
+        tl = self.task_losses
+        if isinstance(tl, StackedTaskLosses):
+            def per_task(head_t, s_t, t, present):
+                f = _gated_task(scaling, lambda h, z_: tl.loss_fn(h, z_, batch, t), present)
+                (ls, raw), grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(z, head_t, s_t)
+                return raw, ls, grads
+            num_tasks = log_scales.shape[0]
+            raw, ls, (gz, gh, gs) = jax.vmap(per_task)(heads, log_scales, jnp.arange(num_tasks), mask)
+            return raw, ls, gz, gh, gs
+        if isinstance(tl, tuple):
+            outs = []
+            for t, loss_fn in enumerate(tl):
+                f = _gated_task(scaling, lambda h, z_, fn=loss_fn: fn(h, z_, batch), mask[t])
+                outs.append(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(
+                    z, heads[t], log_scales[t]))
+            raw = jnp.stack([o[0][1] for o in outs])
+            ls = jnp.stack([o[0][0] for o in outs])
+            gz = jnp.stack([o[1][0] for o in outs])
+            gh = type(heads)(o[1][1] for o in outs)
+            gs = jnp.stack([o[1][2] for o in outs])
+            return raw, ls, gz, gh, gs
+        ls, vjp, raw = jax.vjp(lambda z_, h_, s_: self._gated_scaled_losses(h_, z_, batch, s_, mask),
+                               z, heads, log_scales, has_aux=True)
+        gz = jax.vmap(lambda c: vjp(c)[0])(self._varying(jnp.eye(ls.shape[0], dtype=ls.dtype)))
+        gz = jnp.where(mask.reshape((-1,) + (1,) * (gz.ndim - 1)), gz, jnp.zeros((), gz.dtype))
+        return raw, ls, gz, vjp, None
+
+    def _gated_scaled_losses(self, heads, z, batch, log_scales, mask):
+        """``(scaled (T,), raw (T,))`` with absent tasks gated (:func:`_gate`): 0 and no gradient.
+
+        For a generic ``task_losses`` function of all heads the tasks cannot be separated: an
+        absent task's entries are selected to 0, so its gradient is 0 as long as its loss is
+        finite (use ``stacked_task_losses`` or a tuple when absent labels may give NaN).
+        """
+        scaling = self.method.scaling
+        tl = self.task_losses
+        num_tasks = log_scales.shape[0]
+        if isinstance(tl, StackedTaskLosses):
+            def per_task(head_t, s_t, t, present):
+                return _gated_task(scaling, lambda h, z_: tl.loss_fn(h, z_, batch, t), present)(z, head_t, s_t)
+            return jax.vmap(per_task)(heads, log_scales, jnp.arange(num_tasks), mask)
+        if isinstance(tl, tuple):
+            outs = [_gated_task(scaling, lambda h, z_, fn=fn: fn(h, z_, batch), mask[t])(z, heads[t], log_scales[t])
+                    for t, fn in enumerate(tl)]
+            return jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])
+        raw = self._call_losses(heads, z, batch, num_tasks)
+        raw = jnp.where(mask, raw, jnp.zeros((), raw.dtype))
+        scaled = scaling.scale(raw, _gate(mask, log_scales))
+        return jnp.where(mask, scaled, jnp.zeros((), scaled.dtype)), raw
+
+    def _weighted_z_cotangent(self, heads, z, batch, log_scales, w, gh, mask=None):
         """``d/dz sum_t w_t L~_t(z)``, the encoder's cotangent: one more backward through the heads.
 
         Recomputing it, instead of contracting ``w`` with the per-task z-gradients of
@@ -315,6 +392,9 @@ class MTLStep:
         """
         if not isinstance(self.task_losses, (StackedTaskLosses, tuple)):
             return gh(self._varying(w))[0]  # generic: reuse the forward's VJP
+        if mask is not None:
+            return jax.grad(lambda z_: jnp.sum(
+                w * self._gated_scaled_losses(heads, z_, batch, log_scales, mask)[0]))(z)
         scaling = self.method.scaling
         tl = self.task_losses
 
@@ -339,7 +419,7 @@ class MTLStep:
     # ----------------------------------------------------------------------------------------
     def __call__(self, params: MTLParams, state: PyTree, batch: Any, *,
                  key: Optional[jax.Array] = None, priorities: Optional[jax.Array] = None,
-                 encoder_state: Any = _NO_STATE) -> tuple:
+                 encoder_state: Any = _NO_STATE, task_mask: Optional[jax.Array] = None) -> tuple:
         """One step: ``(grads, method_state, aux)``, or with ``has_state=True``
         ``(grads, method_state, new_encoder_state, aux)``.
 
@@ -352,12 +432,25 @@ class MTLStep:
             otherwise the method receives it.
           priorities: (T,) task priorities for the methods that take them (IMTL).
           encoder_state: the encoder's non-trainable state (``has_state=True`` only).
+          task_mask: (T,) bool or 0/1, traced (partial labels): which tasks have labels in
+            this batch. An absent task gets no gradient (shared, head, log-scale: exactly 0,
+            even when its loss is NaN), weight 0, is left out of the method's solve and does
+            not advance its per-task method state; its entries of ``aux.losses`` and
+            ``aux.scaled_losses`` are 0. The present tasks get what the same method gives on
+            the sub-problem of the present tasks only. One compile serves every mask. Only
+            the methods with ``weighting.supports_task_mask`` accept it (a ``ValueError``
+            lists them); ``None`` (default) traces the unmasked step unchanged. See
+            ``docs/partial_labels.md``.
         """
         log_scales = self._check_params(params)
         params = self._varying(params)
         num_tasks = log_scales.shape[0]
         method = self.method
         weighting = method.weighting
+        mask = None
+        if task_mask is not None:
+            _mask.require_mask_support(weighting, method.name)
+            mask = _mask.check_task_mask(task_mask, num_tasks)
         if self.has_state:
             if encoder_state is _NO_STATE:
                 raise TypeError("this step was built with has_state=True: pass the encoder's state, "
@@ -382,17 +475,19 @@ class MTLStep:
         check_step_task_reads(self.task_losses, params.heads, z, batch, num_tasks)
 
         if not weighting.needs_grads and method.level == "representation":
-            grads, new_state, aux = self._loss_weighted(params, state, batch, z, encoder_vjp, key, priorities)
+            grads, new_state, aux = self._loss_weighted(params, state, batch, z, encoder_vjp, key,
+                                                        priorities, mask)
             return self._outputs(grads, new_state, new_encoder_state, aux)
 
-        raw, scaled, gz, gh, gs = self._per_task_pass(params.heads, z, batch, params.log_scales)
+        raw, scaled, gz, gh, gs = self._per_task_pass(params.heads, z, batch, params.log_scales, mask)
         if raw.shape != (num_tasks,):
             raise ValueError(f"task losses have shape {raw.shape} but `params.log_scales` has "
                              f"shape ({num_tasks},).")
         if method.level == "parameters":  # exact: T encoder VJPs, Gramian, see _exact.py
             raw, scaled = self._pmean((raw, scaled))
             shared_grads, out = parameter_level(encoder_vjp, gz, weighting, lax.stop_gradient(scaled),
-                                                state, key, priorities, self._pmean)
+                                                state, key, priorities, self._pmean,
+                                                task_mask=mask, name=method.name)
             w = lax.stop_gradient(out.weights).astype(scaled.dtype)
         else:
             per_example = gz.reshape(num_tasks, z.shape[0], -1)
@@ -401,12 +496,15 @@ class MTLStep:
                 # One all-reduce carries the (T, F) matrix and the (T,) losses together.
                 packed = self._pmean(jnp.concatenate([matrix, raw[:, None], scaled[:, None]], axis=1))
                 matrix, raw, scaled = packed[:, :-2], packed[:, -2], packed[:, -1]
-            out = weighting.weigh(lax.stop_gradient(matrix), lax.stop_gradient(scaled), state, key, priorities)
+            out = _mask.weigh(weighting, lax.stop_gradient(matrix), lax.stop_gradient(scaled), state,
+                              key, priorities, mask, method.name)
             w = lax.stop_gradient(out.weights).astype(scaled.dtype)
             (shared_grads,) = encoder_vjp(self._varying(self._weighted_z_cotangent(
-                params.heads, z, batch, params.log_scales, w, gh).astype(z.dtype)))
+                params.heads, z, batch, params.log_scales, w, gh, mask).astype(z.dtype)))
 
         head_w = w if weighting.weights_heads else jnp.ones_like(w)
+        if mask is not None:
+            head_w = jnp.where(mask, head_w, jnp.zeros((), head_w.dtype))
         if gs is None:  # generic heads: one more VJP with the head cotangent
             _, head_grads, scale_grads = gh(self._varying(head_w))
         else:
@@ -444,12 +542,14 @@ class MTLStep:
 
         return jax.tree_util.tree_map(sync, tree)
 
-    def _loss_weighted(self, params, state, batch, z, encoder_vjp, key, priorities):
+    def _loss_weighted(self, params, state, batch, z, encoder_vjp, key, priorities, mask=None):
         """Methods whose weights depend on the losses only: a single VJP, the cost of EW."""
         scaling = self.method.scaling
         num_tasks = params.log_scales.shape[0]
 
         def scaled_all(z_, heads_, s_):
+            if mask is not None:  # partial labels: absent tasks gated (0, no gradient)
+                return self._gated_scaled_losses(heads_, z_, batch, s_, mask)
             if isinstance(self.task_losses, tuple):
                 raw_ = jnp.stack([_scalar_loss(f(h, z_, batch)) for f, h in zip(self.task_losses, heads_)])
             elif isinstance(self.task_losses, StackedTaskLosses):
@@ -466,11 +566,13 @@ class MTLStep:
 
         scaled, vjp, raw = jax.vjp(scaled_all, z, params.heads, params.log_scales, has_aux=True)
         global_scaled, raw = self._pmean((scaled, raw))
-        out = self.method.weighting.weigh(None, lax.stop_gradient(global_scaled), state, key, priorities)
+        out = _mask.weigh(self.method.weighting, None, lax.stop_gradient(global_scaled), state, key,
+                          priorities, mask, self.method.name)
         w = lax.stop_gradient(out.weights).astype(scaled.dtype)
         gz, head_grads, scale_grads = vjp(self._varying(w))
         if not self.method.weighting.weights_heads:
-            _, head_grads, scale_grads = vjp(self._varying(jnp.ones_like(w)))
+            ones = jnp.ones_like(w) if mask is None else jnp.where(mask, 1.0, 0.0).astype(w.dtype)
+            _, head_grads, scale_grads = vjp(self._varying(ones))
         (shared_grads,) = encoder_vjp(gz)
         if not scaling.trainable:
             scale_grads = jnp.zeros_like(params.log_scales)
@@ -524,7 +626,8 @@ def mtl_step(encoder: Callable[..., Any], task_losses: TaskLosses,
 
     Returns:
       An :class:`MTLStep`: ``state = step.init(params)``;
-      ``grads, state, aux = step(params, state, batch, key=None, priorities=None)``, or with
+      ``grads, state, aux = step(params, state, batch, key=None, priorities=None,
+      task_mask=None)`` (``task_mask``: partial labels, see :meth:`MTLStep.__call__`), or with
       ``has_state=True``
       ``grads, state, encoder_state, aux = step(params, state, batch, encoder_state=...,
       key=None, priorities=None)``.

@@ -146,9 +146,12 @@ class NNXTrainStep:
     """An NNX train step; create with :func:`make_train_step`.
 
     ``train_step.init(model)`` returns the method's initial state; ``train_step(model, optimizer,
-    batch, method_state, *, key=None, priorities=None)`` returns ``(method_state, aux)`` and
-    updates the model (parameters, batch statistics, RNG streams) and the optimizer in place.
-    Wrap the call in ``nnx.jit``.
+    batch, method_state, *, key=None, priorities=None, task_mask=None)`` returns
+    ``(method_state, aux)`` and updates the model (parameters, batch statistics, RNG streams)
+    and the optimizer in place. Wrap the call in ``nnx.jit``. ``task_mask`` (T,): partial
+    labels, as in :meth:`imtl_jax.MTLStep.__call__` (absent heads get a zero gradient; a
+    stateful optimizer such as Adam still moves them by its momentum, see
+    ``docs/partial_labels.md``).
     """
 
     def __init__(self, loss: Union[Callable[..., jax.Array], Sequence[Callable[..., jax.Array]]],
@@ -251,7 +254,8 @@ class NNXTrainStep:
 
     def __call__(self, model: nnx.Module, optimizer: nnx.Optimizer, batch: Any,
                  method_state: PyTree, *, key: Optional[jax.Array] = None,
-                 priorities: Optional[jax.Array] = None) -> tuple[PyTree, StepAux]:
+                 priorities: Optional[jax.Array] = None,
+                 task_mask: Optional[jax.Array] = None) -> tuple[PyTree, StepAux]:
         encoder, head_items, stacked, num_tasks, scales = self._layout(model)
         if not isinstance(optimizer, nnx.Optimizer):
             raise TypeError("`optimizer` must be an nnx.Optimizer(model, tx, wrt=nnx.Param), got "
@@ -300,7 +304,7 @@ class NNXTrainStep:
         step = mtl_step(encoder_fn, task_losses, self.method, reduction=self.reduction, has_state=True)
         params = MTLParams(enc_params, head_params, log_scales)
         grads, method_state, new_rest, aux = step(params, method_state, batch, encoder_state=enc_rest,
-                                                  key=key, priorities=priorities)
+                                                  key=key, priorities=priorities, task_mask=task_mask)
         nnx.update(encoder, new_rest)
 
         grad_state = jax.tree_util.tree_map(jnp.zeros_like, nnx.state(model, nnx.Param))
@@ -324,8 +328,9 @@ def make_train_step(loss: Union[Callable[..., jax.Array], Sequence[Callable[...,
                     loss_scales: Optional[str] = "loss_scales",
                     inputs: Callable[[Any], Any] = _default_inputs,
                     reduction: str = "sum") -> NNXTrainStep:
-    """A train step ``(model, optimizer, batch, method_state, *, key=None, priorities=None)
-    -> (method_state, aux)`` for an NNX model with a shared module and task heads.
+    """A train step ``(model, optimizer, batch, method_state, *, key=None, priorities=None,
+    task_mask=None) -> (method_state, aux)`` for an NNX model with a shared module and task
+    heads (``task_mask``: partial labels, see ``docs/partial_labels.md``).
 
     The step splits the model (``nnx.split``) into the shared module's parameters and its other
     state (``nnx.BatchStat``, RNG streams), runs :func:`imtl_jax.mtl_step` with

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from imtl_jax._method import LossScaling, Method, Weighting, WeightingOutput
-from imtl_jax.methods import register
+from imtl_jax.methods import _mask, register
 from imtl_jax.methods._common import (cast_like, check_grads, check_state, compute_dtype,
                                       keep_state_if_not_finite, nan_if_not_finite,
                                       normalized_gramian)
@@ -45,22 +45,28 @@ def _dbmtl_init(num_tasks, dtype=None):
     return DBMTLState(jnp.zeros((), jnp.int32), jnp.zeros((num_tasks,), dtype))
 
 
-def _dbmtl_weigh(grads, losses, state, key, priorities, *, beta, beta_sigma):
+def _dbmtl_weigh(grads, losses, state, key, priorities, *, beta, beta_sigma, task_mask=None):
     del key
     grads, losses = check_grads(grads, losses, priorities, "db_mtl")
     num_tasks = grads.shape[0]
     check_state(state, _dbmtl_init(num_tasks, grads.dtype), "db_mtl")
     cdt = compute_dtype(grads.dtype)
+    if task_mask is not None:
+        grads = _mask.rows(grads, task_mask)
     gram, scale = normalized_gramian(grads.astype(cdt))
     norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0)) * scale
     step = (state.count + 1).astype(cdt)
     b = beta / step ** beta_sigma
     ema = b * state.norm_ema.astype(cdt) + (1.0 - b) * norms
-    top = jnp.max(ema)
+    if task_mask is not None:  # an absent task's norm EMA does not move, nor enter the max
+        ema = _mask.keep(ema, state.norm_ema.astype(cdt), task_mask)
+    top = jnp.max(ema) if task_mask is None else _mask.maximum(ema, task_mask)
     # w_t = max_s ema_s / ema_t, bounded by 1 / tiny (finite): a task with no gradient history
     # (ema_t = 0, or below max * tiny) gets 0 (its gradient is 0 or negligible anyway).
     ok = (ema > 0) & (ema * (1.0 / jnp.finfo(cdt).tiny) >= top)
     weights = jnp.where(ok, top / jnp.where(ok, ema, 1.0), 0.0)
+    if task_mask is not None:
+        weights = _mask.entries(weights, task_mask)
     weights = nan_if_not_finite(weights, grads)
     new_state = cast_like(DBMTLState(state.count + 1, ema), state)
     new_state = keep_state_if_not_finite(new_state, state, grads)
@@ -115,7 +121,7 @@ def db_mtl_weighting(*, beta: float = 0.9, beta_sigma: float = 0.0) -> Weighting
         raise ValueError(f"`beta_sigma` must be >= 0, got {beta_sigma!r}.")
     return Weighting(name="db_mtl", init=_dbmtl_init,
                      weigh=functools.partial(_dbmtl_weigh, beta=beta, beta_sigma=beta_sigma),
-                     needs_grads=True, weights_heads=False)
+                     needs_grads=True, weights_heads=False, supports_task_mask=True)
 
 
 DB_MTL = db_mtl_weighting()

@@ -25,14 +25,17 @@ import jax.numpy as jnp
 from imtl_jax._imtl_g import imtl_g_solve
 from imtl_jax._loss_scaling import scale_losses
 from imtl_jax._method import LossScaling, Method, Weighting, WeightingOutput, stateless_init
-from imtl_jax.methods import register
+from imtl_jax.methods import _mask, register
 from imtl_jax.methods._common import cast_like, check_grads, check_state, keep_state_if_not_finite
 from imtl_jax.methods.equal import EQUAL, IDENTITY
 
 
-def _imtl_g_weigh(grads, losses, state, key, priorities, *, nonconflicting: bool):
+def _imtl_g_weigh(grads, losses, state, key, priorities, *, nonconflicting: bool, task_mask=None):
     del losses, key
-    res = imtl_g_solve(grads, priorities=priorities, nonconflicting=nonconflicting)
+    # task_mask: absent rows get identity rows and a zero target in the cosine system (see
+    # imtl_g_solve), so alpha is impartial among the present tasks only.
+    res = imtl_g_solve(grads, priorities=priorities, nonconflicting=nonconflicting,
+                       task_mask=task_mask)
     return WeightingOutput(res.weights, state, {"common_projection": res.common_projection})
 
 
@@ -48,6 +51,7 @@ def imtl_g_weighting(*, nonconflicting: bool = False) -> Weighting:
         weigh=functools.partial(_imtl_g_weigh, nonconflicting=bool(nonconflicting)),
         needs_grads=True,
         weights_heads=False,
+        supports_task_mask=True,
     )
 
 
@@ -64,16 +68,20 @@ def _averaged_init(num_tasks, dtype=None):
                               jnp.zeros((), jnp.int32))
 
 
-def _averaged_weigh(grads, losses, state, key, priorities, *, decay: float):
+def _averaged_weigh(grads, losses, state, key, priorities, *, decay: float, task_mask=None):
     del key
     grads, _ = check_grads(grads, losses, priorities, "imtl_g_averaged")
-    res = imtl_g_solve(grads)
+    res = imtl_g_solve(grads, task_mask=task_mask)
     check_state(state, _averaged_init(grads.shape[0], state.average.dtype), "imtl_g_averaged")
     alpha = res.weights.astype(state.average.dtype)
     average = decay * state.average + (1.0 - decay) * alpha
     count = state.count + 1
+    if task_mask is not None:  # an absent task's average does not move (nor does its weight count)
+        average = _mask.keep(average, state.average, task_mask)
     # Bias correction: each alpha sums to 1, so the corrected average sums to 1 as well.
     weights = average / (1.0 - decay ** count.astype(average.dtype))
+    if task_mask is not None:
+        weights = _mask.entries(weights, task_mask)
     new_state = keep_state_if_not_finite(cast_like(AveragedAlphaState(average, count), state), state, alpha)
     weights = jnp.where(jnp.all(jnp.isfinite(alpha)), weights, alpha)   # a NaN step stays loud
     return WeightingOutput(weights.astype(res.weights.dtype), new_state,
@@ -94,7 +102,8 @@ def imtl_g_averaged_weighting(*, decay: float = 0.9) -> Weighting:
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"`decay` must be in [0, 1), got {decay!r}.")
     return Weighting(name="imtl_g_averaged", init=_averaged_init,
-                     weigh=functools.partial(_averaged_weigh, decay=decay), needs_grads=True, weights_heads=False)
+                     weigh=functools.partial(_averaged_weigh, decay=decay), needs_grads=True, weights_heads=False,
+                     supports_task_mask=True)
 
 
 IMTL_G = imtl_g_weighting()

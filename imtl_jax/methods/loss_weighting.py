@@ -31,7 +31,7 @@ import optax
 
 from imtl_jax._method import LossScaling, Method, Weighting, WeightingOutput, stateless_init
 from imtl_jax._validation import check_float_array
-from imtl_jax.methods import register
+from imtl_jax.methods import _mask, register
 from imtl_jax.methods._common import (cast_like, check_losses, check_state, compute_dtype,
                                       keep_state_if_not_finite)
 from imtl_jax.methods.equal import EQUAL, IDENTITY
@@ -90,12 +90,14 @@ UNCERTAINTY = LossScaling(name="uncertainty", scale=uncertainty_scale, trainable
 # GLS: geometric mean of the losses
 
 
-def _gls_weigh(grads, losses, state, key, priorities):
+def _gls_weigh(grads, losses, state, key, priorities, *, task_mask=None):
     del grads, key
     losses = check_losses(losses, priorities, "gls")
     dtype = losses.dtype
     x = losses.astype(compute_dtype(dtype))
     num_tasks = x.shape[0]
+    if task_mask is not None:
+        return _gls_masked(x, task_mask, state, dtype)
     # Clamp relative to the largest loss: a zero loss gets a large but finite weight (the true
     # derivative of the geometric mean is infinite there); all-zero losses give 1/T each.
     floor = jnp.finfo(x.dtype).eps * jnp.max(x)
@@ -105,6 +107,18 @@ def _gls_weigh(grads, losses, state, key, priorities):
     weights = jnp.exp(jnp.mean(log_l) - log_l) / num_tasks
     gls = jnp.exp(jnp.mean(log_l))
     return WeightingOutput(weights.astype(dtype), state, {"geometric_mean": gls.astype(dtype)})
+
+
+def _gls_masked(x, mask, state, dtype):
+    """GLS of the present losses: the max, the mean of the logs and T' run over them."""
+    x = _mask.entries(x, mask, 1.0)
+    num_present = _mask.count(mask, x.dtype)
+    floor = jnp.finfo(x.dtype).eps * _mask.maximum(x, mask)
+    log_l = jnp.log(jnp.maximum(_positive(x), floor))
+    mean_log = jnp.sum(_mask.entries(log_l, mask)) / num_present
+    weights = _mask.entries(jnp.exp(mean_log - log_l) / num_present, mask)
+    return WeightingOutput(weights.astype(dtype), state,
+                           {"geometric_mean": jnp.exp(mean_log).astype(dtype)})
 
 
 def gls_weighting() -> Weighting:
@@ -123,7 +137,7 @@ def gls_weighting() -> Weighting:
     finite weight; all-zero losses give ``1/T`` each).
     """
     return Weighting(name="gls", init=stateless_init, weigh=_gls_weigh, needs_grads=False,
-                     weights_heads=True)
+                     weights_heads=True, supports_task_mask=True)
 
 
 GLS = gls_weighting()
@@ -150,12 +164,14 @@ def _dwa_init(num_tasks, dtype=None, *, window):
     return DWAState(jnp.ones((2 * window, num_tasks), dtype), jnp.zeros((), jnp.int32))
 
 
-def _dwa_weigh(grads, losses, state, key, priorities, *, temperature, window):
+def _dwa_weigh(grads, losses, state, key, priorities, *, temperature, window, task_mask=None):
     del grads, key
     losses = check_losses(losses, priorities, "dwa")
     num_tasks = losses.shape[0]
     check_state(state, _dwa_init(num_tasks, losses.dtype, window=window), "dwa")
     cdt = compute_dtype(losses.dtype)
+    if task_mask is not None:
+        return _dwa_masked(losses, state, task_mask, cdt, temperature, window)
     hist = state.history.astype(cdt)
     recent = jnp.mean(hist[window:], axis=0)   # L(t-1): mean of the last W losses
     earlier = jnp.mean(hist[:window], axis=0)  # L(t-2): mean of the W before
@@ -171,6 +187,27 @@ def _dwa_weigh(grads, losses, state, key, priorities, *, temperature, window):
     new_state = keep_state_if_not_finite(new_state, state, losses)
     return WeightingOutput(weights.astype(losses.dtype), new_state,
                            {"loss_ratio": ratio.astype(losses.dtype)})
+
+
+def _dwa_masked(losses, state, mask, cdt, temperature, window):
+    """DWA on the present tasks: softmax and T' over them; an absent task's loss history does
+    not move (its ratio compares its own last recorded periods)."""
+    hist = state.history.astype(cdt)
+    recent = jnp.mean(hist[window:], axis=0)
+    earlier = jnp.mean(hist[:window], axis=0)
+    big = 1.0 / jnp.finfo(cdt).eps
+    ratio = jnp.where(earlier > 0, recent / jnp.where(earlier > 0, earlier, 1.0),
+                      jnp.where(recent > 0, big, 1.0))
+    ratio = jnp.clip(ratio, -big, big)
+    weights = _mask.count(mask, cdt) * _mask.softmax(ratio / temperature, mask)
+    ready = state.count >= 2 * window
+    weights = jnp.where(ready, weights, _mask.entries(jnp.ones_like(weights), mask))
+    x = _mask.entries(losses.astype(cdt), mask)
+    new_hist = _mask.keep(jnp.concatenate([hist[1:], x[None, :]], axis=0), hist, mask)
+    new_state = cast_like(DWAState(new_hist, state.count + 1), state)
+    new_state = keep_state_if_not_finite(new_state, state, x)
+    return WeightingOutput(weights.astype(losses.dtype), new_state,
+                           {"loss_ratio": _mask.entries(ratio, mask).astype(losses.dtype)})
 
 
 def dwa_weighting(*, temperature: float = 2.0, window: int = 1) -> Weighting:
@@ -199,7 +236,7 @@ def dwa_weighting(*, temperature: float = 2.0, window: int = 1) -> Weighting:
         raise ValueError(f"`window` must be a positive int, got {window!r}.")
     return Weighting(name="dwa", init=functools.partial(_dwa_init, window=window),
                      weigh=functools.partial(_dwa_weigh, temperature=temperature, window=window),
-                     needs_grads=False, weights_heads=True)
+                     needs_grads=False, weights_heads=True, supports_task_mask=True)
 
 
 DWA = dwa_weighting()
@@ -232,28 +269,47 @@ def _famo_init(num_tasks, dtype=None, *, optimizer):
                      jnp.zeros((), jnp.int32))
 
 
-def _famo_weigh(grads, losses, state, key, priorities, *, optimizer):
+def _famo_weigh(grads, losses, state, key, priorities, *, optimizer, task_mask=None):
     del grads, key
     losses = check_losses(losses, priorities, "famo")
     num_tasks = losses.shape[0]
     check_state(state, _famo_init(num_tasks, state.logits.dtype, optimizer=optimizer), "famo")
     cdt = compute_dtype(losses.dtype)
+    mask = task_mask
+    if mask is not None:
+        losses = _mask.entries(losses, mask, 1.0)
     log_l = jnp.log(_positive(losses.astype(cdt)))
     logits = state.logits
     # delta_t = log L_t(previous step) - log L_t(now): how much each task improved.
     delta = state.prev_log_losses.astype(cdt) - log_l
-    z = jax.nn.softmax(logits.astype(cdt))
-    # grad of xi: (d z / d xi)^T delta = z * (delta - z . delta)   (softmax Jacobian).
-    logit_grad = z * (delta - jnp.dot(z, delta))
-    logit_grad = jnp.where(jnp.isfinite(logit_grad), logit_grad, 0.0).astype(logits.dtype)
-    updates, opt_state = optimizer.update(logit_grad, state.opt_state, logits)
+    if mask is None:
+        z = jax.nn.softmax(logits.astype(cdt))
+        # grad of xi: (d z / d xi)^T delta = z * (delta - z . delta)   (softmax Jacobian).
+        logit_grad = z * (delta - jnp.dot(z, delta))
+        logit_grad = jnp.where(jnp.isfinite(logit_grad), logit_grad, 0.0).astype(logits.dtype)
+        updates, opt_state = optimizer.update(logit_grad, state.opt_state, logits)
+    else:
+        # Partial labels: the softmax runs over the present logits, an absent logit gets no
+        # gradient and is handed to the optimizer as 0 (so weight decay and norm-based
+        # transforms see the sub-problem's vector); its entries are restored below.
+        z = _mask.softmax(logits.astype(cdt), mask)
+        delta = _mask.entries(delta, mask)
+        logit_grad = _mask.entries(z * (delta - jnp.dot(z, delta)), mask)
+        logit_grad = jnp.where(jnp.isfinite(logit_grad), logit_grad, 0.0).astype(logits.dtype)
+        updates, opt_state = optimizer.update(logit_grad, state.opt_state, _mask.entries(logits, mask))
+        opt_state = _mask.keep_vectors(opt_state, state.opt_state, mask)
+        updates = _mask.entries(updates, mask)
     stepped = optax.apply_updates(logits, updates)
     first = state.count == 0
     new_logits = jnp.where(first, logits, stepped)
     opt_state = jax.tree_util.tree_map(lambda new, old: jnp.where(first, old, new), opt_state,
                                        state.opt_state)
     # Weights on grad L_t: c z_t / L_t with c = 1 / sum_s z_s / L_s, i.e. softmax(xi - log L).
-    weights = jax.nn.softmax(new_logits.astype(cdt) - log_l)
+    if mask is None:
+        weights = jax.nn.softmax(new_logits.astype(cdt) - log_l)
+    else:
+        weights = _mask.softmax(new_logits.astype(cdt) - log_l, mask)
+        log_l = _mask.keep(log_l, state.prev_log_losses.astype(cdt), mask)
     new_state = cast_like(FAMOState(new_logits, log_l, opt_state, state.count + 1), state)
     new_state = keep_state_if_not_finite(new_state, state, losses)
     return WeightingOutput(weights.astype(losses.dtype), new_state,
@@ -300,7 +356,7 @@ def famo_weighting(*, lr: float = 0.025, gamma: float = 0.01,
         raise ValueError(f"`optimizer` must be an optax.GradientTransformation, got {optimizer!r}.")
     return Weighting(name="famo", init=functools.partial(_famo_init, optimizer=optimizer),
                      weigh=functools.partial(_famo_weigh, optimizer=optimizer),
-                     needs_grads=False, weights_heads=True)
+                     needs_grads=False, weights_heads=True, supports_task_mask=True)
 
 
 FAMO = famo_weighting()

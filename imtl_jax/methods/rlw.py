@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from imtl_jax._method import Method, Weighting, WeightingOutput
-from imtl_jax.methods import register
+from imtl_jax.methods import _mask, register
 from imtl_jax.methods._common import cast_like, check_losses, check_state, compute_dtype, keep_state_if_not_finite
 from imtl_jax.methods.equal import IDENTITY
 
@@ -29,7 +29,7 @@ def _rlw_init(num_tasks, dtype=None):
     return RLWState(jnp.zeros((), jnp.int32))
 
 
-def _rlw_weigh(grads, losses, state, key, priorities):
+def _rlw_weigh(grads, losses, state, key, priorities, *, task_mask=None):
     del grads
     losses = check_losses(losses, priorities, "rlw")
     check_state(state, _rlw_init(losses.shape[0]), "rlw")
@@ -37,7 +37,15 @@ def _rlw_weigh(grads, losses, state, key, priorities):
         key = jax.random.fold_in(jax.random.key(0), state.count)
     cdt = compute_dtype(losses.dtype)
     logits = jax.random.normal(key, losses.shape, cdt)
-    weights = jax.nn.softmax(logits)
+    if task_mask is None:
+        weights = jax.nn.softmax(logits)
+    else:
+        # Partial labels: the k-th present task takes the k-th draw, so the present tasks get
+        # exactly the draws of the T'-task problem (JAX's default partitionable threefry draws
+        # entry i from the key and i alone), and the softmax runs over them.
+        logits = _mask.entries(logits[_mask.compact_index(task_mask)], task_mask)
+        weights = _mask.softmax(logits, task_mask)
+        losses = _mask.entries(losses, task_mask)
     new_state = keep_state_if_not_finite(cast_like(RLWState(state.count + 1), state), state, losses)
     return WeightingOutput(weights.astype(losses.dtype), new_state, {"logits": logits.astype(losses.dtype)})
 
@@ -63,7 +71,8 @@ def rlw_weighting() -> Weighting:
       >>> round(float(out.weights.sum()), 5)
       1.0
     """
-    return Weighting(name="rlw", init=_rlw_init, weigh=_rlw_weigh, needs_grads=False, weights_heads=True)
+    return Weighting(name="rlw", init=_rlw_init, weigh=_rlw_weigh, needs_grads=False, weights_heads=True,
+                     supports_task_mask=True)
 
 
 RLW = rlw_weighting()

@@ -12,15 +12,24 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from imtl_jax._method import Method, Weighting, WeightingOutput, stateless_init
-from imtl_jax.methods import register
+from imtl_jax.methods import _mask, register
 from imtl_jax.methods._common import check_losses, compute_dtype
 from imtl_jax.methods.equal import IDENTITY
 
 
-def _si_weigh(grads, losses, state, key, priorities):
+def _si_weigh(grads, losses, state, key, priorities, *, task_mask=None):
     del grads, key
     losses = check_losses(losses, priorities, "si")
     x = losses.astype(compute_dtype(losses.dtype))
+    if task_mask is not None:  # partial labels: the clamp is relative to the largest present loss
+        x = _mask.entries(x, task_mask, 1.0)
+        largest = _mask.maximum(x, task_mask)
+        floor = jnp.maximum(jnp.finfo(x.dtype).eps * largest, jnp.finfo(x.dtype).tiny)
+        safe = jnp.maximum(x, floor)
+        weights = _mask.entries(jnp.where(largest > 0, 1.0 / safe, jnp.ones_like(x)), task_mask)
+        total = jnp.sum(_mask.entries(jnp.log(safe), task_mask))
+        return WeightingOutput(weights.astype(losses.dtype), state,
+                               {"sum_log_losses": total.astype(losses.dtype)})
     largest = jnp.max(x)
     # Clamp relative to the largest loss (as GLS does): a zero loss gets a large but finite
     # weight instead of 1/0; when every loss is zero (or negative) log L has no gradient to
@@ -52,7 +61,8 @@ def si_weighting() -> Weighting:
       >>> w.weigh(None, jnp.array([0.5, 4.0]), (), None, None).weights.tolist()
       [2.0, 0.25]
     """
-    return Weighting(name="si", init=stateless_init, weigh=_si_weigh, needs_grads=False, weights_heads=True)
+    return Weighting(name="si", init=stateless_init, weigh=_si_weigh, needs_grads=False, weights_heads=True,
+                     supports_task_mask=True)
 
 
 SI = si_weighting()

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from imtl_jax._method import Method, Weighting, WeightingOutput
-from imtl_jax.methods import register
+from imtl_jax.methods import _mask, register
 from imtl_jax.methods._common import (cast_like, check_losses, check_state, compute_dtype,
                                       keep_state_if_not_finite)
 from imtl_jax.methods.equal import IDENTITY
@@ -49,8 +49,15 @@ def stch_objective(losses: jax.Array, *, mu: float, preference: jax.Array,
     return mu * jnp.log(jnp.sum(jnp.exp((y - top) / mu))) + top
 
 
+def _masked_objective(f, mask, mu, lam, ref):
+    """:func:`stch_objective` over the present tasks only."""
+    y = lam * (f - ref)
+    top = _mask.maximum(y, mask)
+    return mu * jnp.log(jnp.sum(_mask.entries(jnp.exp((y - top) / mu), mask))) + top
+
+
 def _stch_weigh(grads, losses, state, key, priorities, *, mu, warmup_steps, log_losses,
-                preference, reference):
+                preference, reference, task_mask=None):
     del grads, key
     losses = check_losses(losses, priorities, "stch")
     num_tasks = losses.shape[0]
@@ -59,11 +66,14 @@ def _stch_weigh(grads, losses, state, key, priorities, *, mu, warmup_steps, log_
     lam = _task_constant(preference, 1.0, num_tasks, "preference", cdt)
     ref = _task_constant(reference, 0.0, num_tasks, "reference", cdt)
     x = losses.astype(cdt)
+    mask = task_mask
+    if mask is not None:  # partial labels: max, softmax and T run over the present tasks
+        x = _mask.entries(x, mask, 1.0)
     warm = state.count < warmup_steps
     if log_losses:
         # f_t = log(L_t / nadir_t); df/dL = 1/L (clamped at eps * max L as SI: a zero loss gets a
         # large, finite weight; when every loss is <= 0 the weights fall back to equal).
-        largest = jnp.max(x)
+        largest = jnp.max(x) if mask is None else _mask.maximum(x, mask)
         tiny = jnp.finfo(cdt).tiny
         safe = jnp.maximum(x, jnp.maximum(jnp.finfo(cdt).eps * largest, tiny))
         nadir = state.loss_sum.astype(cdt) / max(warmup_steps, 1) if warmup_steps else jnp.ones_like(x)
@@ -73,14 +83,22 @@ def _stch_weigh(grads, losses, state, key, priorities, *, mu, warmup_steps, log_
     else:
         f = x
         deriv = jnp.ones_like(x)
-    soft = jax.nn.softmax(lam * (f - ref) / mu)
-    stch = num_tasks * lam * soft * deriv
+    if mask is None:
+        soft = jax.nn.softmax(lam * (f - ref) / mu)
+        stch = num_tasks * lam * soft * deriv
+    else:
+        soft = _mask.softmax(lam * (f - ref) / mu, mask)
+        stch = _mask.count(mask, cdt) * lam * soft * deriv
+        deriv = _mask.entries(deriv, mask)
     weights = jnp.where(warm, deriv, stch)     # warm-up: the gradient of sum_t f_t
     new_sum = jnp.where(warm, state.loss_sum.astype(cdt) + x, state.loss_sum.astype(cdt))
+    if mask is not None:  # an absent task's warm-up sum does not move
+        new_sum = _mask.keep(new_sum, state.loss_sum.astype(cdt), mask)
     new_state = cast_like(STCHState(state.count + 1, new_sum), state)
-    new_state = keep_state_if_not_finite(new_state, state, losses)
-    info = {"objective": stch_objective(f, mu=mu, preference=lam, reference=ref).astype(losses.dtype),
-            "warm_up": warm}
+    new_state = keep_state_if_not_finite(new_state, state, x if mask is not None else losses)
+    objective = (stch_objective(f, mu=mu, preference=lam, reference=ref) if mask is None
+                 else _masked_objective(f, mask, mu, lam, ref))
+    info = {"objective": objective.astype(losses.dtype), "warm_up": warm}
     return WeightingOutput(weights.astype(losses.dtype), new_state, info)
 
 
@@ -139,7 +157,7 @@ def stch_weighting(*, mu: float = 1.0, warmup_steps: int = 1, log_losses: bool =
                      weigh=functools.partial(_stch_weigh, mu=mu, warmup_steps=warmup_steps,
                                              log_losses=bool(log_losses), preference=preference,
                                              reference=reference),
-                     needs_grads=False, weights_heads=True)
+                     needs_grads=False, weights_heads=True, supports_task_mask=True)
 
 
 STCH = stch_weighting()

@@ -1,0 +1,326 @@
+"""Partial labels (``task_mask``): a masked step equals the step of the same method built on the
+present tasks only (issue 24, deliverable 3).
+
+The oracle is a genuinely smaller problem: a T'-task step (heads, log-scales and method state
+restricted to the present tasks, the task losses re-indexed), never the masked code path. The
+absent tasks' labels are NaN in every masked call, so the same comparison shows that garbage
+labels of an absent task cannot reach the step. Float64 (x64), so agreement is to round-off.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import imtl_jax
+from imtl_jax import methods
+from imtl_jax._method import Method, Weighting, WeightingOutput, stateless_init
+from imtl_jax.methods._mask import mask_supported_methods
+from marks import slow_unless_core
+from oracles import x64
+
+T = 4
+MASKS = [np.array(m, bool) for m in itertools.product([False, True], repeat=T) if any(m)]
+SUPPORTED = mask_supported_methods()
+RTOL, ATOL = 1e-9, 1e-12
+
+
+def _encoder(w, batch):
+    return jnp.tanh(batch["x"] @ w)
+
+
+def _head_loss(v_t, z, batch, t):
+    # The task's label column comes through batch["task_index"] so that a sub-problem can map
+    # its task t' to the full problem's task (the oracle's re-indexing).
+    col = batch["task_index"][t]
+    return jnp.mean((z @ v_t - batch["y"][:, col]) ** 2) + 0.1
+
+
+def _problem(seed, num_tasks=T, batch_size=8, dim=5):
+    k = jax.random.split(jax.random.key(seed), 5)
+    params = imtl_jax.MTLParams(shared=jax.random.normal(k[0], (3, dim)),
+                                heads=jax.random.normal(k[1], (num_tasks, dim)),
+                                log_scales=0.3 * jax.random.normal(k[2], (num_tasks,)))
+    batches = [{"x": jax.random.normal(jax.random.fold_in(k[3], i), (batch_size, 3)),
+                "y": jax.random.normal(jax.random.fold_in(k[4], i), (batch_size, num_tasks)),
+                "task_index": jnp.arange(num_tasks)} for i in range(3)]
+    return params, batches
+
+
+def _task_axes(weighting):
+    """For each state leaf, the axes that are task axes: those whose size changes with T."""
+    full = jax.tree_util.tree_leaves(jax.eval_shape(lambda: weighting.init(T, jnp.float64)))
+    less = jax.tree_util.tree_leaves(jax.eval_shape(lambda: weighting.init(T - 1, jnp.float64)))
+    return [tuple(i for i, (a, b) in enumerate(zip(f.shape, s.shape)) if a != b)
+            for f, s in zip(full, less)]
+
+
+def _take(x, idx, axes):
+    x = np.asarray(x)
+    for ax in axes:
+        x = np.take(x, idx, axis=ax)
+    return x
+
+
+def _restrict_state(state, weighting, idx):
+    leaves, tree = jax.tree_util.tree_flatten(state)
+    axes = _task_axes(weighting)
+    return jax.tree_util.tree_unflatten(tree, [jnp.asarray(_take(x, idx, a)) for x, a in zip(leaves, axes)])
+
+
+def _assert_state(new, old, sub_new, weighting, mask):
+    """Present entries equal the sub-problem's new state; entries touching an absent task are
+    the old state's, bit for bit; shared leaves (counters) equal the sub-problem's."""
+    idx = np.flatnonzero(mask)
+    axes = _task_axes(weighting)
+    for n, o, s, a in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old),
+                          jax.tree_util.tree_leaves(sub_new), axes):
+        np.testing.assert_allclose(_take(n, idx, a), np.asarray(s), rtol=RTOL, atol=ATOL)
+        if a:
+            touched = np.zeros(np.shape(n), bool)
+            for ax in a:
+                shape = [1] * np.ndim(n)
+                shape[ax] = T
+                touched |= ~mask.reshape(shape)
+            np.testing.assert_array_equal(np.asarray(n)[touched], np.asarray(o)[touched])
+
+
+def _sub_step(method, mask, params, state, batch, key):
+    """The oracle: the same method built on the present tasks only."""
+    idx = np.flatnonzero(mask)
+    step = imtl_jax.mtl_step(_encoder, imtl_jax.stacked_task_losses(_head_loss), method)
+    sub_params = imtl_jax.MTLParams(params.shared, params.heads[idx], params.log_scales[idx])
+    sub_batch = dict(batch, task_index=jnp.asarray(idx))
+    sub_state = _restrict_state(state, step.method.weighting, idx)
+    return jax.jit(lambda p, s, b: step(p, s, b, key=key))(sub_params, sub_state, sub_batch)
+
+
+def _check_step_property(name, masks, use_jit=True):
+    with x64():
+        params, batches = _problem(0)
+        params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), params)
+        batches = [jax.tree_util.tree_map(
+            lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, b)
+            for b in batches]
+        step = imtl_jax.mtl_step(_encoder, imtl_jax.stacked_task_losses(_head_loss), name)
+        weighting = step.method.weighting
+        key = jax.random.key(7)
+        # Warm the state with two unmasked steps, so stateful methods have non-trivial state.
+        state = step.init(params)
+        for b in batches[:2]:
+            _, state, _ = step(params, state, b, key=key)
+        traces = []
+
+        def masked(p, s, b, m):
+            traces.append(1)
+            return step(p, s, b, key=key, task_mask=m)
+
+        run = jax.jit(masked) if use_jit else masked
+        batch = batches[2]
+        for mask in masks:
+            idx = np.flatnonzero(mask)
+            garbage = dict(batch, y=jnp.where(jnp.asarray(mask)[None, :], batch["y"], jnp.nan))
+            grads, new_state, aux = run(params, state, garbage, jnp.asarray(mask))
+            sub_grads, sub_state, sub_aux = _sub_step(name, mask, params, state, batch, key)
+            err = f"{name}, mask {mask.astype(int)}"
+            assert bool(aux.all_finite), err
+            np.testing.assert_allclose(grads.shared, sub_grads.shared, rtol=RTOL, atol=ATOL, err_msg=err)
+            for full, sub in ((grads.heads, sub_grads.heads), (grads.log_scales, sub_grads.log_scales),
+                              (aux.weights, sub_aux.weights), (aux.losses, sub_aux.losses)):
+                np.testing.assert_allclose(np.asarray(full)[idx], sub, rtol=RTOL, atol=ATOL, err_msg=err)
+                np.testing.assert_array_equal(np.asarray(full)[~mask], 0.0, err_msg=err)
+            _assert_state(new_state, state, sub_state, weighting, mask)
+        if use_jit:
+            assert len(traces) == 1, f"{name}: {len(traces)} traces for {len(masks)} masks"
+
+
+@pytest.mark.parametrize("name", slow_unless_core(SUPPORTED))
+def test_masked_step_equals_present_task_step(name):
+    """All 15 non-empty masks at T = 4, jitted once: grads, alpha, state = the sub-problem's."""
+    _check_step_property(name, MASKS)
+
+
+@pytest.mark.parametrize("name", slow_unless_core(SUPPORTED, core=("imtl_h", "famo")))
+def test_masked_step_without_jit(name):
+    masks = MASKS if name not in ("imtl_h", "famo") else [MASKS[4], MASKS[9]]
+    _check_step_property(name, masks, use_jit=False)
+
+
+def test_supported_methods_cover_the_brief():
+    """The loss-level methods and IMTL-G/H at both levels support masks."""
+    for name in ("equal", "rlw", "si", "imtl_l", "uncertainty", "gls", "dwa", "famo", "stch",
+                 "db_mtl", "imtl_h", "imtl_g", "imtl_g_exact", "imtl_g_averaged"):
+        assert name in SUPPORTED, name
+
+
+def test_unsupported_method_raises_naming_the_alternatives():
+    w = Weighting("plain", stateless_init,
+                  lambda g, l, s, k, p: WeightingOutput(jnp.ones_like(l), s, {}), needs_grads=False)
+    method = Method("my_method", methods.get_method("equal").scaling, w)
+    params, batches = _problem(0)
+    step = imtl_jax.mtl_step(_encoder, imtl_jax.stacked_task_losses(_head_loss), method)
+    with pytest.raises(ValueError, match=r"'my_method'.*does not support `task_mask`.*imtl_g"):
+        step(params, (), batches[0], task_mask=jnp.ones(T, bool))
+    with pytest.raises(ValueError, match=r"'plain'.*does not support `task_mask`"):
+        tx = imtl_jax.aggregate(w, T)
+        tx.update({"w": jnp.ones((T, 3))}, tx.init(None), losses=jnp.ones(T), task_mask=jnp.ones(T))
+    # Unmasked, the same method runs as before.
+    step(params, (), batches[0])
+
+
+def test_bad_masks_raise():
+    params, batches = _problem(0)
+    step = imtl_jax.mtl_step(_encoder, imtl_jax.stacked_task_losses(_head_loss), "imtl_h")
+    with pytest.raises(ValueError, match=r"shape \(4,\)"):
+        step(params, (), batches[0], task_mask=jnp.ones(3, bool))
+    with pytest.raises(ValueError, match="no present task"):
+        step(params, (), batches[0], task_mask=jnp.zeros(T, bool))
+    # 0/1 numbers are accepted and mean the same as bools.
+    g_int = step(params, (), batches[0], task_mask=jnp.array([1, 0, 1, 1]))[0]
+    g_bool = step(params, (), batches[0], task_mask=jnp.array([True, False, True, True]))[0]
+    np.testing.assert_array_equal(g_int.shared, g_bool.shared)
+
+
+def test_all_absent_traced_mask_is_a_no_op():
+    params, batches = _problem(0)
+    step = imtl_jax.mtl_step(_encoder, imtl_jax.stacked_task_losses(_head_loss), "famo")
+    state = step.init(params)
+    _, state, _ = step(params, state, batches[0])
+    grads, new_state, aux = jax.jit(lambda m: step(params, state, batches[1], task_mask=m))(
+        jnp.zeros(T, bool))
+    for leaf in jax.tree_util.tree_leaves(grads) + [aux.weights]:
+        np.testing.assert_array_equal(leaf, 0.0)
+    for new, old in zip(jax.tree_util.tree_leaves(new_state), jax.tree_util.tree_leaves(state)):
+        np.testing.assert_array_equal(new, old)
+
+
+@pytest.mark.parametrize("name", ["equal", "imtl_h"])
+def test_tuple_and_generic_task_losses(name):
+    """The tuple form (NaN labels of absent tasks included) and the generic form (finite
+    absent losses: a joint function cannot separate the tasks) match the stacked form."""
+    params, batches = _problem(1)
+    batch = batches[0]
+    mask = jnp.array([True, False, True, False])
+    stacked = imtl_jax.mtl_step(_encoder, imtl_jax.stacked_task_losses(_head_loss), name)
+    ref, _, ref_aux = stacked(params, (), batch, task_mask=mask)
+    fns = tuple((lambda h, z, b, t=t: _head_loss(h, z, b, t)) for t in range(T))
+    tup = imtl_jax.mtl_step(_encoder, fns, name)
+    tparams = params._replace(heads=tuple(params.heads))
+    garbage = dict(batch, y=jnp.where(mask[None, :], batch["y"], jnp.nan))
+    got, _, aux = jax.jit(lambda b, m: tup(tparams, (), b, task_mask=m))(garbage, mask)
+    np.testing.assert_allclose(got.shared, ref.shared, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jnp.stack(got.heads), ref.heads, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(aux.weights, ref_aux.weights, rtol=1e-5, atol=1e-6)
+
+    def joint(heads, z, b):
+        return jax.vmap(lambda h, t: _head_loss(h, z, b, t))(heads, jnp.arange(T))
+    gen = imtl_jax.mtl_step(_encoder, joint, name)
+    got, _, aux = gen(params, (), batch, task_mask=mask)
+    np.testing.assert_allclose(got.shared, ref.shared, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.heads, ref.heads, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.log_scales, ref.log_scales, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(aux.weights, ref_aux.weights, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["imtl_g", "famo"])
+def test_aggregate_masked_equals_present_task_aggregate(name):
+    """optax aggregator: per-task updates with NaN rows for absent tasks, one compile."""
+    with x64():
+        rng = np.random.default_rng(0)
+        g = jnp.asarray(rng.standard_normal((3, T, 6)))
+        losses = jnp.asarray(rng.uniform(0.5, 2.0, (3, T)))
+        tx = imtl_jax.aggregate(name, T, dtype=jnp.float64)
+        state = tx.init(None)
+        for i in range(2):
+            _, state = tx.update({"w": g[i]}, state, losses=losses[i])
+        traces = []
+
+        def masked(u, l, s, m):
+            traces.append(1)
+            return tx.update({"w": u}, s, losses=l, task_mask=m)
+
+        run = jax.jit(masked)
+        weighting = methods.get_method(name).weighting
+        for mask in MASKS:
+            idx = np.flatnonzero(mask)
+            m = jnp.asarray(mask)
+            out, new = run(jnp.where(m[:, None], g[2], jnp.nan), jnp.where(m, losses[2], jnp.nan),
+                           state, m)
+            sub = imtl_jax.aggregate(name, len(idx), dtype=jnp.float64)
+            sub_state = state._replace(weights=state.weights[idx], method_state=_restrict_state(
+                state.method_state, weighting, idx), info=sub.init(None).info)
+            sub_out, sub_new = sub.update({"w": g[2][idx]}, sub_state, losses=losses[2][idx])
+            np.testing.assert_allclose(out["w"], sub_out["w"], rtol=RTOL, atol=ATOL)
+            np.testing.assert_allclose(new.weights[idx], sub_new.weights, rtol=RTOL, atol=ATOL)
+            np.testing.assert_array_equal(new.weights[~mask], 0.0)
+            _assert_state(new.method_state, state.method_state, sub_new.method_state, weighting, mask)
+        assert len(traces) == 1
+
+
+def test_imtl_g_gramian_route_masked():
+    """The parameter level's Gramian route (large models) excludes absent tasks as well."""
+    from imtl_jax._exact import imtl_g_from_gramian
+    with x64():
+        rng = np.random.default_rng(3)
+        J = rng.standard_normal((T, 7))
+        for mask in MASKS:
+            idx = np.flatnonzero(mask)
+            gram = jnp.asarray(np.where(mask[:, None] & mask[None, :], J @ J.T, np.nan))
+            w, c = jax.jit(lambda g, m: imtl_g_from_gramian(g, jnp.int32(0), task_mask=m))(
+                gram, jnp.asarray(mask))
+            sub = J[idx]
+            w_sub, c_sub = imtl_g_from_gramian(jnp.asarray(sub @ sub.T), jnp.int32(0))
+            np.testing.assert_allclose(np.asarray(w)[idx], w_sub, rtol=RTOL, atol=ATOL)
+            np.testing.assert_array_equal(np.asarray(w)[~mask], 0.0)
+            np.testing.assert_allclose(c, c_sub, rtol=RTOL)
+
+
+def test_imtl_g_solve_masked_is_impartial_among_present():
+    """Independent check of the IMTL-G mask: equal projections on the present unit gradients
+    (NumPy float64), sum alpha = 1 over them, NaN rows of absent tasks ignored."""
+    with x64():
+        rng = np.random.default_rng(5)
+        J = rng.standard_normal((T, 6)) * 10.0 ** rng.uniform(-2, 2, (T, 1))
+        mask = np.array([True, False, True, True])
+        res = imtl_jax.imtl_g_solve(jnp.asarray(np.where(mask[:, None], J, np.nan)),
+                                    task_mask=jnp.asarray(mask))
+        a = np.asarray(res.weights)
+        g = a @ np.where(mask[:, None], J, 0.0)
+        u = J[mask] / np.linalg.norm(J[mask], axis=1, keepdims=True)
+        proj = u @ g
+        np.testing.assert_allclose(proj, proj.mean(), rtol=1e-10)
+        np.testing.assert_allclose(a[mask].sum(), 1.0, rtol=1e-12)
+        assert a[1] == 0.0
+
+
+def test_nnx_train_step_with_mask():
+    """The NNX helper passes the mask through: an absent head is untouched under SGD."""
+    from flax import nnx
+    from imtl_jax.nnx import LossScales, make_train_step
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.encoder = nnx.Linear(3, 5, rngs=rngs)
+            self.heads = nnx.List([nnx.Linear(5, 1, rngs=rngs) for _ in range(3)])
+            self.loss_scales = LossScales(3)
+
+    def loss(head, z, batch, t):
+        return jnp.mean((head(z)[:, 0] - batch["y"][:, t]) ** 2)
+
+    model = Net(nnx.Rngs(0))
+    before = np.asarray(model.heads[1].kernel[...])
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    train_step = make_train_step(loss, "imtl_h")
+    state = train_step.init(model)
+    batch = {"x": jnp.ones((4, 3)), "y": jnp.ones((4, 3)).at[:, 1].set(jnp.nan)}
+    state, aux = nnx.jit(train_step)(model, optimizer, batch, state,
+                                     task_mask=jnp.array([True, False, True]))
+    assert bool(aux.all_finite)
+    assert aux.weights[1] == 0.0
+    np.testing.assert_array_equal(model.heads[1].kernel[...], before)
+    assert np.all(np.isfinite(model.encoder.kernel[...]))
