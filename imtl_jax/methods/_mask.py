@@ -43,11 +43,12 @@ def check_task_mask(task_mask: Any, num_tasks: int) -> jax.Array:
     if tuple(task_mask.shape) != (num_tasks,):
         raise ValueError(f"`task_mask` must have shape ({num_tasks},) (one entry per task), got "
                          f"{tuple(task_mask.shape)}.")
-    dtype = jnp.result_type(task_mask)
-    if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.number)):
+    dtype = np.dtype(task_mask.dtype)
+    is_bool = dtype == np.bool_
+    if not (is_bool or np.issubdtype(dtype, np.number)):
         raise TypeError(f"`task_mask` must be bool or numeric (0/1), got dtype {dtype}.")
     mask = jnp.asarray(task_mask)
-    mask = mask if dtype == jnp.bool_ else mask != 0
+    mask = mask if is_bool else mask != 0
     if not isinstance(mask, jax.core.Tracer) and not bool(np.any(np.asarray(mask))):
         raise ValueError("`task_mask` has no present task: at least one task needs labels in the "
                          "batch (skip the step instead).")

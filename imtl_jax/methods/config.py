@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from imtl_jax._linalg import symmetric_pinv
 from imtl_jax._method import Method, Weighting, WeightingOutput, stateless_init
-from imtl_jax.methods import register
+from imtl_jax.methods import _mask, register
 from imtl_jax.methods._common import (HIGHEST, check_grads, check_matrix, compute_dtype,
                                       nan_if_not_finite, normalized_gramian, safe_div)
 from imtl_jax.methods.equal import IDENTITY
@@ -51,9 +51,14 @@ def config_weights(grads: jax.Array) -> jax.Array:
     return _config_weights(grads)[0]
 
 
-def _config_weigh(grads, losses, state, key, priorities):
+def _config_weigh(grads, losses, state, key, priorities, *, task_mask=None):
     del key
     grads, losses = check_grads(grads, losses, priorities, "config")
+    if task_mask is not None:
+        # Partial labels: ConFIG already leaves zero rows out (a zero unit row, beta_t = 0) and
+        # the pseudo-inverse's cutoff is relative to the largest eigenvalue, which the zero
+        # rows do not change: zeroing the absent rows gives the sub-problem's weights.
+        grads = _mask.rows(grads, task_mask)
     weights, info = _config_weights(grads)
     return WeightingOutput(weights, state, info)
 
@@ -90,7 +95,7 @@ def config_weighting() -> Weighting:
       True
     """
     return Weighting(name="config", init=stateless_init, weigh=_config_weigh, needs_grads=True,
-                     weights_heads=False)
+                     weights_heads=False, supports_task_mask=True)
 
 
 CONFIG = config_weighting()

@@ -22,7 +22,7 @@ from jax import lax
 
 from imtl_jax._linalg import symmetric_pinv
 from imtl_jax._method import Method, Weighting, WeightingOutput, stateless_init
-from imtl_jax.methods import register
+from imtl_jax.methods import _mask, register
 from imtl_jax.methods._common import (HIGHEST, certified_loop, check_grads, check_matrix, compute_dtype,
                                       nan_if_not_finite, normalized_gramian, safe_div)
 from imtl_jax.methods.equal import IDENTITY
@@ -70,6 +70,14 @@ def kkt_gap(gram: jax.Array, w: jax.Array) -> jax.Array:
     top = jnp.max(jnp.where(w > 0, mw, -jnp.inf))
     scale = jnp.max(jnp.diag(gram))
     return safe_div(top - jnp.min(mw), scale, 0.0)
+
+
+def _masked_gap(gram: jax.Array, w: jax.Array, mask: jax.Array) -> jax.Array:
+    """:func:`kkt_gap` over the present tasks (the simplex of the sub-problem)."""
+    mw = jnp.matmul(gram, w, precision=HIGHEST)
+    top = jnp.max(jnp.where(w > 0, mw, -jnp.inf))
+    scale = jnp.max(jnp.diag(gram))
+    return safe_div(top - jnp.min(jnp.where(mask, mw, jnp.inf)), scale, 0.0)
 
 
 def min_norm_simplex(gram: jax.Array, max_iterations: int, pairwise: bool = True,
@@ -154,7 +162,8 @@ def _bordered_solve(gram: jax.Array, support: jax.Array) -> jax.Array:
 
 
 def min_norm_point(gram: jax.Array, max_iterations: int,
-                   tol: Optional[float] = None) -> tuple[jax.Array, SolverInfo]:
+                   tol: Optional[float] = None,
+                   task_mask: Optional[jax.Array] = None) -> tuple[jax.Array, SolverInfo]:
     """``argmin_{w in simplex} w^T M w`` by Wolfe's min-norm-point algorithm (Wolfe, "Finding the
     nearest point in a polytope", Math. Programming 11, 1976), an active-set method that
     terminates finitely (in exact arithmetic).
@@ -166,11 +175,17 @@ def min_norm_point(gram: jax.Array, max_iterations: int,
     ``lax.while_loop``; the major cycles are capped at ``max_iterations`` and stop early when
     the chosen vertex is already in ``S`` (no progress possible in the working precision).
     Returns ``(w, SolverInfo)`` with the certificate :func:`kkt_gap` and the major cycles used.
+
+    ``task_mask`` (T,) bool (partial labels; the absent rows and columns of ``gram`` must be 0):
+    the simplex is that of the present tasks. An absent task is never chosen as a vertex (its
+    ``(M w)_t`` reads +inf in the choice and the certificate) nor as the start, so it keeps
+    ``w_t = 0`` and the path is the sub-problem's.
     """
     num_tasks = gram.shape[0]
     dtype = gram.dtype
     tol = default_tol(dtype) if tol is None else float(tol)
     scale = jnp.max(jnp.diag(gram))
+    present = jnp.ones((num_tasks,), bool) if task_mask is None else task_mask
 
     def minor_cond(carry):
         _, support, y, count = carry
@@ -191,8 +206,10 @@ def min_norm_point(gram: jax.Array, max_iterations: int,
 
     def gap_and_vertex(w):
         mw = jnp.matmul(gram, w, precision=HIGHEST)
+        if task_mask is not None:
+            mw = jnp.where(task_mask, mw, jnp.inf)
         t = jnp.argmin(mw)
-        return safe_div(jnp.dot(w, mw) - mw[t], scale, 0.0), t
+        return safe_div(jnp.dot(w, jnp.where(present, mw, 0.0)) - mw[t], scale, 0.0), t
 
     def cond(carry):
         _, support, it, stalled = carry
@@ -218,12 +235,17 @@ def min_norm_point(gram: jax.Array, max_iterations: int,
         support_new = jnp.where(worse, support, support_new)
         return w_new, support_new, it + 1, stalled | worse
 
-    start = jnp.argmin(jnp.diag(gram))
+    diag = jnp.diag(gram)
+    start = jnp.argmin(diag if task_mask is None else jnp.where(task_mask, diag, jnp.inf))
     w0 = jnp.zeros((num_tasks,), dtype).at[start].set(1.0)
     w, _, it, _ = lax.while_loop(cond, body, (w0, w0 > 0, jnp.zeros((), jnp.int32),
                                               jnp.zeros((), bool)))
-    w = jnp.where(scale > 0, w, jnp.full((num_tasks,), 1.0 / num_tasks, dtype))  # all rows zero
-    return w, SolverInfo(kkt_gap(gram, w), it)
+    if task_mask is None:
+        w = jnp.where(scale > 0, w, jnp.full((num_tasks,), 1.0 / num_tasks, dtype))  # all rows zero
+        return w, SolverInfo(kkt_gap(gram, w), it)
+    uniform = jnp.where(task_mask, 1.0, 0.0).astype(dtype) / jnp.maximum(jnp.sum(task_mask), 1)
+    w = jnp.where(scale > 0, w, uniform)
+    return w, SolverInfo(_masked_gap(gram, w, task_mask), it)
 
 
 def _polish(gram: jax.Array, w: jax.Array) -> jax.Array:
@@ -260,11 +282,15 @@ def _check_solver_args(max_iterations, tol, solver="wolfe"):
     return max_iterations, None if tol is None else float(tol)
 
 
-def _solve(grads, max_iterations, solver, tol):
+def _solve(grads, max_iterations, solver, tol, task_mask=None):
     num_tasks = grads.shape[0]
     cap = default_max_iterations(num_tasks, solver) if max_iterations is None else max_iterations
     gram, scale = normalized_gramian(grads.astype(compute_dtype(grads.dtype)))
-    if solver == "wolfe":
+    if task_mask is not None:  # Wolfe only (supports_task_mask): a masked simplex
+        if max_iterations is None:  # the sub-problem's cap
+            cap = 50 + 10 * jnp.sum(task_mask).astype(jnp.int32)
+        w, info = min_norm_point(gram, cap, tol=tol, task_mask=task_mask)
+    elif solver == "wolfe":
         w, info = min_norm_point(gram, cap, tol=tol)
     else:
         w, info = min_norm_simplex(gram, cap, pairwise=solver == "pairwise", tol=tol)
@@ -298,13 +324,20 @@ def mgda_weights(grads: jax.Array, *, max_iterations: Optional[int] = None,
     return nan_if_not_finite(w, grads).astype(grads.dtype)
 
 
-def _mgda_weigh(grads, losses, state, key, priorities, *, max_iterations, solver, tol):
+def _mgda_weigh(grads, losses, state, key, priorities, *, max_iterations, solver, tol,
+                task_mask=None):
     del key
     grads, losses = check_grads(grads, losses, priorities, "mgda")
-    gram, scale, w, info = _solve(grads, max_iterations, solver, tol)
+    if task_mask is not None:
+        # Partial labels: a zero row would be a hull vertex at the origin and take all the
+        # weight, so absent tasks are zeroed *and* kept out of the simplex (min_norm_point).
+        grads = _mask.rows(grads, task_mask)
+    gram, scale, w, info = _solve(grads, max_iterations, solver, tol, task_mask)
     norm = jnp.sqrt(jnp.maximum(jnp.dot(w, jnp.matmul(gram, w, precision=HIGHEST)), 0.0)) * scale
     w = nan_if_not_finite(w, grads)
     cap = default_max_iterations(grads.shape[0], solver) if max_iterations is None else max_iterations
+    if task_mask is not None and max_iterations is None:
+        cap = 50 + 10 * jnp.sum(task_mask).astype(jnp.int32)
     tol = default_tol(gram.dtype) if tol is None else tol
     # Stopped on its certificate (or, Wolfe, with no progress left in the working precision), not at its cap.
     converged = jnp.isfinite(info.certificate) & ((info.certificate <= tol) | (info.iterations < cap))
@@ -346,16 +379,26 @@ def mgda_weighting(*, solver: str = "wolfe", max_iterations: Optional[int] = Non
     return Weighting(name="mgda", init=stateless_init,
                      weigh=functools.partial(_mgda_weigh, max_iterations=max_iterations,
                                              solver=solver, tol=tol),
-                     needs_grads=True, weights_heads=False)
+                     needs_grads=True, weights_heads=False,
+                     # partial labels: the Wolfe solver runs on the masked simplex
+                     supports_task_mask=solver == "wolfe")
 
 
 # ----------------------------------------------------------------------------------------------
 
 
-def _closed_form(gram: jax.Array) -> jax.Array:
+def _closed_form(gram: jax.Array, task_mask: Optional[jax.Array] = None) -> jax.Array:
     num_tasks = gram.shape[0]
     dtype = gram.dtype
     ones = jnp.ones((num_tasks,), dtype)
+    if task_mask is not None:
+        # Partial labels: identity rows and columns for the absent tasks (eigenvalue 1 <= the
+        # largest, since the normalized Gramian has a diagonal entry >= 1) and 1 -> mask, so the
+        # solve is the sub-problem's and the absent weights are 0.
+        both = task_mask[:, None] & task_mask[None, :]
+        gram = jnp.where(both, gram, jnp.eye(num_tasks, dtype=dtype))
+        ones = jnp.where(task_mask, 1.0, 0.0).astype(dtype)
+        num_tasks = jnp.sum(task_mask).astype(dtype)
     evals, evecs = jnp.linalg.eigh(gram)
     cutoff = 10.0 * num_tasks * jnp.finfo(dtype).eps * jnp.max(jnp.abs(evals))
     keep = evals > cutoff
@@ -367,7 +410,7 @@ def _closed_form(gram: jax.Array) -> jax.Array:
     range_part = jnp.matmul(evecs, inv * coords, precision=HIGHEST)   # M^+ 1
     range_mass = jnp.sum(range_part)
     use_null = null_mass > jnp.sqrt(jnp.finfo(dtype).eps)
-    w_null = safe_div(null_part, null_mass, 1.0 / num_tasks)
+    w_null = safe_div(null_part, null_mass, ones / num_tasks)
     w_range = jnp.where(range_mass > 0, range_part / jnp.where(range_mass > 0, range_mass, 1.0),
                         ones / num_tasks)
     return jnp.where(use_null, w_null, w_range)
@@ -390,11 +433,13 @@ def mgda_closed_form_weights(grads: jax.Array) -> jax.Array:
     return nan_if_not_finite(_closed_form(gram), grads).astype(grads.dtype)
 
 
-def _mgda_cf_weigh(grads, losses, state, key, priorities):
+def _mgda_cf_weigh(grads, losses, state, key, priorities, *, task_mask=None):
     del key
     grads, losses = check_grads(grads, losses, priorities, "mgda_closed_form")
+    if task_mask is not None:
+        grads = _mask.rows(grads, task_mask)
     gram, _ = normalized_gramian(grads.astype(compute_dtype(grads.dtype)))
-    w = nan_if_not_finite(_closed_form(gram), grads)
+    w = nan_if_not_finite(_closed_form(gram, task_mask), grads)
     return WeightingOutput(w.astype(grads.dtype), state, {})
 
 
@@ -412,7 +457,7 @@ def mgda_closed_form_weighting() -> Weighting:
     nearly dependent rows; rank deficiency itself is handled).
     """
     return Weighting(name="mgda_closed_form", init=stateless_init, weigh=_mgda_cf_weigh,
-                     needs_grads=True, weights_heads=False)
+                     needs_grads=True, weights_heads=False, supports_task_mask=True)
 
 
 MGDA = mgda_weighting()
