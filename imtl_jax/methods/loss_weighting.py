@@ -344,6 +344,12 @@ def famo_weighting(*, lr: float = 0.025, gamma: float = 0.01,
 
     Cost per step: O(T) (no per-task gradients). State: logits, previous log-losses, the logits'
     optimizer state (Adam: two (T,) moments) and a counter.
+
+    Partial labels (``task_mask``): the softmax runs over the present logits; an absent task's
+    logit, previous log-loss and (T,) optimizer moments stay as they were (so its next
+    ``delta`` spans the steps since it was last present). The equality with the sub-problem of
+    the present tasks holds for optimizers that act elementwise (SGD, Adam, weight decay): the
+    absent entries are handed to it as zeros and their new values are discarded.
     """
     if optimizer is None:
         lr, gamma = float(lr), float(gamma)
