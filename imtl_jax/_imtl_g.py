@@ -338,6 +338,14 @@ def imtl_g_solve(grads: jax.Array, *, priorities: Optional[jax.Array] = None,
       >>> float(res.common_projection)  # doctest: +ELLIPSIS
       0.3990...
 
+      Partial labels: task 2 has no labels in this batch (its row is garbage), so alpha is
+      that of the two present tasks (T = 2: ``(|g_3|, |g_1|) / (|g_1| + |g_3|)``):
+
+      >>> g = jnp.array([[3.0, 0.0], [jnp.nan, jnp.nan], [0.0, 1.0]])
+      >>> res = imtl_jax.imtl_g_solve(g, task_mask=jnp.array([True, False, True]))
+      >>> [round(float(a), 4) for a in res.weights]
+      [0.25, 0.0, 0.75]
+
     Reference:
       L. Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021, Sec. 3.2.
     """

@@ -10,15 +10,15 @@ import jax
 import jax.numpy as jnp
 
 from imtl_jax._method import Method, Weighting, WeightingOutput, stateless_init
-from imtl_jax.methods import register
+from imtl_jax.methods import _mask, register
 from imtl_jax.methods._common import (HIGHEST, check_grads, check_matrix, compute_dtype,
                                       nan_if_not_finite, normalized_gramian)
 from imtl_jax.methods.equal import IDENTITY
 
 
-def _balance_matrix(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _balance_matrix(gram: jax.Array, num_present=None) -> tuple[jax.Array, jax.Array]:
     """``(B, any_kept)``: ``B = sqrt(lambda_min) V Lambda^{-1/2} V^T`` over the kept eigenpairs."""
-    num_tasks = gram.shape[0]
+    num_tasks = gram.shape[0] if num_present is None else num_present
     evals, evecs = jnp.linalg.eigh(gram)
     cutoff = jnp.max(evals) * num_tasks * jnp.finfo(gram.dtype).eps
     keep = evals > cutoff
@@ -46,13 +46,23 @@ def aligned_mtl_balance(grads: jax.Array) -> jax.Array:
     return nan_if_not_finite(balance, grads).astype(grads.dtype)
 
 
-def _aligned_weigh(grads, losses, state, key, priorities):
+def _aligned_weigh(grads, losses, state, key, priorities, *, task_mask=None):
     del key
     grads, losses = check_grads(grads, losses, priorities, "aligned_mtl")
-    gram, _ = normalized_gramian(grads.astype(compute_dtype(grads.dtype)))
-    balance, any_kept = _balance_matrix(gram)
-    weights = jnp.sum(balance, axis=1)            # B^T 1 = B 1 (B symmetric)
-    weights = jnp.where(any_kept, weights, jnp.ones_like(weights))
+    if task_mask is None:
+        gram, _ = normalized_gramian(grads.astype(compute_dtype(grads.dtype)))
+        balance, any_kept = _balance_matrix(gram)
+        weights = jnp.sum(balance, axis=1)            # B^T 1 = B 1 (B symmetric)
+        weights = jnp.where(any_kept, weights, jnp.ones_like(weights))
+    else:
+        # Partial labels: zero rows only add zero eigenvalues, which the cutoff (relative to
+        # the largest, with the sub-problem's T') drops, so B is the sub-problem's padded with
+        # zero rows and columns; the all-zero fallback is 1 on the present tasks.
+        grads = _mask.rows(grads, task_mask)
+        gram, _ = normalized_gramian(grads.astype(compute_dtype(grads.dtype)))
+        balance, any_kept = _balance_matrix(gram, jnp.sum(task_mask).astype(gram.dtype))
+        weights = _mask.entries(jnp.sum(balance, axis=1), task_mask)
+        weights = jnp.where(any_kept, weights, _mask.entries(jnp.ones_like(weights), task_mask))
     weights = nan_if_not_finite(weights, grads)
     return WeightingOutput(weights.astype(grads.dtype), state, {})
 
@@ -75,7 +85,7 @@ def aligned_mtl_weighting() -> Weighting:
     Gradient method: heads get their own loss gradient.
     """
     return Weighting(name="aligned_mtl", init=stateless_init, weigh=_aligned_weigh,
-                     needs_grads=True, weights_heads=False)
+                     needs_grads=True, weights_heads=False, supports_task_mask=True)
 
 
 ALIGNED_MTL = aligned_mtl_weighting()
