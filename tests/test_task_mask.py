@@ -301,8 +301,8 @@ def test_imtl_g_solve_masked_is_impartial_among_present():
         rng = np.random.default_rng(5)
         J = rng.standard_normal((T, 6)) * 10.0 ** rng.uniform(-2, 2, (T, 1))
         mask = np.array([True, False, True, True])
-        res = imtl_jax.imtl_g_solve(jnp.asarray(np.where(mask[:, None], J, np.nan)),
-                                    task_mask=jnp.asarray(mask))
+        res = jax.jit(lambda g, m: imtl_jax.imtl_g_solve(g, task_mask=m))(
+            jnp.asarray(np.where(mask[:, None], J, np.nan)), jnp.asarray(mask))
         a = np.asarray(res.weights)
         g = a @ np.where(mask[:, None], J, 0.0)
         u = J[mask] / np.linalg.norm(J[mask], axis=1, keepdims=True)
