@@ -60,7 +60,8 @@ def test_k_micro_batches_equal_one_batch(method, reduction):
         assert_rel(a2.scaled_losses, a1.scaled_losses)
         assert_rel(s2, s1)
         if method in ("imtl_h", "imtl_g"):  # not the mean of per-micro-batch weights
-            per_micro = np.mean([step(params, state, jax.tree_util.tree_map(
+            one = jax.jit(step)  # one compilation for the K equal-shaped micro-batches
+            per_micro = np.mean([one(params, state, jax.tree_util.tree_map(
                 lambda x, i=i: x[i * (B // K):(i + 1) * (B // K)], batch))[2].weights for i in range(K)], axis=0)
             assert np.abs(per_micro - np.asarray(a1.weights)).max() > 1e-6
 
@@ -73,15 +74,15 @@ def test_tuple_and_generic_forms_and_pcgrad_key():
                                 "pcgrad")
         p_t = params._replace(heads=heads_t)
         key = jax.random.key(3)
-        g1, _, a1 = tup(p_t, tup.init(p_t), batch, key=key)
-        g2, _, a2 = imtl_jax.accumulate_step(tup, K)(p_t, tup.init(p_t), batch, key=key)
+        g1, _, a1 = jax.jit(tup)(p_t, tup.init(p_t), batch, key=key)
+        g2, _, a2 = jax.jit(imtl_jax.accumulate_step(tup, K))(p_t, tup.init(p_t), batch, key=key)
         assert_rel(g2, g1)
 
         def all_losses(heads, z, b):
             return jnp.stack([head_loss(jax.tree_util.tree_map(lambda x: x[t], heads), z, b, t) for t in range(T)])
         gen = imtl_jax.mtl_step(encoder, all_losses, "imtl_h")
-        g1, _, _ = gen(params, (), batch)
-        g2, _, _ = imtl_jax.accumulate_step(gen, 3)(params, (), batch)
+        g1, _, _ = jax.jit(gen)(params, (), batch)
+        g2, _, _ = jax.jit(imtl_jax.accumulate_step(gen, 3))(params, (), batch)
         assert_rel(g2, g1)
 
 
@@ -105,7 +106,7 @@ def test_stateful_encoder_threads_state_through_micro_batches_and_compiles_once(
         g2, _, st2, _ = run(params, st0, jax.random.key(0))
         run(params, st2, jax.random.key(1))
         assert len(traces) == 1
-        g1, _, st1, _ = step(params, (), batch, encoder_state=st0, key=jax.random.key(0))
+        g1, _, st1, _ = jax.jit(step)(params, (), batch, encoder_state=st0, key=jax.random.key(0))
         assert_rel(g2, g1)
         assert int(st2["calls"]) == K  # one encoder call per micro-batch, pass 1 only
         assert_rel(st2["sum"], st1["sum"])

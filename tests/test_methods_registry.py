@@ -136,7 +136,12 @@ BASELINES = [m for m in METHODS
              if m.name not in PREEXISTING and m.weighting.name != "equal"]
 
 
-@pytest.mark.parametrize("method", BASELINES, ids=[m.name for m in BASELINES])
+def _core_or_slow(methods, name=lambda m: m.name):
+    return [m if name(m) in CORE_METHODS + ("single_task_0",) else pytest.param(m, marks=pytest.mark.slow)
+            for m in methods]
+
+
+@pytest.mark.parametrize("method", _core_or_slow(BASELINES), ids=[m.name for m in BASELINES])
 def test_bad_inputs_raise_naming_the_argument(method):
     w = method.weighting
     grads = jnp.ones((3, 4))
@@ -262,7 +267,7 @@ def _task_losses(params, a, b):
 AGG_METHODS = list({m.weighting: m for m in reversed(METHODS)}.values())[::-1]
 
 
-@pytest.mark.parametrize("method", AGG_METHODS, ids=[m.weighting.name for m in AGG_METHODS])
+@pytest.mark.parametrize("method", _core_or_slow(AGG_METHODS), ids=[m.weighting.name for m in AGG_METHODS])
 def test_works_through_the_optax_aggregator(method):
     a, b = _quadratics()
     params = {"w": jnp.zeros(5), "c": jnp.zeros(())}

@@ -297,16 +297,24 @@ def test_resume_without_a_group_member_is_refused(bench, tmp_path):
 
 
 def test_solver_at_its_cap_is_counted_and_reported(bench, tmp_path, monkeypatch):
-    """CAGrad capped at one Frank-Wolfe step: every step is non-converged; result.json counts
-    them, the summary line says so and one warning is logged. Equal weighting has no solver."""
+    """A solver that stops short of its certificate on every step (CAGrad capped at one
+    Frank-Wolfe step, whose info is then forced to say so: one step from the uniform start can
+    land exactly on a vertex optimum, so the cap alone does not guarantee it): result.json counts
+    the steps, the summary line says so and one warning is logged. Equal weighting has no solver."""
+    import jax.numpy as jnp
     import imtl_jax
     from imtl_jax.methods.cagrad import cagrad_weighting
     import experiments.runs as R
     real = R.resolve_method
+    capped = cagrad_weighting(max_iterations=1)
+
+    def weigh(*args, **kwargs):
+        out = capped.weigh(*args, **kwargs)
+        return out._replace(info={**out.info, "converged": jnp.zeros_like(out.info["converged"])})
 
     def resolve(name):
         if name == "cagrad":
-            return imtl_jax.methods.get_method("cagrad")._replace(weighting=cagrad_weighting(max_iterations=1))
+            return imtl_jax.methods.get_method("cagrad")._replace(weighting=capped._replace(weigh=weigh))
         return real(name)
 
     monkeypatch.setattr(R, "resolve_method", resolve)
