@@ -68,5 +68,6 @@ from imtl_jax.methods import db_mtl as _db_mtl  # noqa: E402,F401
 from imtl_jax.methods import stch as _stch  # noqa: E402,F401
 from imtl_jax.methods import gradvac as _gradvac  # noqa: E402,F401
 from imtl_jax.methods import dualproj as _dualproj  # noqa: E402,F401
+from imtl_jax.methods import fairgrad as _fairgrad  # noqa: E402,F401
 
 from imtl_jax.methods.loss_weighting import single_task as single_task  # noqa: E402  (a factory, not registered)
