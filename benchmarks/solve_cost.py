@@ -24,14 +24,21 @@ _KERNEL_OPS = ("fusion", "custom-call", "dot", "while", "conditional", "sort", "
                "convolution", "scatter", "gather")
 
 
-def solve_op_counts(num_tasks: int, dim: int, dtype=jnp.float32) -> dict:
+def solve_op_counts(num_tasks: int, dim: int, dtype=jnp.float32, route: str = "auto") -> dict:
     """Kernel-launching HLO instructions in the compiled solve: ``kernels`` over the whole module
     (fusions and other computations called from fusions are not descended into), ``fallback``
     those inside the branch of the ``conditional`` that holds the eigendecomposition (run only
     when the Cholesky route fails its conditioning test), ``taken`` = ``kernels - fallback``
     (the well-conditioned path), and the eigh custom calls."""
-    fn = jax.jit(imtl_jax.imtl_g_solve)
-    hlo = fn.lower(jax.ShapeDtypeStruct((num_tasks, dim), dtype)).compile().as_text()
+    from imtl_jax import _imtl_g
+
+    def traced(grads):  # route: "auto", "wide" (float64 Gram matrix) or "compensated" (TPU)
+        old, _imtl_g._FLOAT32_ROUTE = _imtl_g._FLOAT32_ROUTE, route
+        try:
+            return imtl_jax.imtl_g_solve(grads)
+        finally:
+            _imtl_g._FLOAT32_ROUTE = old
+    hlo = jax.jit(traced).lower(jax.ShapeDtypeStruct((num_tasks, dim), dtype)).compile().as_text()
     per_comp = collections.defaultdict(collections.Counter)
     eigh_comps, fused, called, current = set(), set(), {}, None
     for line in hlo.splitlines():
@@ -69,9 +76,9 @@ def main(argv=None):
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 10, 40])
     parser.add_argument("--dim", type=int, default=4096)
     args = parser.parse_args(argv)
-    for t in args.tasks:
-        c = solve_op_counts(t, args.dim)
-        print(f"T={t:3d} D={args.dim}: {c['taken']} kernel-launching HLO ops on the Cholesky path "
+    for t, route in [(t, r) for t in args.tasks for r in ("wide", "compensated")]:
+        c = solve_op_counts(t, args.dim, route=route)
+        print(f"T={t:3d} D={args.dim} float32, {route} route: {c['taken']} kernel-launching HLO ops on the Cholesky path "
               f"({c['kernels']} in the module, {c['fallback']} in the eigh fallback branch; "
               f"eigh only in the fallback: {c['eigh_in_fallback_only']}); {c['by_op']}; "
               f"backend {c['backend']}")

@@ -208,29 +208,46 @@ def projection_spread(J: np.ndarray, alpha: np.ndarray) -> float:
     return float((p.max() - p.min()) / abs(p.mean()))
 
 
+def _route_solver(route: str):
+    """imtl_g_weights jitted on one float32 route ("wide": the float64 Gram matrix, the default
+    off TPU; "compensated": the (T, D) error-free route TPUs take)."""
+    from imtl_jax import _imtl_g
+
+    def traced(J):
+        old, _imtl_g._FLOAT32_ROUTE = _imtl_g._FLOAT32_ROUTE, route
+        try:
+            return imtl_jax.imtl_g_weights(J)
+        finally:
+            _imtl_g._FLOAT32_ROUTE = old
+    return jax.jit(traced)
+
+
 def measure_solve(num_tasks: int, dim: int, reps: int, norm_spread: float):
+    """Median and minimum wall ms of each solve, timed interleaved (one call of each per round)."""
     rng = np.random.default_rng(0)
     J = rng.standard_normal((num_tasks, dim)).astype(np.float32)
     J *= np.logspace(0, np.log10(norm_spread), num_tasks, dtype=np.float32)[:, None]
     Jj = jnp.asarray(J)
     ours = jax.jit(imtl_jax.imtl_g_weights)
+    compensated = _route_solver("compensated")
     pinv = jax.jit(gramian_pinv)
     impls = {
         "imtl_jax.imtl_g_weights (jit)": (lambda: ours(Jj), lambda: np.asarray(ours(Jj))),
+        "  its compensated (T, D) route (TPU)": (lambda: compensated(Jj), lambda: np.asarray(compensated(Jj))),
         "numpy paper D/U system (Eq. 2)": (lambda: paper_du_numpy(J), lambda: paper_du_numpy(J)),
         "jnp.linalg.pinv(J J^T) (jit)": (lambda: pinv(Jj), lambda: np.asarray(pinv(Jj))),
     }
-    rows = []
-    for name, (run, get) in impls.items():
+    times: dict = {name: [] for name in impls}
+    for run, _ in impls.values():
         jax.block_until_ready(run())
         jax.block_until_ready(run())
-        ts = []
-        for _ in range(reps):
+    for _ in range(reps):
+        for name, (run, _) in impls.items():
             t0 = time.perf_counter()
             jax.block_until_ready(run())
-            ts.append(time.perf_counter() - t0)
-        rows.append((name, 1e3 * statistics.median(ts), 1e3 * min(ts), projection_spread(J, get())))
-    return rows
+            times[name].append(time.perf_counter() - t0)
+    return [(name, 1e3 * statistics.median(times[name]), 1e3 * min(times[name]), projection_spread(J, get()))
+            for name, (_, get) in impls.items()]
 
 
 # --- report -------------------------------------------------------------------------------------

@@ -13,16 +13,21 @@ row-difference matrices of Eq. 2), but its conditioning depends on the angles be
 gradients only, not on their norms: solving the paper's D/U system or the raw Gramian
 ``J J^T`` directly loses float32 accuracy when the norms differ by orders of magnitude.
 
-Accuracy: ``K^-1`` is formed once (Cholesky) and used for the solve and one refinement step
-whose residual is evaluated on the data in about twice the working precision (error-free
-transformations); alpha is formed from the (beta, correction) pairs by compensated division and
-summation and rounded once. The physical floor of a float32 answer is the projection spread of
-the exact alpha rounded to float32: on 200 random float32 Jacobians with cond(U) <= 10 and norms
-over 1e-3..1e3 ours equalled it on every draw (worst 2.2e-6; float64: 6.1e-15), measured by
-``python -m benchmarks.accuracy --cases 200``; tests/test_imtl_g.py asserts <= 2x the floor.
-For matrices above 2^20 entries (e.g. parameter-level IMTL-G on a large model) the refinement is
-skipped for speed; the spread is then that of the Cholesky solve alone (measured up to 1.6e-5
-in float32 at cond(U) <= 10 before this change; not re-measured).
+Accuracy and cost. float32 (and 16-bit) inputs: the Gram matrix of the rows is formed once in
+float64 (one matmul: products of float32 numbers are exact in float64, the sums round at
+~2^-53), and everything after it is T x T work in float64 (norms, ``K``, its inverse, one
+refinement step, alpha, ``C`` and the projections), with alpha rounded to float32 once. The
+(T, D) data is read three times (power-of-two scale, Gram product, aggregate). The physical floor
+of a float32 answer is the projection spread of the exact alpha rounded to float32; on 200
+random float32 Jacobians with cond(U) <= 10 and norms over 1e-3..1e3 ours equalled it on every
+draw (``python -m benchmarks.accuracy --cases 200``; tests/test_imtl_g.py asserts <= 2x the
+floor). TPUs, whose float64 is emulated, take the compensated route below instead (same floor,
+tested too). float64 inputs: ``K^-1`` is formed once (Cholesky) and used for the solve and one
+refinement step whose residual is evaluated on the data in about twice the working precision
+(error-free transformations); alpha is formed from the (beta, correction) pairs by compensated
+division and summation and rounded once (measured spread 6.1e-15 on the same 200 draws). For
+matrices above 2^20 entries that refinement is skipped for speed; the spread is then that of the
+Cholesky solve alone.
 
 Degenerate inputs (all scale-relative, never an absolute epsilon):
 
@@ -298,6 +303,105 @@ def _imtl_g_impl(grads: jax.Array, priorities: Optional[jax.Array],
     )
 
 
+# Which route float32 (and 16-bit) inputs take: "auto" (the wide Gram matrix where the backend
+# has float64 arithmetic, i.e. not on TPU), "wide" or "compensated" (tests compare the two).
+_FLOAT32_ROUTE = "auto"
+
+
+def _wide_route(dtype) -> bool:
+    if jnp.dtype(dtype) != jnp.float32:
+        return False
+    if _FLOAT32_ROUTE != "auto":
+        return _FLOAT32_ROUTE == "wide"
+    return jax.default_backend() != "tpu"  # TPUs emulate float64 slowly
+
+
+def _imtl_g_wide(grads: jax.Array, priorities: Optional[jax.Array], nonconflicting: bool,
+                 task_mask: Optional[jax.Array] = None) -> ImtlGResult:
+    """The float32 route: the rows converted exactly to float64 and their Gram matrix ``g g^T``
+    formed once (one matmul; products of float32 numbers are exact in float64 and the sum's
+    rounding is ~2^-53 relative), then everything on T x T quantities in float64: norms, the
+    cosine matrix, its inverse, one refinement step, alpha, C and the projections. alpha is
+    rounded to float32 once, so its projection spread is that of the exact alpha rounded (the
+    floor), and the (T, D) data is read about four times (a max, the conversion, the Gram
+    product, the aggregate) instead of ~30.
+    Thresholds (zero rows, conditioning, solvability) use float32's eps, as the compensated
+    route does, so both routes take the same decisions on the same data.
+    """
+    num_tasks = grads.shape[0]
+    dtype = grads.dtype
+    eps = float(jnp.finfo(dtype).eps)
+    if task_mask is not None:  # as in _imtl_g_impl: absent rows are 0 (NaN dropped), not valid
+        grads = jnp.where(task_mask[:, None], grads, jnp.zeros((), dtype))
+        if priorities is not None:
+            priorities = jnp.where(task_mask, priorities, jnp.ones((), priorities.dtype))
+    # float32 -> float64 exactly, subnormals included (XLA's CPU backend reads float32 subnormals
+    # as zero in arithmetic, conversions too, so they are rebuilt from their bits: mantissa *
+    # 2^-149, a normal float64). In float64 no float32 input can overflow or underflow the Gram
+    # matrix (3.4e38^2 * D and (1.4e-45)^2 are in range), so no rescaling is needed.
+    bits = lax.bitcast_convert_type(grads, jnp.uint32)
+    magnitude = bits & jnp.uint32(0x7FFFFFFF)
+    finite = jnp.max(magnitude) < jnp.uint32(0x7F800000)   # inf and NaN have the largest magnitudes
+    with jax.enable_x64(True):
+        wide = jnp.float64
+        subnormal = (magnitude >> jnp.uint32(23)) == 0
+        tiny = (magnitude.astype(wide) * 2.0 ** -149) * jnp.where(bits >> jnp.uint32(31) > 0, -1.0, 1.0)
+        g64 = jnp.where(subnormal, tiny, jnp.where(finite, grads, jnp.zeros((), dtype)).astype(wide))
+        gram = jnp.matmul(g64, g64.T, precision=_HIGHEST)
+        gram = 0.5 * (gram + gram.T)
+        norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+        valid = norms > (eps * eps) * jnp.max(norms)
+        if task_mask is not None:
+            valid = valid & task_mask
+        safe_norms = jnp.where(valid, norms, 1.0)
+        eye = jnp.eye(num_tasks, dtype=wide)
+        cosines = gram / (safe_norms[:, None] * safe_norms[None, :])
+        cosines = jnp.where(valid[:, None] & valid[None, :], cosines, eye)
+        cosines = jnp.where(eye > 0, 1.0, cosines)
+        target = (jnp.ones((num_tasks,), wide) if priorities is None else priorities.astype(wide))
+        target = jnp.where(valid, target, 0.0)
+        inverse, _ = spd_inverse(cosines, 1.0 / (10.0 * num_tasks * eps))
+        beta = jnp.matmul(inverse, target, precision=_HIGHEST)
+        beta = beta + jnp.matmul(inverse, target - jnp.matmul(cosines, beta, precision=_HIGHEST),
+                                 precision=_HIGHEST)
+        raw = jnp.where(valid, beta / safe_norms, 0.0)
+        total = jnp.sum(raw)
+        tol = 10.0 * num_tasks * eps
+        fit = jnp.matmul(cosines, beta, precision=_HIGHEST)
+        target_norm = jnp.linalg.norm(target)
+        solvable = (jnp.abs(total) > tol * jnp.sum(jnp.abs(raw))) & (jnp.linalg.norm(fit) > tol * target_norm)
+        consistent = jnp.linalg.norm(fit - target) <= jnp.sqrt(eps) * target_norm
+        inverse_norms = jnp.where(valid, 1.0 / safe_norms, 0.0)
+        any_valid = jnp.any(valid)
+        uniform = (jnp.full((num_tasks,), 1.0 / num_tasks, wide) if task_mask is None
+                   else jnp.where(task_mask, 1.0, 0.0) / jnp.maximum(jnp.sum(task_mask), 1))
+        fallback = jnp.where(any_valid, inverse_norms / jnp.where(any_valid, jnp.sum(inverse_norms), 1.0),
+                             uniform)
+        weights = jnp.where(solvable, raw / jnp.where(solvable, total, 1.0), fallback)
+        # The projections u_t . (alpha @ g) from the Gram matrix (no pass over the data); alpha
+        # is taken as rounded to float32, as the caller's aggregate uses it.
+        weights32 = weights.astype(dtype)
+        projections = jnp.matmul(gram, weights32.astype(wide), precision=_HIGHEST) / safe_norms
+        ratios = projections / jnp.where(valid, target, 1.0)
+        mean_ratio = jnp.sum(jnp.where(valid, ratios, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+        common = jnp.where(solvable & consistent, 1.0 / jnp.where(solvable, total, 1.0), mean_ratio)
+        common = common.astype(dtype)
+        aggregate = jnp.matmul(weights32.astype(wide), g64, precision=_HIGHEST).astype(dtype)
+    weights = weights32
+    if nonconflicting:
+        sign = jnp.where(common < 0, -1.0, 1.0).astype(dtype)
+        weights, aggregate, common = sign * weights, sign * aggregate, sign * common
+    ok = finite
+    if priorities is not None:
+        ok = ok & jnp.all(jnp.isfinite(priorities) & (priorities > 0))
+    nan = jnp.asarray(jnp.nan, dtype)
+    return ImtlGResult(
+        weights=jnp.where(ok, weights, nan),
+        aggregate=jnp.where(ok, aggregate, nan),
+        common_projection=jnp.where(ok, common, nan),
+    )
+
+
 def imtl_g_solve(grads: jax.Array, *, priorities: Optional[jax.Array] = None,
            nonconflicting: bool = False, task_mask: Optional[jax.Array] = None) -> ImtlGResult:
     r"""IMTL-G weights, aggregated gradient and common projection.
@@ -358,7 +462,8 @@ def imtl_g_solve(grads: jax.Array, *, priorities: Optional[jax.Array] = None,
         from imtl_jax.methods._mask import check_task_mask
         task_mask = check_task_mask(task_mask, num_tasks)
     compute_dtype = jnp.promote_types(grads.dtype, jnp.float32)  # eigh has no 16-bit kernels
-    res = _imtl_g_impl(grads.astype(compute_dtype), p, bool(nonconflicting), task_mask)
+    impl = _imtl_g_wide if _wide_route(compute_dtype) else _imtl_g_impl
+    res = impl(grads.astype(compute_dtype), p, bool(nonconflicting), task_mask)
     return ImtlGResult(*(x.astype(grads.dtype) for x in res))
 
 

@@ -487,3 +487,56 @@ def test_compiles_once_with_chex():
     chex.clear_trace_counter()
     f(jnp.ones((3, 4)) + jnp.eye(3, 4))
     f(jnp.arange(12.0).reshape(3, 4) + 1)
+
+
+def _float32_route(route):
+    """imtl_g_solve with float32 inputs on the given route, freshly traced (a new function)."""
+    from imtl_jax import _imtl_g
+
+    def run(grads, **kwargs):
+        old, _imtl_g._FLOAT32_ROUTE = _imtl_g._FLOAT32_ROUTE, route
+        try:
+            return jax.jit(lambda g: imtl_jax.imtl_g_solve(g, **kwargs))(grads)
+        finally:
+            _imtl_g._FLOAT32_ROUTE = old
+    return run
+
+
+def _route_cases():
+    rng = np.random.default_rng(7)
+    cases = [_random_jacobian(s, t, d).astype(np.float32) for s, (t, d) in enumerate(SHAPES * 2)]
+    dup = _random_jacobian(1, 3, 8)
+    cases.append(np.concatenate([dup, 2.5 * dup[:1]]).astype(np.float32))      # parallel rows
+    cases.append(np.concatenate([dup, np.zeros((1, 8))]).astype(np.float32))   # a zero row
+    cases.append(rng.standard_normal((6, 4)).astype(np.float32))               # T > D
+    for scale in (1e-30, 1e33):  # the rows span 1e-3..1e3 in norm
+        cases.append((_random_jacobian(2, 4, 16) * scale).astype(np.float32))
+    return cases
+
+
+@pytest.mark.slow  # ~20 distinct shapes compiled twice; the default suite tests the wide route
+@pytest.mark.parametrize("route", ["wide", "compensated"])
+def test_both_float32_routes_reach_the_rounding_floor(route):
+    """The float32 routes (the float64 Gram matrix; the compensated (T, D) route, which TPUs take)
+    each reach the floor: the projection spread of the exact alpha rounded to float32, within 2x
+    (on full-rank cases), and agree with the exact alpha elsewhere (least squares, zero rows)."""
+    solve_route = _float32_route(route)
+    for grads in _route_cases():
+        alpha = np.asarray(solve_route(jnp.asarray(grads)).weights, np.float64)
+        np.testing.assert_allclose(alpha.sum(), 1.0, atol=sum_bound(alpha, np.float32))
+        nonzero = np.linalg.norm(grads.astype(np.float64), axis=1) > 0
+        full_rank = np.linalg.matrix_rank(grads.astype(np.float64)) == grads.shape[0]
+        if full_rank:
+            floor = relative_spread(projections(grads, paper_alpha(grads).astype(np.float32)))
+            assert relative_spread(projections(grads, alpha)) <= 2 * floor + 1e-12
+        elif nonzero.all():
+            # Rank-deficient: the least-squares answer of the cosine system (pseudo-inverse).
+            g = grads.astype(np.float64)
+            units = g / np.linalg.norm(g, axis=1, keepdims=True)
+            beta = np.linalg.pinv(units @ units.T, rcond=10 * g.shape[0] * np.finfo(np.float32).eps) @ np.ones(len(g))
+            raw = beta / np.linalg.norm(g, axis=1)
+            np.testing.assert_allclose(alpha, raw / raw.sum(), rtol=1e-4, atol=1e-6)
+        else:  # a zero row gets 0, the others are impartial among themselves
+            assert alpha[~nonzero].tolist() == [0.0] * int((~nonzero).sum())
+            sub = grads[nonzero]
+            np.testing.assert_allclose(alpha[nonzero], paper_alpha(sub), rtol=1e-5)
