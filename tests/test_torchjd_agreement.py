@@ -15,6 +15,8 @@ from imtl_jax.methods.config import CONFIG
 from imtl_jax.methods.dualproj import DUALPROJ
 from imtl_jax.methods.fairgrad import fairgrad_weighting
 from imtl_jax.methods.gradvac import gradvac_weighting
+from imtl_jax.methods.modo import MODO
+from imtl_jax.methods.sdmgrad import SDMGRAD
 from imtl_jax.methods.stch import stch_weighting
 
 pytestmark = pytest.mark.slow
@@ -140,3 +142,48 @@ def test_fairgrad_agrees_with_torchjd(case, alpha):
     assert mine <= max(their_error, tol)
     if their_error <= 1e-12:
         np.testing.assert_allclose(ours, theirs, rtol=1e-8)
+
+
+SEQUENCE_CASES = [("random", 0, 3, 8, 1), ("random", 1, 6, 20, 1), ("mixed", 3, 5, 16, 4),
+                  ("opposed_pairs", 3, 10, 10, 2), ("simplex", 3, 10, 16, 4), ("mixed", 3, 20, 64, 2)]
+
+
+def _recorded(case, steps=5):
+    """A recorded sequence of Jacobians: the case's draw plus per-step noise."""
+    g = _draw(*case)
+    rng = np.random.default_rng(99)
+    return [g * (1.0 + 0.3 * rng.standard_normal(g.shape)) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("case", SEQUENCE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_sdmgrad_agrees_with_torchjd_over_steps(case):
+    """TorchJD's SDMGradWeighting (lr 10, momentum 0.5, 20 steps, lambda 0.3: our defaults) fed
+    A = G G^T of each step, five steps (its inner weights are the state). TorchJD adds 1e-8 to
+    the normalising scale^2; our weights are scale-free, so the rows are first scaled to a mean
+    norm of 1e4, where that 1e-8 is 1e-16 relative: the only difference left is round-off,
+    grown by the inner steps (lr * lambda_max(A) each, see test_methods_sdmgrad_modo)."""
+    seq = _recorded(case)
+    theirs_w = aggregation.SDMGradWeighting()
+    state = None
+    for g in seq:
+        g = g * (1e4 / np.mean(np.linalg.norm(g, axis=1)))
+        theirs = theirs_w(torch.tensor(g @ g.T)).numpy()
+        _, out = _ours(SDMGRAD, g, state)
+        state = out.state
+        np.testing.assert_allclose(np.asarray(out.weights), theirs, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", SEQUENCE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_modo_agrees_with_torchjd_over_steps(case):
+    """TorchJD's MoDoWeighting (gamma 0.1, rho 0.1: our defaults) fed A = G G^T of each step,
+    five steps. gamma is relative to the squared norms, so the rows are scaled to a largest
+    squared norm of 5 (a step that moves the weights without jumping to a vertex each time)."""
+    seq = _recorded(case)
+    theirs_w = aggregation.MoDoWeighting()
+    state = None
+    for g in seq:
+        g = g * np.sqrt(5.0 / np.max(np.sum(g * g, axis=1)))
+        theirs = theirs_w(torch.tensor(g @ g.T)).numpy()
+        _, out = _ours(MODO, g, state)
+        state = out.state
+        np.testing.assert_allclose(np.asarray(out.weights), theirs, rtol=0, atol=1e-12)

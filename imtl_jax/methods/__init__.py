@@ -69,5 +69,7 @@ from imtl_jax.methods import stch as _stch  # noqa: E402,F401
 from imtl_jax.methods import gradvac as _gradvac  # noqa: E402,F401
 from imtl_jax.methods import dualproj as _dualproj  # noqa: E402,F401
 from imtl_jax.methods import fairgrad as _fairgrad  # noqa: E402,F401
+from imtl_jax.methods import sdmgrad as _sdmgrad  # noqa: E402,F401
+from imtl_jax.methods import modo as _modo  # noqa: E402,F401
 
 from imtl_jax.methods.loss_weighting import single_task as single_task  # noqa: E402  (a factory, not registered)

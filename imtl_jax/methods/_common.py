@@ -209,3 +209,16 @@ def damped_newton(objective, gradient, scaled_hessian, certificate, w0: jax.Arra
     w, res, it, _ = lax.while_loop(cond, body, (w0, certificate(w0), jnp.zeros((), jnp.int32),
                                                  jnp.ones((), bool)))
     return w, res, it
+
+
+def project_simplex(y: jax.Array) -> jax.Array:
+    """The Euclidean projection of ``y`` (T,) onto the probability simplex ``{w >= 0, sum w = 1}``
+    (sort-based, Held, Wolfe & Crowder 1974; Duchi et al., ICML 2008): ``max(y - theta, 0)``
+    with ``theta = (sum_{k <= rho} u_k - 1) / rho`` over the sorted ``u`` and the largest ``rho``
+    with ``u_rho > theta``. SDMGrad's and MoDo's weight update."""
+    u = -jnp.sort(-y)
+    ks = jnp.arange(1, y.shape[0] + 1, dtype=y.dtype)
+    thetas = (jnp.cumsum(u) - 1.0) / ks
+    rho = jnp.sum(u > thetas)                   # >= 1: u_1 > u_1 - 1
+    theta = thetas[jnp.maximum(rho, 1) - 1]
+    return jnp.maximum(y - theta, 0.0)

@@ -157,7 +157,8 @@ def fairgrad_weighting(*, alpha: float = 2.0, max_iterations: int = 100,
     ``max|G|^{(1 - alpha) / (1 + alpha)}``: invariant to a uniform rescale only at
     ``alpha = 1``; weights that would overflow the dtype, e.g. for gradients ~1e-25 at
     ``alpha = 2`` in float32, are all divided by one factor that keeps the largest finite).
-    Not included from the authors' code: the update's factor T ("to match the sum loss") and gradient-norm clipping (``max_norm=1``; add ``optax.clip_by_global_norm``).
+    Not included from the authors' code: the update's factor T ("to match the sum loss") and
+    gradient-norm clipping (``max_norm=1``; add ``optax.clip_by_global_norm``).
 
     Degenerate inputs: a zero row, or rows g and -g, have no finite solution; the ridge bounds
     their weights (``~eps^{-alpha / (1 + alpha)}``, their contribution ``w_t g_t`` stays
