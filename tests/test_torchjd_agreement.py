@@ -12,6 +12,7 @@ from oracles import x64
 
 import inputs
 from imtl_jax.methods.config import CONFIG
+from imtl_jax.methods.cr_mogm import cr_mogm_weighting
 from imtl_jax.methods.dualproj import DUALPROJ
 from imtl_jax.methods.fairgrad import fairgrad_weighting
 from imtl_jax.methods.gradvac import gradvac_weighting
@@ -187,3 +188,21 @@ def test_modo_agrees_with_torchjd_over_steps(case):
         _, out = _ours(MODO, g, state)
         state = out.state
         np.testing.assert_allclose(np.asarray(out.weights), theirs, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.9])
+def test_cr_mogm_agrees_with_torchjd_over_steps(alpha):
+    """TorchJD's CRMOGMWeighting and ours, both wrapping IMTL-G (a closed form on which the two
+    libraries agree to 1e-12, tests/test_torchjd_agreement_core.py), over six recorded steps
+    with T = 5: the same moving average, lambda_0 = the first wrapped weights."""
+    rng = np.random.default_rng(int(alpha * 10))
+    base = rng.standard_normal((5, 12))
+    seq = [base + 0.7 * rng.standard_normal(base.shape) for _ in range(6)]
+    theirs_w = aggregation.CRMOGMWeighting(aggregation.IMTLGWeighting(), alpha=alpha)
+    ours_w = cr_mogm_weighting("imtl_g", alpha=alpha)
+    state = None
+    for g in seq:
+        theirs = theirs_w(torch.tensor(g @ g.T)).numpy()
+        _, out = _ours(ours_w, g, state)
+        state = out.state
+        np.testing.assert_allclose(np.asarray(out.weights), theirs, rtol=0, atol=1e-12 * np.abs(theirs).max())
