@@ -75,7 +75,7 @@ def _sequence(seed, num_tasks, dim, steps, spread=1.0):
             for _ in range(steps)]
 
 
-@pytest.mark.parametrize("lam", [0.3, 0.0])
+@pytest.mark.parametrize("lam", [0.3, pytest.param(0.0, marks=pytest.mark.slow)])
 def test_sdmgrad_matches_the_algorithm_over_steps(lam):
     seq = _sequence(1, 4, 10, 4)
     outs = _run(sdmgrad_weighting(lam=lam), seq)

@@ -83,13 +83,13 @@ def cr_mogm_weighting(inner: Union[str, Weighting] = "mgda", *, alpha: float = 0
     Example:
       >>> import jax.numpy as jnp
       >>> from imtl_jax.methods.cr_mogm import cr_mogm_weighting
-      >>> w = cr_mogm_weighting("mgda", alpha=0.5)
+      >>> w = cr_mogm_weighting("mgda_closed_form", alpha=0.5)   # = MGDA's weights here
       >>> s = w.init(2)
       >>> out = w.weigh(jnp.array([[1.0, 0.0], [0.0, 2.0]]), jnp.zeros(2), s, None, None)
-      >>> [round(v, 4) for v in out.weights.tolist()]            # MGDA's weights at first
+      >>> [round(v, 4) for v in out.weights.tolist()]            # the wrapped weights at first
       [0.8, 0.2]
       >>> out = w.weigh(jnp.array([[2.0, 0.0], [0.0, 1.0]]), jnp.zeros(2), out.state, None, None)
-      >>> [round(v, 4) for v in out.weights.tolist()]            # averaged with MGDA's [0.2, 0.8]
+      >>> [round(v, 4) for v in out.weights.tolist()]            # averaged with the new [0.2, 0.8]
       [0.5, 0.5]
     """
     if isinstance(inner, str):
