@@ -491,11 +491,17 @@ class MTLStep:
             w = lax.stop_gradient(out.weights).astype(scaled.dtype)
         else:
             per_example = gz.reshape(num_tasks, z.shape[0], -1)
-            matrix = jnp.sum(per_example, axis=1) if self.reduction == "sum" else jnp.mean(per_example, axis=1)
+            # A bfloat16/float16 model: the batch sum accumulates in float32 and the weights are
+            # solved in float32 (they are cast back to the model's dtype below).
+            acc = jnp.promote_types(per_example.dtype, jnp.float32)
+            matrix = (jnp.sum(per_example, axis=1, dtype=acc) if self.reduction == "sum"
+                      else jnp.mean(per_example, axis=1, dtype=acc))
             if self.axis_name is not None:
                 # One all-reduce carries the (T, F) matrix and the (T,) losses together.
-                packed = self._pmean(jnp.concatenate([matrix, raw[:, None], scaled[:, None]], axis=1))
-                matrix, raw, scaled = packed[:, :-2], packed[:, -2], packed[:, -1]
+                packed = self._pmean(jnp.concatenate(
+                    [matrix, raw[:, None].astype(acc), scaled[:, None].astype(acc)], axis=1))
+                matrix = packed[:, :-2]
+                raw, scaled = packed[:, -2].astype(raw.dtype), packed[:, -1].astype(scaled.dtype)
             out = _mask.weigh(weighting, lax.stop_gradient(matrix), lax.stop_gradient(scaled), state,
                               key, priorities, mask, method.name)
             w = lax.stop_gradient(out.weights).astype(scaled.dtype)
