@@ -51,9 +51,8 @@ def test_bfloat16_weights_are_solved_in_float32_from_a_float32_batch_sum():
     # terms would be off by up to ~64 * 2^-9 relative; the float32 sum and solve leave ~1e-5.
     z = encoder(params.shared, batch)
 
-    def per_task(t):
-        return jax.grad(lambda z_: head_loss(params.heads[t], z_, batch, t))(z)
-    per_example = np.stack([np.asarray(per_task(t), np.float64) for t in range(T)])
+    per_task = jax.jit(jax.vmap(lambda h, t: jax.grad(lambda z_: head_loss(h, z_, batch, t))(z)))
+    per_example = np.asarray(per_task(params.heads, jnp.arange(T)), np.float64)
     expected = paper_alpha(per_example.sum(axis=1))
     np.testing.assert_allclose(np.asarray(aux.weights, np.float64), expected, rtol=0, atol=2e-2)
     # aux.weights are rounded to bfloat16 (8 bits): 2^-8 relative; the float32 weights behind them
@@ -75,8 +74,8 @@ def test_bfloat16_alpha_matches_the_float32_step_within_its_conditioning():
     _, _, a32 = jax.jit(STEP)(p32, STEP.init(p32), b32)
     _, _, a16 = jax.jit(STEP)(p16, STEP.init(p16), b16)
     z = encoder(p32.shared, b32)
-    g = np.stack([np.asarray(jax.grad(lambda z_, t=t: head_loss(p32.heads[t], z_, b32, t))(z), np.float64).sum(0)
-                  for t in range(T)])
+    g = np.asarray(jax.jit(jax.vmap(lambda h, t: jax.grad(lambda z_: head_loss(h, z_, b32, t))(z)))(
+        p32.heads, jnp.arange(T)), np.float64).sum(axis=1)
     u = g / np.linalg.norm(g, axis=1, keepdims=True)
     cond = np.linalg.cond(u @ u.T)
     bound = 8 * cond * 2.0 ** -8 * np.abs(np.asarray(a32.weights)).max()

@@ -33,6 +33,7 @@ def _random_jacobian(seed: int, num_tasks: int, dim: int) -> np.ndarray:
     return units * norms[:, None]
 
 
+@pytest.mark.slow  # float64 runs in the default suite through the `dtype` fixture's tests
 @settings(max_examples=25, deadline=None, derandomize=True)  # more in tests/test_stress.py
 @given(shape=st.sampled_from(SHAPES), seed=st.integers(0, 2**31 - 1))
 def test_random_jacobians_float64(shape, seed):

@@ -71,11 +71,11 @@ def test_inject_hyperparams_interop():
 @pytest.mark.parametrize("dtype", [slow(jnp.bfloat16), jnp.float32])
 def test_aggregator_preserves_dtype(dtype):
     tx = imtl_jax.imtl_g(num_tasks=2)
-    out, _ = tx.update(stacked_updates(dtype), tx.init(None))
+    out, _ = jax.jit(tx.update)(stacked_updates(dtype), tx.init(None))
     assert all(x.dtype == dtype for x in jax.tree_util.tree_leaves(out))
     with x64():
         tx64 = imtl_jax.imtl_g(num_tasks=2, dtype=jnp.float64)
-        out, st = tx64.update({"a": jnp.asarray(J_BASE, jnp.float64)}, tx64.init(None))
+        out, st = jax.jit(tx64.update)({"a": jnp.asarray(J_BASE, jnp.float64)}, tx64.init(None))
         assert out["a"].dtype == jnp.float64
         np.testing.assert_allclose(out["a"], paper_alpha(J_BASE) @ J_BASE, rtol=1e-12)
 

@@ -151,7 +151,7 @@ def test_masked_step_equals_present_task_step(name):
     _check_step_property(name, MASKS)
 
 
-@pytest.mark.parametrize("name", slow_unless_core(SUPPORTED, core=("famo",)))
+@pytest.mark.parametrize("name", slow_unless_core(SUPPORTED, core=()))  # the jitted twin runs by default
 def test_masked_step_without_jit(name):
     """Eagerly (concrete masks): the same property; two masks by default, all in the slow step."""
     masks = [MASKS[4], MASKS[9]] if name == "famo" else MASKS

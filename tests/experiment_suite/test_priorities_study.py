@@ -63,6 +63,7 @@ def test_jitted_step_projections_follow_priorities(bench, r):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=1e-6)
 
 
+@pytest.mark.slow  # the library's own check (test_imtl_g, test_optax_nnx) runs by default
 def test_priorities_are_traced_not_recompiled(bench, tmp_path):
     """Every ratio of the sweep shares one compiled program (priorities are an argument)."""
     from experiments.program import Program
