@@ -360,7 +360,7 @@ def _imtl_g_wide(grads: jax.Array, priorities: Optional[jax.Array], nonconflicti
         cosines = jnp.where(eye > 0, 1.0, cosines)
         target = (jnp.ones((num_tasks,), wide) if priorities is None else priorities.astype(wide))
         target = jnp.where(valid, target, 0.0)
-        inverse, _ = spd_inverse(cosines, 1.0 / (10.0 * num_tasks * eps))
+        inverse, _ = spd_inverse(cosines, jnp.asarray(1.0 / (10.0 * num_tasks * eps), wide))
         beta = jnp.matmul(inverse, target, precision=_HIGHEST)
         beta = beta + jnp.matmul(inverse, target - jnp.matmul(cosines, beta, precision=_HIGHEST),
                                  precision=_HIGHEST)

@@ -398,9 +398,9 @@ def _closed_form(gram: jax.Array, task_mask: Optional[jax.Array] = None) -> jax.
         both = task_mask[:, None] & task_mask[None, :]
         gram = jnp.where(both, gram, jnp.eye(num_tasks, dtype=dtype))
         ones = jnp.where(task_mask, 1.0, 0.0).astype(dtype)
-        num_tasks = jnp.sum(task_mask).astype(dtype)
+    present = num_tasks if task_mask is None else jnp.sum(task_mask).astype(dtype)
     evals, evecs = jnp.linalg.eigh(gram)
-    cutoff = 10.0 * num_tasks * jnp.finfo(dtype).eps * jnp.max(jnp.abs(evals))
+    cutoff = 10.0 * present * jnp.finfo(dtype).eps * jnp.max(jnp.abs(evals))
     keep = evals > cutoff
     coords = jnp.matmul(evecs.T, ones, precision=HIGHEST)
     # Null-space part of 1: if nonzero, sum w = 1 is reachable with M w = 0 (aggregate 0).
@@ -410,9 +410,9 @@ def _closed_form(gram: jax.Array, task_mask: Optional[jax.Array] = None) -> jax.
     range_part = jnp.matmul(evecs, inv * coords, precision=HIGHEST)   # M^+ 1
     range_mass = jnp.sum(range_part)
     use_null = null_mass > jnp.sqrt(jnp.finfo(dtype).eps)
-    w_null = safe_div(null_part, null_mass, ones / num_tasks)
+    w_null = safe_div(null_part, null_mass, ones / present)
     w_range = jnp.where(range_mass > 0, range_part / jnp.where(range_mass > 0, range_mass, 1.0),
-                        ones / num_tasks)
+                        ones / present)
     return jnp.where(use_null, w_null, w_range)
 
 
