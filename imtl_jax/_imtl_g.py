@@ -192,6 +192,24 @@ def _compensated_residual(g, n_hi, n_lo, beta, target):
     return r_hi + (r_err - x_lo)
 
 
+def _finish(weights, aggregate, common, finite, priorities, nonconflicting: bool) -> ImtlGResult:
+    """Both routes' last step: the ``nonconflicting`` sign flip, then NaN everywhere when the
+    gradients were not ``finite`` or the priorities not finite and positive."""
+    dtype = weights.dtype
+    if nonconflicting:
+        sign = jnp.where(common < 0, -1.0, 1.0).astype(dtype)
+        weights, aggregate, common = sign * weights, sign * aggregate, sign * common
+    ok = finite
+    if priorities is not None:
+        ok = ok & jnp.all(jnp.isfinite(priorities) & (priorities > 0))
+    nan = jnp.asarray(jnp.nan, dtype)
+    return ImtlGResult(
+        weights=jnp.where(ok, weights, nan),
+        aggregate=jnp.where(ok, aggregate, nan),
+        common_projection=jnp.where(ok, common, nan),
+    )
+
+
 def _imtl_g_impl(grads: jax.Array, priorities: Optional[jax.Array],
                  nonconflicting: bool, task_mask: Optional[jax.Array] = None) -> ImtlGResult:
     num_tasks = grads.shape[0]
@@ -288,19 +306,7 @@ def _imtl_g_impl(grads: jax.Array, priorities: Optional[jax.Array],
         jnp.sum(valid), 1).astype(dtype)
     common = ldexp(jnp.where(solvable & consistent, c_hi + c_lo, mean_ratio), shift)
 
-    if nonconflicting:
-        sign = jnp.where(common < 0, -1.0, 1.0).astype(dtype)
-        weights, aggregate, common = sign * weights, sign * aggregate, sign * common
-
-    ok = jnp.all(jnp.isfinite(grads))
-    if priorities is not None:
-        ok = ok & jnp.all(jnp.isfinite(priorities) & (priorities > 0))
-    nan = jnp.asarray(jnp.nan, dtype)
-    return ImtlGResult(
-        weights=jnp.where(ok, weights, nan),
-        aggregate=jnp.where(ok, aggregate, nan),
-        common_projection=jnp.where(ok, common, nan),
-    )
+    return _finish(weights, aggregate, common, jnp.all(jnp.isfinite(grads)), priorities, nonconflicting)
 
 
 # Which route float32 (and 16-bit) inputs take: "auto" (the wide Gram matrix where the backend
@@ -388,18 +394,7 @@ def _imtl_g_wide(grads: jax.Array, priorities: Optional[jax.Array], nonconflicti
         common = common.astype(dtype)
         aggregate = jnp.matmul(weights32.astype(wide), g64, precision=_HIGHEST).astype(dtype)
     weights = weights32
-    if nonconflicting:
-        sign = jnp.where(common < 0, -1.0, 1.0).astype(dtype)
-        weights, aggregate, common = sign * weights, sign * aggregate, sign * common
-    ok = finite
-    if priorities is not None:
-        ok = ok & jnp.all(jnp.isfinite(priorities) & (priorities > 0))
-    nan = jnp.asarray(jnp.nan, dtype)
-    return ImtlGResult(
-        weights=jnp.where(ok, weights, nan),
-        aggregate=jnp.where(ok, aggregate, nan),
-        common_projection=jnp.where(ok, common, nan),
-    )
+    return _finish(weights, aggregate, common, finite, priorities, nonconflicting)
 
 
 def imtl_g_solve(grads: jax.Array, *, priorities: Optional[jax.Array] = None,
