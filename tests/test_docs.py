@@ -46,8 +46,17 @@ def _library_modules() -> list[str]:
     return sorted(names)
 
 
-# The accumulation examples train small models (~10 s): CI's slow step.
-@pytest.mark.parametrize("module_name", [pytest.param(n, marks=pytest.mark.slow) if n == "imtl_jax._accumulate"
+# The default suite runs the examples of the core modules (the solve, the step, optax, NNX, Linen,
+# the exact level, MGDA) and of every module whose examples take well under a second; the other
+# method files, the safety wrappers, affinity and accumulation (which train small models, 2-10 s
+# each) run in CI's slow step.
+_SLOW_DOCTESTS = {"imtl_jax._accumulate", "imtl_jax._safety", "imtl_jax._affinity",
+                  "imtl_jax.methods.db_mtl", "imtl_jax.methods.cr_mogm", "imtl_jax.methods.dualproj",
+                  "imtl_jax.methods.config", "imtl_jax.methods.gradvac", "imtl_jax.methods.rlw",
+                  "imtl_jax.methods.fairgrad", "imtl_jax.methods.modo", "imtl_jax.methods.sdmgrad"}
+
+
+@pytest.mark.parametrize("module_name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_DOCTESTS
                                          else n for n in _library_modules()])
 def test_docstring_examples_run(module_name):
     module = importlib.import_module(module_name)

@@ -167,9 +167,9 @@ def test_config_all_zero_and_non_finite():
     assert np.all(np.isnan(np.asarray(bad.weights)))
 
 
-TestConfigProperties = property_tests(
+TestConfigProperties = pytest.mark.slow(property_tests(  # CI's slow step, like DualProj's
     "config", CONFIG, ("scale_invariant", "permutation_equivariant", "finite_on_degenerate",
-                       "nonconflicting", "compiles_once"), rtol=1e-4, cond2=10.0)
+                       "nonconflicting", "compiles_once"), rtol=1e-4, cond2=10.0))
 
 
 # ---------------------------------------------------------------------------------------------

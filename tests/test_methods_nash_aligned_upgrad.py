@@ -237,14 +237,16 @@ def test_nash_hard_families_residual(fdtype, case):
     assert residual <= floor, residual
 
 
-TestUpgradProperties = property_tests(
+# The three classes run in CI's slow step (MGDA's class is the default suite's solver
+# representative); the oracle and certificate tests above run by default.
+TestUpgradProperties = pytest.mark.slow(property_tests(
     "upgrad", upgrad_weighting(),
     ("scale_invariant", "permutation_equivariant", "finite_on_degenerate", "nonconflicting",
-     "compiles_once"))
-TestNashMtlProperties = property_tests(
+     "compiles_once")))
+TestNashMtlProperties = pytest.mark.slow(property_tests(
     "nash_mtl", nash_mtl_weighting(),
-    ("scale_invariant", "permutation_equivariant", "finite_on_degenerate", "compiles_once"))
-TestAlignedMtlProperties = property_tests(
+    ("scale_invariant", "permutation_equivariant", "finite_on_degenerate", "compiles_once")))
+TestAlignedMtlProperties = pytest.mark.slow(property_tests(
     "aligned_mtl", aligned_mtl_weighting(),
     ("scale_invariant", "permutation_equivariant", "finite_on_degenerate", "compiles_once"),
-    cond2=10.0)   # eigh of the Gramian: float32 accuracy ~ eps cond(G)^2
+    cond2=10.0))   # eigh of the Gramian: float32 accuracy ~ eps cond(G)^2
