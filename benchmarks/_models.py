@@ -136,3 +136,19 @@ def celeba(num_tasks: int = 40, batch_size: int = 256, in_features: int = 32 * 3
 
     params = imtl_jax.MTLParams(shared, heads, jnp.zeros((num_tasks,), jnp.float32))
     return Case("mlp (CelebA-like)", num_tasks, encoder, head_loss, params, make_batch)
+
+
+# --- precision ----------------------------------------------------------------------------------
+
+def cast(case: Case, dtype) -> Case:
+    """The same case with floating parameters and batch arrays in ``dtype`` (e.g. bfloat16):
+    encoder and heads then compute in that precision; ``mtl_step`` accumulates the per-task
+    z-gradients and solves the weights in float32 and casts the update back."""
+    def to(x):
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    def make_batch(seed):
+        return jax.tree_util.tree_map(to, case.make_batch(seed))
+
+    name = f"{case.name.split(' ')[0]} {jnp.dtype(dtype).name}"
+    return case._replace(name=name, params=jax.tree_util.tree_map(to, case.params), make_batch=make_batch)

@@ -97,9 +97,10 @@ def main(argv=None):
         v = np.nan_to_num(np.asarray(vals), nan=np.inf)
         print(f"{name:38s} {v.max():12.3g} {np.percentile(v, 99):12.3g} {np.median(v):12.3g}")
     r = np.asarray(ratios)
+    below_2eps = np.asarray(rows['imtl_jax f32']) <= 2 * np.finfo(np.float32).eps
     print(f"IMTL-G f32 spread / floor per case: median {np.median(r):.3g}, p99 {np.percentile(r, 99):.3g}, "
           f"max {r.max():.3g}; within 2x of the floor on {100 * np.mean(r <= 2):.1f}% of draws, "
-          f"within 2x or below 2 eps on {100 * np.mean((r <= 2) | (np.asarray(rows['imtl_jax f32']) <= 2 * np.finfo(np.float32).eps)):.1f}%")
+          f"within 2x or below 2 eps on {100 * np.mean((r <= 2) | below_2eps):.1f}%")
     _hard_families(args.hard_draws)
     for t in (2, 10, 40):
         c = solve_op_counts(t, 4096)

@@ -143,7 +143,7 @@ def main(argv=None):
             for seed in range(2):
                 jax.block_until_ready(b.fn(*b.make_args(seed)))
             fns["jax_" + v] = (b.fn, b.args)
-        for name, (fn, args) in fns.items():  # warm-up
+        for _name, (fn, args) in fns.items():  # warm-up
             jax.block_until_ready(fn(*args))
         probe = {}
         for name, (fn, args) in fns.items():

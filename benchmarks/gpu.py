@@ -5,7 +5,8 @@
     python -m benchmarks.gpu --budget-s 420  # stop starting new rows after this many seconds
 
 Prints, for the CelebA-like MLP trunk (3072-512-512-512, batch 256, float32) at T = 2, 3, 11, 40
-and the MultiMNIST LeNet at T = 2 (``benchmarks/_models.py``):
+and the MultiMNIST LeNet at T = 2 (``benchmarks/_models.py``), then EW and IMTL-H with model and
+batch in bfloat16 (the trunk at T = 3, 40; LeNet at T = 2):
 
 1. the jitted training step (``mtl_step`` + SGD-momentum update) of equal weighting (EW), IMTL-H
    (representation level, stacked heads), exact parameter-level IMTL-G (``imtl_g_exact``) and
@@ -42,14 +43,18 @@ from benchmarks import _models
 from benchmarks.step_cost import VARIANTS, build_step, peak_bytes, time_interleaved
 
 STEP_VARIANTS = ("ew", "imtl_h", "exact", "generic")
+BF16_VARIANTS = ("ew", "imtl_h")  # encoder, heads and batch in bfloat16; /EW is to bfloat16 EW
 
 
 def _configs(tiny: bool):
     if tiny:
         mlp = lambda t: _models.celeba(t, batch_size=16, in_features=48, width=32)  # noqa: E731
-        return [("mlp", 2, mlp(2))]
-    return ([("mlp", t, _models.celeba(t)) for t in (2, 3, 11, 40)] +
-            [("lenet", 2, _models.lenet(2))])
+        return [("mlp", 2, mlp(2), STEP_VARIANTS),
+                ("mlp-bf", 2, _models.cast(mlp(2), jnp.bfloat16), BF16_VARIANTS)]
+    return ([("mlp", t, _models.celeba(t), STEP_VARIANTS) for t in (2, 3, 11, 40)] +
+            [("lenet", 2, _models.lenet(2), STEP_VARIANTS)] +
+            [("mlp-bf", t, _models.cast(_models.celeba(t), jnp.bfloat16), BF16_VARIANTS) for t in (3, 40)] +
+            [("lenet-bf", 2, _models.cast(_models.lenet(2), jnp.bfloat16), BF16_VARIANTS)])
 
 
 def _device_peak() -> float | None:
@@ -130,36 +135,36 @@ def main(argv=None) -> int:
     print(f"imtl-jax accelerator benchmark -- jax {jax.__version__}, backend {jax.default_backend()}, "
           f"device {getattr(dev, 'device_kind', dev.platform)} x{jax.device_count()}, "
           f"{os.cpu_count()} CPU cores ({platform.machine()}){', --tiny' if opts.tiny else ''}")
-    print("step = mtl_step + optax.sgd(momentum) update, jitted, float32; median of interleaved "
+    print("step = mtl_step + optax.sgd(momentum) update, jitted, float32 (-bf rows: bfloat16); median of interleaved "
           "rounds after warm-up\n")
 
-    head = (f"{'model':<6} {'T':>3} {'variant':<15} {'ms':>9} {'/EW':>6} {'examples/s':>11} "
+    head = (f"{'model':<8} {'T':>3} {'variant':<15} {'ms':>9} {'/EW':>6} {'examples/s':>11} "
             f"{'peak MB':>9} {'traces':>6}")
     print(head)
     print("-" * len(head))
     skipped = []
     torch_rows = []
-    for kind, num_tasks, case in _configs(opts.tiny):
+    for kind, num_tasks, case, variants in _configs(opts.tiny):
         if time.perf_counter() - t_start > opts.budget_s:
             skipped.append(f"{kind} T={num_tasks}")
             continue
         batch_size = case.make_batch(0)["x"].shape[0]
-        built = {v: build_step(case, *VARIANTS[v]) for v in STEP_VARIANTS}
+        built = {v: build_step(case, *VARIANTS[v]) for v in variants}
         fns = {}
         for v, b in built.items():
             for seed in range(3):  # compile, then two fresh batches: the trace counter stays 1
                 jax.block_until_ready(b.fn(*b.make_args(seed)))
             fns[v] = (b.fn, b.args)
         med, ratio, _ = time_interleaved(fns, {v: reps for v in fns}, min_time=0.2 if opts.tiny else 1.0)
-        for v in STEP_VARIANTS:
+        for v in variants:
             ms = 1e3 * med[v]
-            print(f"{kind:<6} {num_tasks:>3} {v:<15} {ms:9.3f} {ratio[v]:5.2f}x "
+            print(f"{kind:<8} {num_tasks:>3} {v:<15} {ms:9.3f} {ratio[v]:5.2f}x "
                   f"{batch_size / med[v]:11.0f} {peak_bytes(built[v].fn, built[v].args) / 2**20:9.1f} "
                   f"{built[v].traces[0]:>6}")
         device_peak = _device_peak()
         if device_peak is not None:
-            print(f"{'':<6} {'':>3} device peak bytes in use so far: {device_peak:.1f} MB")
-        row = torch_row(kind, num_tasks, opts.tiny, reps)
+            print(f"{'':<8} {'':>3} device peak bytes in use so far: {device_peak:.1f} MB")
+        row = torch_row(kind, num_tasks, opts.tiny, reps) if variants == STEP_VARIANTS else None
         if row is not None:
             torch_rows.append((kind, num_tasks, *row))
         print(f"  ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr, flush=True)
@@ -167,19 +172,21 @@ def main(argv=None) -> int:
         print(f"  not run (over --budget-s {opts.budget_s:.0f}): {', '.join(skipped)}")
     print("  /EW: median over rounds of the step time divided by EW's in the same round.")
     print("  exact: imtl_g_exact (T encoder VJPs, per-leaf Gramian, T x T solve); generic: IMTL-H")
-    print("  through an opaque task_losses(heads, z, batch) -> (T,) function.\n")
+    print("  through an opaque task_losses(heads, z, batch) -> (T,) function. -bf rows: encoder,")
+    print("  heads and batch in bfloat16 (z-gradients summed and weights solved in float32), /EW")
+    print("  against bfloat16 EW.\n")
 
     print(f"{'weight solve':<48} {'median ms':>10} {'kernels':>8}")
-    for num_tasks in ((2, 40) if not opts.tiny else (2, 3)):
+    for num_tasks in ((2, 10, 40) if not opts.tiny else (2, 3)):
         for name, ms, kernels in measure_solves(num_tasks, 32 if opts.tiny else 512, reps):
             print(f"{name:<48} {ms:10.3f} {kernels:>8}")
     print("  kernels: fusions, custom calls, dots and other launching instructions in the entry")
     print("  computation of the compiled HLO (a conditional counts once; its branches not).\n")
 
     if torch_rows:
-        print(f"{'model':<6} {'T':>3} {'torch device':<12} {'torch EW ms':>12} {'TorchJD IMTLG ms':>17} {'/EW':>6}")
+        print(f"{'model':<8} {'T':>3} {'torch device':<12} {'torch EW ms':>12} {'TorchJD IMTLG ms':>17} {'/EW':>6}")
         for kind, num_tasks, device, ms in torch_rows:
-            print(f"{kind:<6} {num_tasks:>3} {device:<12} {ms['ew']:12.3f} {ms['imtlg']:17.3f} "
+            print(f"{kind:<8} {num_tasks:>3} {device:<12} {ms['ew']:12.3f} {ms['imtlg']:17.3f} "
                   f"{ms['imtlg'] / ms['ew']:5.2f}x")
     else:
         print("TorchJD: not installed (pip install -e '.[compare]') -- no comparison row.")

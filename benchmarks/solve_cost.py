@@ -78,7 +78,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     for t, route in [(t, r) for t in args.tasks for r in ("wide", "compensated")]:
         c = solve_op_counts(t, args.dim, route=route)
-        print(f"T={t:3d} D={args.dim} float32, {route} route: {c['taken']} kernel-launching HLO ops on the Cholesky path "
+        print(f"T={t:3d} D={args.dim} float32, {route} route: {c['taken']} kernel-launching HLO ops "
+              "on the Cholesky path "
               f"({c['kernels']} in the module, {c['fallback']} in the eigh fallback branch; "
               f"eigh only in the fallback: {c['eigh_in_fallback_only']}); {c['by_op']}; "
               f"backend {c['backend']}")

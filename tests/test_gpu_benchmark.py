@@ -27,6 +27,8 @@ def test_tiny_run_prints_every_table(capsys):
         assert float(ms) > 0 and float(ratio) > 0 and int(throughput) > 0 and float(peak_mb) > 0
         assert traces == "1", (variant, traces)  # one compilation per configuration
     assert float(rows["ew"][1]) == pytest.approx(1.0, abs=0.02)  # EW against itself in each round
+    bf16 = re.findall(r"^mlp-bf\s+2\s+(ew|imtl_h)\s+[\d.]+\s+[\d.]+x\s+\d+\s+[\d.]+\s+1$", out, re.M)
+    assert sorted(bf16) == ["ew", "imtl_h"], out  # the bfloat16 rows, compiled once each
     solves = re.findall(r"^(imtl_g_weights on|Gramian solve).*?([\d.]+)\s+(\d+)$", out, re.M)
     assert len(solves) == 4, out  # T = 2 and 3, both solves, each with a kernel count
     assert all(int(k) > 0 for _, _, k in solves)
