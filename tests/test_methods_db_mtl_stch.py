@@ -4,6 +4,7 @@ step (DB-MTL's log-loss scaling reaches the heads)."""
 
 from __future__ import annotations
 
+import decimal
 import functools
 
 import jax
@@ -58,8 +59,107 @@ def test_db_mtl_matches_the_norm_ema_over_steps(fdtype, beta, beta_sigma):
     for g, out, w in zip(seq, outs, want):
         assert out.weights.dtype == fdtype
         np.testing.assert_allclose(np.asarray(out.weights, np.float64) @ g, w, rtol=tol, atol=tol * np.abs(w).max())
-    np.testing.assert_allclose(np.asarray(outs[-1].state.norm_ema, np.float64), n, rtol=tol)
+    np.testing.assert_allclose(np.asarray(outs[-1].state.norms(), np.float64), n, rtol=tol)
     assert int(outs[-1].state.count) == 4
+
+
+def db_mtl_exact(grads_seq, beta, beta_sigma):
+    """The recurrence of :func:`db_mtl_numpy` in exact-to-60-digits decimal arithmetic on the
+    floats as given (no underflow or overflow anywhere): the weights max_s n_s / n_t (0 where
+    n_t = 0) and the norm EMA n after each step, as Decimal lists."""
+    ctx = decimal.Context(prec=60, Emin=-999999, Emax=999999)
+    D = decimal.Decimal
+    n = [D(0)] * len(grads_seq[0])
+    weights = []
+    for k, g in enumerate(grads_seq, start=1):
+        b = ctx.divide(D(beta), ctx.power(D(k), D(beta_sigma)))
+        norms = [ctx.sqrt(sum((ctx.multiply(D(float(x)), D(float(x))) for x in row), D(0)))
+                 for row in np.asarray(g)]
+        n = [ctx.add(ctx.multiply(b, a), ctx.multiply(1 - b, c)) for a, c in zip(n, norms)]
+        top = max(n)
+        weights.append([ctx.divide(top, a) if a > 0 else D(0) for a in n])
+    return weights, n
+
+
+def _rel_err(got, want):
+    """max_t |got_t - want_t| / max_t |want_t| in Decimal (got: float array, want: Decimals)."""
+    D = decimal.Decimal
+    ctx = decimal.Context(prec=60, Emin=-999999, Emax=999999)
+    scale = max(abs(w) for w in want)
+    return float(ctx.divide(max(abs(D(float(a)) - w) for a, w in zip(got, want)), scale))
+
+
+# Per-row spread as in the over-steps test; every case is a sequence of 4 steps.
+_ROWS = np.array([[1e-2], [1.0], [30.0], [0.5]])
+DB_SCALES = {
+    "float32": {"1e-30": 1e-30, "subnormal 1e-40": 1e-40, "subnormal 2^-140": 2.0 ** -140,
+                "3e38": 3e38 / 60},           # entries up to 30 * 2 * 5e36 = 3e38
+    "float64": {"1e-300": 1e-300, "subnormal 1e-310": 1e-310, "1.7e308": 1.7e308 / 60},
+}
+
+
+def _scaled_seq(dtype, scale, dim=10, mixed=False):
+    rng = np.random.default_rng(7)
+    seq = []
+    for step in range(4):
+        g = rng.uniform(-1.0, 1.0, (4, dim)) * _ROWS * rng.uniform(0.5, 2.0)
+        s = scale if not mixed else [scale, 1.0, scale, 1e-3][step]
+        seq.append(np.asarray(g * s, dtype))
+    return seq
+
+
+def _assert_norms_overflow(seq, dtype):
+    """Every entry finite, some row norm above the dtype's largest finite value."""
+    assert all(np.all(np.isfinite(g)) for g in seq)
+    big = max(np.linalg.norm(np.asarray(g, np.float64) / 2.0 ** 600, axis=1).max() for g in seq)
+    assert big > float(np.finfo(dtype).max) / 2.0 ** 600
+
+
+def _check_db_mtl_against_exact(dtype, seq, beta=0.9, beta_sigma=0.5):
+    outs = _run(db_mtl_weighting(beta=beta, beta_sigma=beta_sigma), seq, [np.ones(4)] * 4, dtype)
+    want_w, want_n = db_mtl_exact(seq, beta, beta_sigma)
+    # float32: beta and b_k rounded to float32 (~6e-8 relative each), norms and sums over 10
+    # entries; float64 the same at 2^-52.
+    tol = 3e-6 if dtype == np.float32 else 1e-13
+    D = decimal.Decimal
+    for out, w in zip(outs, want_w):
+        got = np.asarray(out.weights)
+        assert got.dtype == dtype and np.all(np.isfinite(got)), got
+        assert _rel_err(got, w) <= tol, (got, [float(x) for x in w])
+    state = outs[-1].state
+    exact_n = [D(float(m)) * D(2) ** int(k)
+               for m, k in zip(np.asarray(state.norm_ema), np.asarray(state.norm_exponent))]
+    assert _rel_err(exact_n, want_n) <= tol
+
+
+@pytest.mark.parametrize("label", list(DB_SCALES["float32"]))
+def test_db_mtl_float32_extreme_scales_match_exact_oracle(label):
+    """1e-30, subnormal gradients (XLA's CPU backend reads them as 0 in arithmetic: before the
+    power-of-two state every weight was 0 there, a zero update) and entries near 3e38 whose row
+    norms overflow float32: the weights and the norm EMA of the exact recurrence."""
+    seq = _scaled_seq(np.float32, DB_SCALES["float32"][label])
+    if label.startswith("subnormal"):
+        assert all(np.max(np.abs(g)) < np.finfo(np.float32).tiny for g in seq)
+    if label == "3e38":
+        _assert_norms_overflow(seq, np.float32)
+    _check_db_mtl_against_exact(np.float32, seq)
+
+
+@pytest.mark.parametrize("label", list(DB_SCALES["float64"]))
+def test_db_mtl_float64_extreme_scales_match_exact_oracle(label):
+    with x64():
+        seq = _scaled_seq(np.float64, DB_SCALES["float64"][label])
+        if label.startswith("subnormal"):
+            assert all(np.max(np.abs(g)) < np.finfo(np.float64).tiny for g in seq)
+        if label == "1.7e308":
+            _assert_norms_overflow(seq, np.float64)
+        _check_db_mtl_against_exact(np.float64, seq)
+
+
+def test_db_mtl_scale_jumps_between_steps_match_exact_oracle():
+    """The EMA across steps whose gradients jump between subnormal and normal scales (one
+    exponent for the whole state, the smaller terms shifted exactly)."""
+    _check_db_mtl_against_exact(np.float32, _scaled_seq(np.float32, 1e-40, mixed=True))
 
 
 def test_db_mtl_with_beta_zero_is_the_paper_update():

@@ -12,11 +12,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from imtl_jax._linalg import ldexp, pow2_normalize
 from imtl_jax._method import LossScaling, Method, Weighting, WeightingOutput
 from imtl_jax.methods import _mask, register
 from imtl_jax.methods._common import (cast_like, check_grads, check_state, compute_dtype,
-                                      keep_state_if_not_finite, nan_if_not_finite,
-                                      normalized_gramian)
+                                      keep_state_if_not_finite, nan_if_not_finite)
 
 #: The additive guard inside the logarithm (LibMTL's ``torch.log(losses + 1e-8)``).
 LOG_EPS = 1e-8
@@ -33,16 +33,48 @@ LOG = LossScaling(name="log", scale=log_scale, trainable=False)
 
 
 class DBMTLState(NamedTuple):
-    """State of :func:`db_mtl_weighting`: ``count`` (int32) steps seen, and ``norm_ema`` (T,), the
-    exponential moving average of the per-task gradient norms (starts at 0)."""
+    """State of :func:`db_mtl_weighting`.
+
+    ``count`` (int32) steps seen; the exponential moving average of each task's gradient norm
+    (starts at 0), held exactly over the whole floating-point range as
+    ``norm_ema * 2**norm_exponent``: ``norm_ema`` (T,) mantissas (each in [0.5, 1), or 0) and
+    ``norm_exponent`` (T,) int32. Gradients at 1e-30, subnormal ones (which XLA's CPU backend
+    reads as 0 in arithmetic) and norms above the dtype's largest finite value (entries near 3e38
+    in float32) give the weights they give at scale 1. :meth:`norms` returns the EMA itself.
+    """
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count; a public state field
     norm_ema: jax.Array
+    norm_exponent: jax.Array
+
+    def norms(self) -> jax.Array:
+        """The EMA of the gradient norms, ``norm_ema * 2**norm_exponent``, in ``norm_ema``'s dtype
+        (rounded to 0 below its normal range, inf above its largest finite value)."""
+        m = self.norm_ema
+        cdt = compute_dtype(m.dtype)
+        return ldexp(m.astype(cdt), _clamp_shift(self.norm_exponent, cdt)).astype(m.dtype)
 
 
 def _dbmtl_init(num_tasks, dtype=None):
     dtype = jnp.float32 if dtype is None else dtype
-    return DBMTLState(jnp.zeros((), jnp.int32), jnp.zeros((num_tasks,), dtype))
+    return DBMTLState(jnp.zeros((), jnp.int32), jnp.zeros((num_tasks,), dtype),
+                      jnp.zeros((num_tasks,), jnp.int32))
+
+
+def _clamp_shift(k, dtype):
+    """``k`` clipped to the range :func:`imtl_jax._linalg.ldexp` handles (twice the exponent
+    range): beyond it the result is 0 (or inf) in ``dtype`` anyway."""
+    limit = 2 * (int(jnp.finfo(dtype).maxexp) - 2)
+    return jnp.clip(jnp.asarray(k, jnp.int32), -limit, limit)
+
+
+def _split(x):
+    """``(m, k)`` with ``x = m 2^k`` exactly, each ``m`` in [0.5, 1) or 0 (per entry)."""
+    m, k = jax.vmap(pow2_normalize)(x[:, None])
+    return m[:, 0], k
+
+
+_LOWEST = int(jnp.iinfo(jnp.int32).min)
 
 
 def _dbmtl_weigh(grads, losses, state, key, priorities, *, beta, beta_sigma, task_mask=None):
@@ -51,27 +83,50 @@ def _dbmtl_weigh(grads, losses, state, key, priorities, *, beta, beta_sigma, tas
     num_tasks = grads.shape[0]
     check_state(state, _dbmtl_init(num_tasks, grads.dtype), "db_mtl")
     cdt = compute_dtype(grads.dtype)
+    g = grads.astype(cdt)
     if task_mask is not None:
-        grads = _mask.rows(grads, task_mask)
-    gram, scale = normalized_gramian(grads.astype(cdt))
-    norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0)) * scale
+        g = _mask.rows(g, task_mask)
+    # ||g_t|| = r_t 2^k_t: each row rescaled by its own exact power of two (bit operations), so
+    # neither a subnormal row (read as 0 in arithmetic on XLA's CPU backend), nor squares below
+    # the normal range, nor a norm above the largest finite value is lost.
+    y, k = jax.vmap(pow2_normalize)(g)
+    r = jnp.sqrt(jnp.sum(y * y, axis=1))                       # in [0.5, sqrt F), or 0
+    # Task by task, the old EMA m_t 2^e_t and the new norm at the larger of the two exponents
+    # (a term shifted below the normal range is negligible beside the other), then renormalized.
+    old = state.norm_ema.astype(cdt)
+    e = state.norm_exponent.astype(jnp.int32)
+    top_exp = jnp.maximum(jnp.where(old != 0, e, _LOWEST), jnp.where(r > 0, k, _LOWEST))
+    top_exp = jnp.where(top_exp == _LOWEST, 0, top_exp)
     step = (state.count + 1).astype(cdt)
     b = beta / step ** beta_sigma
-    ema = b * state.norm_ema.astype(cdt) + (1.0 - b) * norms
-    if task_mask is not None:  # an absent task's norm EMA does not move, nor enter the max
-        ema = _mask.keep(ema, state.norm_ema.astype(cdt), task_mask)
-    top = jnp.max(ema) if task_mask is None else _mask.maximum(ema, task_mask)
-    # w_t = max_s ema_s / ema_t, bounded by 1 / tiny (finite): a task with no gradient history
-    # (ema_t = 0, or below max * tiny) gets 0 (its gradient is 0 or negligible anyway).
-    ok = (ema > 0) & (ema * (1.0 / jnp.finfo(cdt).tiny) >= top)
-    weights = jnp.where(ok, top / jnp.where(ok, ema, 1.0), 0.0)
+    ema = (b * ldexp(old, _clamp_shift(e - top_exp, cdt))
+           + (1.0 - b) * ldexp(r, _clamp_shift(k - top_exp, cdt)))
+    mant, shift = _split(ema)
+    exp = top_exp + shift
+    if task_mask is not None:  # an absent task's norm EMA does not move (bit for bit)
+        mant = _mask.keep(mant, old, task_mask)
+        exp = _mask.keep(exp, e, task_mask)
+    # w_t = max_s ema_s / ema_t = (m_max / m_t) 2^(e_max - e_t): the largest EMA is the one of
+    # the largest exponent, then mantissa, among the present tasks with a history. Bounded by
+    # 1 / tiny (finite): a task with no gradient history (ema_t = 0, or below max * tiny) gets 0
+    # (its gradient is 0 or negligible anyway).
+    live = mant > 0
+    if task_mask is not None:
+        live = live & task_mask
+    e_max = jnp.max(jnp.where(live, exp, _LOWEST))
+    m_max = jnp.max(jnp.where(live & (exp == e_max), mant, 0.0))
+    ratio = m_max / jnp.where(live, mant, 1.0)
+    weights = ldexp(ratio, _clamp_shift(jnp.where(live, e_max - exp, 0), cdt))
+    ok = live & (weights <= 1.0 / jnp.finfo(cdt).tiny)
+    weights = jnp.where(ok, weights, 0.0)
     if task_mask is not None:
         weights = _mask.entries(weights, task_mask)
     weights = nan_if_not_finite(weights, grads)
-    new_state = cast_like(DBMTLState(state.count + 1, ema), state)
+    new_state = cast_like(DBMTLState(state.count + 1, mant, exp), state)
     new_state = keep_state_if_not_finite(new_state, state, grads)
+    absolute = ldexp(mant, _clamp_shift(exp, cdt))
     return WeightingOutput(weights.astype(grads.dtype), new_state,
-                           {"norm_ema": ema.astype(grads.dtype)})
+                           {"norm_ema": absolute.astype(grads.dtype)})
 
 
 def db_mtl_weighting(*, beta: float = 0.9, beta_sigma: float = 0.0) -> Weighting:
@@ -98,12 +153,16 @@ def db_mtl_weighting(*, beta: float = 0.9, beta_sigma: float = 0.0) -> Weighting
       beta_sigma: decay exponent of the coefficient, ``b_k = beta / k^beta_sigma`` (0: constant,
         LibMTL's ``DB_beta_sigma`` default).
 
-    Cost per step: the per-task gradients, the Gramian O(T^2 F) (only its diagonal is used).
-    State: a step counter and the (T,) norm EMA. ``info["norm_ema"]``: the EMA after this
-    step. LibMTL runs DB-MTL at the parameter level only; here the registered method works at
-    the representation level like every baseline (``Method("db_mtl", LOG, weighting,
-    level="parameters")`` for the paper's level). Gradient method: heads get their own
-    ``grad log L_t``.
+    Cost per step: the per-task gradients and their norms, O(T F). State: a step counter and
+    the (T,) norm EMA, held as mantissas and power-of-two exponents (:class:`DBMTLState`), so
+    gradients anywhere in the floating-point range, subnormals included, give the weights they
+    give at scale 1. ``info["norm_ema"]``: the EMA after this step, in the gradients' dtype
+    (rounded to 0 / inf outside its range; ``state.norms()`` likewise). NaN or inf anywhere in
+    ``grads``: all weights NaN and the state unchanged (so ``optax.apply_if_finite`` /
+    ``StepAux.all_finite`` skip the step). LibMTL runs DB-MTL at the parameter level only;
+    here the registered method works at the representation level like every baseline
+    (``Method("db_mtl", LOG, weighting, level="parameters")`` for the paper's level). Gradient
+    method: heads get their own ``grad log L_t``.
 
     Example:
       >>> import jax.numpy as jnp, imtl_jax
