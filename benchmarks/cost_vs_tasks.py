@@ -39,15 +39,15 @@ def _torchjd_step(num_tasks: int, batch_size: int, width: int, in_dim: int):
     """TorchJD's IMTLG through ``mtl_backward`` on the same trunk, or None without torchjd."""
     try:
         import torch
-        from torchjd import mtl_backward
         from torchjd.aggregation import IMTLG
+        from torchjd.autojac import jac_to_grad, mtl_backward
     except ImportError:
         return None
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     trunk = torch.nn.Sequential(torch.nn.Linear(in_dim, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
                                 torch.nn.ReLU(), torch.nn.Linear(width, width), torch.nn.ReLU())
-    heads = torch.nn.Linear(width, num_tasks)
+    heads = torch.nn.ModuleList([torch.nn.Linear(width, 1) for _ in range(num_tasks)])  # one per task
     opt = torch.optim.SGD(list(trunk.parameters()) + list(heads.parameters()), lr=1e-3, momentum=0.9)
     x = torch.randn(batch_size, in_dim, generator=g)
     y = (torch.rand(batch_size, num_tasks, generator=g) > 0.5).float()
@@ -56,9 +56,11 @@ def _torchjd_step(num_tasks: int, batch_size: int, width: int, in_dim: int):
     def step():
         opt.zero_grad()
         z = trunk(x)
-        logits = heads(z)
-        losses = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(0)
-        mtl_backward(losses=list(losses), features=z, aggregator=agg)
+        losses = [torch.nn.functional.binary_cross_entropy_with_logits(h(z)[:, 0], y[:, t])
+                  for t, h in enumerate(heads)]
+        mtl_backward(losses, features=z)   # heads' gradients, and the Jacobian w.r.t. the trunk
+
+        jac_to_grad(list(trunk.parameters()), agg)
         opt.step()
 
     return step
@@ -76,7 +78,7 @@ def measure(tasks, methods, *, tiny: bool, rounds: int) -> dict:
             jax.block_until_ready(b.fn(*b.args))
             fns[m] = (b.fn, b.args)
             mem[m] = peak_bytes(b.fn, b.args) / 2**20
-        tj = _torchjd_step(t, batch, 512, 3072) if not tiny else None
+        tj = _torchjd_step(t, batch, 64, 192) if tiny else _torchjd_step(t, batch, 512, 3072)
         if tj is not None:
             tj()
             fns["torchjd_imtlg"] = (lambda *_, step=tj: step(), ())
