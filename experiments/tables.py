@@ -15,6 +15,10 @@ Blocks:
   ("better", "worse", "no difference"), ranked by mean Δm.
 * ``<folder>:levels``: each method run at both levels (z and θ), the paired θ − z difference.
 * ``<folder>:provenance``: the command, seeds, configuration and machine of the runs.
+* ``perf:step_cost``: the step-cost table of the committed ``python -m benchmarks.step_cost``
+  output (``results/benchmarks/step_cost.txt``), with its load; ``perf:solve_alone``: the weight
+  solve alone (``results/benchmarks/solve_alone.txt``); ``perf:cost_vs_tasks``: the
+  table of ``results/benchmarks/cost_vs_tasks/cost_vs_tasks.md``.
 
 >>> split_blocks("a\\n<!-- table:x -->\\nold\\n<!-- /table:x -->\\nb")[1]
 ['x']
@@ -36,7 +40,10 @@ __all__ = ["RecordedBenchmark", "collect_runs", "load", "full_table", "verdict_t
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
-TARGET_FILES = ("README.md", "docs/does_imtl_help.md", "docs/results.md", "docs/budgets.md")
+TARGET_FILES = ("README.md", "docs/does_imtl_help.md", "docs/results.md", "docs/budgets.md", "docs/performance.md")
+PERF = {"step_cost": RESULTS / "benchmarks" / "step_cost.txt",
+        "solve_alone": RESULTS / "benchmarks" / "solve_alone.txt",
+        "cost_vs_tasks": RESULTS / "benchmarks" / "cost_vs_tasks" / "cost_vs_tasks.md"}
 _BLOCK = re.compile(r"<!-- table:(?P<name>[\w:@.\-/]+) -->\n(?P<body>.*?)<!-- /table:(?P=name) -->", re.S)
 
 
@@ -187,6 +194,76 @@ def curves_table(folder: Path) -> str:
     return "\n".join(text.splitlines()[2:])   # without the page title
 
 
+_STEP_ROW = re.compile(r"^(?P<model>\S.*?)\s+(?P<t>\d+) \|(?P<cells>.*)$")
+_STEP_NAMES = ("EW", "IMTL-H", "IMTL-G exact", "IMTL-H generic", "plain-jax EW")
+
+
+def _step_cost_rows(text: str, section: str) -> dict:
+    """{(model, T): [cell text per variant]} of one table of a step_cost output."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(section))
+    rows = {}
+    for line in lines[start + 1:]:
+        if rows and not line.strip():   # the blank line after the table
+            break
+        m = _STEP_ROW.match(line)
+        if m and not line.startswith("model"):
+            rows[(m.group("model"), int(m.group("t")))] = [c.strip() for c in m.group("cells").split("|")]
+    return rows
+
+
+def step_cost_table(path: Path) -> str:
+    """IMTL-H, exact IMTL-G and generic heads against EW per model, from a step_cost output."""
+    text = path.read_text()
+    times = _step_cost_rows(text, "Step time")
+    memory = _step_cost_rows(text, "Peak memory")
+    loads = re.findall(r"^# load (before|after): ([\d.]+)", text, re.M)
+    commit = re.search(r"commit (\w+)", text)
+
+    def ratio(cell: str) -> str:
+        return cell.split()[1].rstrip("x") if cell != "-" else "–"
+
+    out = ["| model | T | EW ms | IMTL-H / EW | exact IMTL-G / EW | generic heads / EW | memory IMTL-H / EW |",
+           "|---|---|---|---|---|---|---|"]
+    for (model, t), cells in times.items():
+        mem = memory.get((model, t), ["-"] * len(cells))
+        out.append(f"| {model} | {t} | {cells[0].split()[0]} | {ratio(cells[1])} | {ratio(cells[2])} | "
+                   f"{ratio(cells[3]) if len(cells) > 3 else '–'} | {ratio(mem[1])} |")
+    load = ", ".join(f"{v} {k}" for k, v in loads)
+    out += ["", f"`python -m benchmarks.step_cost` (output: `{path.relative_to(ROOT)}`; experiment queue "
+                f"paused, 1-minute load {load}{f'; commit {commit.group(1)}' if commit else ''}): median "
+                "wall time, ratios = median over interleaved rounds of the ratio within a round."]
+    return "\n".join(out)
+
+
+def solve_alone_table(path: Path) -> str:
+    """The weight solve alone (median, min, projection spread per implementation)."""
+    text = path.read_text()
+    rows = re.findall(r"^\s*(\S.*?)\s+median\s+([\d.]+) ms\s+min\s+([\d.]+) ms\s+spread (\S+)$", text, re.M)
+    loads = re.findall(r"^# load (before|after): ([\d.]+)", text, re.M)
+    commit = re.search(r"commit (\w+)", text)
+    out = ["| implementation | median ms | min ms | projection spread of the answer |", "|---|---|---|---|"]
+    out += [f"| {name.strip()} | {med} | {mn} | {spread} |" for name, med, mn, spread in rows]
+    load = ", ".join(f"{v} {k}" for k, v in loads)
+    out += ["", f"Output: `{path.relative_to(ROOT)}` (experiment queue paused, 1-minute load {load}"
+                f"{f'; commit {commit.group(1)}' if commit else ''})."]
+    return "\n".join(out)
+
+
+def perf_table(name: str) -> Optional[str]:
+    """The body of a ``perf:<name>`` block, or None when its committed output is absent."""
+    path = PERF.get(name)
+    if path is None:
+        raise ValueError(f"unknown perf block {name!r}; expected one of {sorted(PERF)}")
+    if not path.exists():
+        return None
+    if name == "step_cost":
+        return step_cost_table(path)
+    if name == "solve_alone":
+        return solve_alone_table(path)
+    return path.read_text().strip()
+
+
 def _producers() -> dict[str, Callable[[Path], str]]:
     return {"": full_table, "verdict": verdict_table, "curves": curves_table, "levels": levels_table, "provenance": provenance}
 
@@ -194,6 +271,9 @@ def _producers() -> dict[str, Callable[[Path], str]]:
 def render(name: str) -> Optional[str]:
     """The body of block ``name`` (``folder`` or ``folder:kind``), or None when its results are absent."""
     folder, _, kind = name.partition(":")
+    if folder == "perf":
+        body = perf_table(kind)
+        return None if body is None else body.rstrip("\n") + "\n"
     path = RESULTS / folder
     if not (path / "results.json").exists():
         return None

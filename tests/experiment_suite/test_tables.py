@@ -116,3 +116,53 @@ def test_levels_table_pairs_theta_with_z_per_seed(tmp_path, monkeypatch):
     rows = {line.split(" | ")[0].strip("| "): line for line in tables.render("f:levels").splitlines()[2:]}
     assert "-2.00 ± 0.00 (n=3)" in rows["imtl_g"] and "better at θ" in rows["imtl_g"]  # paired: exactly -2
     assert "no difference" in rows["nash_mtl"]  # +3, 0, -3: the interval spans zero
+
+
+_STEP_COST_OUTPUT = """\
+# python -m benchmarks.step_cost -- queue paused, 2-core CPU
+# load before: 1.25 2.00 2.10 1/100 1  2026-01-01T00:00:00Z  commit abc1234
+Step time: median wall ms, then the ratio to EW of wall time (x) and of process CPU
+time (c), each the median over rounds of the ratio within a round
+model                T |                  EW |              IMTL-H |        IMTL-G exact |      IMTL-H generic
+-----------------------------------------------------------------------------------------------------------
+lenet (MultiMNIST)   2 |    60.0 1.00x 1.00c |    61.0 1.02x 1.01c |    90.0 1.50x 1.55c |    66.0 1.10x 1.03c
+mlp bfloat16        40 |    25.0 1.00x 1.00c |    27.0 1.08x 1.10c |                   - |                   -
+
+Peak memory of the compiled step: MB, then the ratio to EW
+model                T |                  EW |              IMTL-H |        IMTL-G exact |      IMTL-H generic | traces
+-------------------------------------------------------------------------------------------------------------------
+lenet (MultiMNIST)   2 |    34.7 1.00x       |    38.2 1.10x       |    77.7 2.24x       |    34.7 1.00x       | 1,1,1,1
+mlp bfloat16        40 |    24.9 1.00x       |    24.9 1.00x       |                   - |                   - | 1,1
+  EW: mtl_step(method='equal').
+# load after: 1.75 2.00 2.10 1/100 1
+"""
+
+
+def test_step_cost_block_reads_the_committed_output(tmp_path):
+    """Each row's EW time, the time ratios and IMTL-H's memory ratio, in the file's order, with
+    the load; '-' cells read as '–' (not run)."""
+    path = tables.ROOT / "results" / "_fixture_step_cost.txt"   # relative_to(ROOT) must work
+    try:
+        path.write_text(_STEP_COST_OUTPUT)
+        body = tables.step_cost_table(path)
+    finally:
+        path.unlink()
+    lines = body.splitlines()
+    assert lines[2] == "| lenet (MultiMNIST) | 2 | 60.0 | 1.02 | 1.50 | 1.10 | 1.10 |"
+    assert lines[3] == "| mlp bfloat16 | 40 | 25.0 | 1.08 | – | – | 1.00 |"
+    assert "1-minute load 1.25 before, 1.75 after; commit abc1234" in body
+
+
+def test_solve_alone_block_keeps_every_implementation():
+    text = ("# cmd\n# load before: 1.4 x\n"
+            "ours (jit)        median   1.500 ms  min   0.600 ms  spread 8.3e-08\n"
+            "  indented route  median  10.000 ms  min   6.000 ms  spread 8.3e-08\n# load after: 1.6 x\n")
+    path = tables.ROOT / "results" / "_fixture_solve_alone.txt"
+    try:
+        path.write_text(text)
+        body = tables.solve_alone_table(path)
+    finally:
+        path.unlink()
+    assert body.splitlines()[2:4] == ["| ours (jit) | 1.500 | 0.600 | 8.3e-08 |",
+                                      "| indented route | 10.000 | 6.000 | 8.3e-08 |"]
+    assert "1-minute load 1.4 before, 1.6 after" in body
