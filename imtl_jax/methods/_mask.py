@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imtl_jax._method import Weighting, WeightingOutput
+from imtl_jax.methods._common import compute_dtype, normalized_gramian
 
 
 def check_task_mask(task_mask: Any, num_tasks: int) -> jax.Array:
@@ -150,3 +151,51 @@ def keep_vectors(new: Any, old: Any, mask: jax.Array) -> Any:
         return n
 
     return jax.tree_util.tree_map(one, new, old)
+
+
+def mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """The mean of ``x`` (T,) over the present entries (masked entries, NaN included, ignored)."""
+    return jnp.sum(entries(x, mask)) / count(mask, x.dtype)
+
+
+def uniform(mask: jax.Array, dtype: Any) -> jax.Array:
+    """``1 / T'`` on the present entries, exactly 0 on the masked ones."""
+    return entries(jnp.ones(mask.shape, dtype), mask) / count(mask, dtype)
+
+
+def gramian(grads: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``normalized_gramian`` of the present rows, padded: ``(M, scale)`` where the present
+    block of ``M`` and ``scale`` are exactly those of the sub-problem (the zero rows change
+    neither ``max|G|`` nor any product) and the masked rows and columns are exactly 0."""
+    return normalized_gramian(rows(grads, mask).astype(compute_dtype(grads.dtype)))
+
+
+def decouple(matrix: jax.Array, mask: jax.Array) -> jax.Array:
+    """A (T, T) ``matrix`` with the masked rows and columns replaced by those of the identity:
+    a block-diagonal system whose present block is the sub-problem's and whose masked
+    variables are decoupled (a solver started at their known solution keeps them there, and a
+    Cholesky factor keeps exact zeros off the blocks)."""
+    both = mask[:, None] & mask[None, :]
+    return jnp.where(both, matrix, jnp.eye(mask.shape[0], dtype=matrix.dtype))
+
+
+def present_first(mask: jax.Array) -> jax.Array:
+    """The task indices with the present tasks first (in order), then the masked ones: entry
+    ``k < T'`` is the task that is task ``k`` of the sub-problem (the inverse of
+    :func:`compact_index` on the present tasks)."""
+    return jnp.argsort((~mask).astype(jnp.int32), stable=True).astype(jnp.int32)
+
+
+def project_simplex(y: jax.Array, mask: jax.Array) -> jax.Array:
+    """The Euclidean projection of the present entries of ``y`` onto the simplex of the present
+    tasks (masked entries exactly 0): the sub-problem's ``_common.project_simplex``, with the
+    same sorted prefix sums, so the same numbers."""
+    num_present = jnp.sum(mask)
+    u = -jnp.sort(-jnp.where(mask, y, -jnp.inf))          # present entries first, descending
+    ks = jnp.arange(1, y.shape[0] + 1)
+    valid = ks <= num_present
+    u = jnp.where(valid, u, 0.0)
+    thetas = (jnp.cumsum(u) - 1.0) / ks.astype(y.dtype)
+    rho = jnp.sum(valid & (u > thetas))                   # >= 1 when a task is present
+    theta = thetas[jnp.maximum(rho, 1) - 1]
+    return entries(jnp.maximum(y - theta, 0.0), mask)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from imtl_jax._method import Method, Weighting, WeightingOutput
-from imtl_jax.methods import register
+from imtl_jax.methods import _mask, register
 from imtl_jax.methods._common import (HIGHEST, cast_like, check_grads, check_state, compute_dtype,
                                       keep_state_if_not_finite, nan_if_not_finite,
                                       normalized_gramian)
@@ -78,16 +78,27 @@ def gradvac_coefficients(gram: jax.Array, targets: jax.Array, orders: jax.Array,
     return jax.vmap(row)(jnp.arange(num_tasks), orders, targets)
 
 
-def _gradvac_weigh(grads, losses, state, key, priorities, *, beta):
+def _gradvac_weigh(grads, losses, state, key, priorities, *, beta, task_mask=None):
     grads, losses = check_grads(grads, losses, priorities, "gradvac")
     num_tasks = grads.shape[0]
     check_state(state, _gradvac_init(num_tasks, grads.dtype), "gradvac")
     if key is None:
         key = jax.random.fold_in(jax.random.key(0), state.count)
-    orders = pcgrad_orders(key, num_tasks)
+    orders = pcgrad_orders(key, num_tasks, task_mask)
     cdt = compute_dtype(grads.dtype)
-    gram, _ = normalized_gramian(grads.astype(cdt))
-    coeffs, targets = gradvac_coefficients(gram, state.targets.astype(cdt), orders, beta)
+    if task_mask is None:
+        gram, _ = normalized_gramian(grads.astype(cdt))
+        coeffs, targets = gradvac_coefficients(gram, state.targets.astype(cdt), orders, beta)
+    else:
+        # Partial labels: the present tasks' orders are the sub-problem's (pcgrad_orders, absent
+        # tasks last) and the absent rows of the Gramian are 0, so a correction towards an
+        # absent task is skipped (its norm is 0); only the present rows are summed, and a
+        # target involving an absent task keeps its value.
+        gram, _ = _mask.gramian(grads, task_mask)
+        coeffs, targets = gradvac_coefficients(gram, state.targets.astype(cdt), orders, beta)
+        coeffs = _mask.rows(coeffs, task_mask)
+        targets = _mask.keep_pairs(targets, state.targets.astype(cdt), task_mask)
+        grads = _mask.rows(grads, task_mask)
     weights = nan_if_not_finite(jnp.sum(coeffs, axis=0), grads)
     new_state = cast_like(GradVacState(targets, state.count + 1), state)
     new_state = keep_state_if_not_finite(new_state, state, grads)
@@ -117,6 +128,10 @@ def gradvac_weighting(*, beta: float = 0.01) -> Weighting:
     holds them. Cost per step: the per-task gradients, the Gramian O(T^2 F), then O(T^3).
     State: the (T, T) targets and a counter. Gradient method: heads get their own loss gradient.
 
+    Partial labels (``task_mask``): the present tasks run the T'-task problem's corrections, in
+    its orders for the same key; the targets of pairs of present tasks move as there, those of
+    pairs with an absent task are kept; the counter advances.
+
     Example:
       >>> import jax, jax.numpy as jnp
       >>> from imtl_jax.methods.gradvac import gradvac_weighting
@@ -132,7 +147,7 @@ def gradvac_weighting(*, beta: float = 0.01) -> Weighting:
         raise ValueError(f"`beta` must be in [0, 1], got {beta!r}.")
     return Weighting(name="gradvac", init=_gradvac_init,
                      weigh=functools.partial(_gradvac_weigh, beta=beta),
-                     needs_grads=True, weights_heads=False)
+                     needs_grads=True, weights_heads=False, supports_task_mask=True)
 
 
 GRADVAC = gradvac_weighting()
