@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from imtl_jax._method import Method, Weighting, WeightingOutput
-from imtl_jax.methods import get_method, register
+from imtl_jax.methods import _mask, get_method, register
 from imtl_jax.methods._common import all_finite, cast_like, check_state, keep_state_if_not_finite
 from imtl_jax.methods.equal import IDENTITY
 from imtl_jax.methods.mgda import MGDA
@@ -40,16 +40,26 @@ def _init(inner, initial, num_tasks, dtype=None):
     return CRMOGMState(inner.init(num_tasks, dtype), weights, jnp.asarray(initial is not None))
 
 
-def _weigh(grads, losses, state, key, priorities, *, inner, alpha, initial):
+def _weigh(grads, losses, state, key, priorities, *, inner, alpha, initial, task_mask=None):
     if not isinstance(state, CRMOGMState):
         raise ValueError(f"`state` of the 'cr_mogm' weighting must be a CRMOGMState, got "
                          f"{type(state).__name__}; create it with the weighting's init(num_tasks, dtype).")
-    out = inner.weigh(grads, losses, state.inner, key, priorities)     # validates the inputs
-    hat = out.weights
+    if task_mask is None:
+        out = inner.weigh(grads, losses, state.inner, key, priorities)     # validates the inputs
+    else:  # the wrapped method's own masked step (its state kept as it keeps it)
+        out = inner.weigh(grads, losses, state.inner, key, priorities, task_mask=task_mask)
+    hat = out.weights if task_mask is None else _mask.entries(out.weights, task_mask)
     check_state(state, _init(inner, initial, hat.shape[0], hat.dtype), "cr_mogm")
     prev = jnp.where(state.started, state.weights.astype(hat.dtype), hat)
     weights = alpha * prev + (1.0 - alpha) * hat
-    new = cast_like(CRMOGMState(out.state, weights, jnp.ones((), bool)), state)
+    if task_mask is not None:
+        # Partial labels: the average moves on the present tasks only (the absent ones keep
+        # their previous weights in the state, and weigh 0 in this step).
+        weights = _mask.entries(weights, task_mask)
+        kept = _mask.keep(weights, state.weights.astype(hat.dtype), task_mask)
+        new = cast_like(CRMOGMState(out.state, kept, jnp.ones((), bool)), state)
+    else:
+        new = cast_like(CRMOGMState(out.state, weights, jnp.ones((), bool)), state)
     # A non-finite step (NaN weights from the inner method) leaves the smoothing state as it was.
     new = keep_state_if_not_finite(new, state, hat)
     weights = jnp.where(all_finite(hat), weights, jnp.full_like(weights, jnp.nan))
@@ -80,6 +90,13 @@ def cr_mogm_weighting(inner: Union[str, Weighting] = "mgda", *, alpha: float = 0
     Cost per step: the wrapped method's, plus O(T). State: the wrapped state, the previous
     weights (T,) and a flag. Randomness: the wrapped method's (the step's key is passed on).
 
+    Partial labels (``task_mask``, when the wrapped weighting supports it): the wrapped
+    method's masked step, and the average of the present tasks' weights as in the T'-task
+    problem (their previous weights, which need not sum to 1 there, smoothed with the wrapped
+    weights of the present tasks); the absent tasks' previous weights are kept. The flag is
+    shared: a task absent at the first step starts its average from 0 (its entry of
+    ``initial_weights`` if given) when it first appears.
+
     Example:
       >>> import jax.numpy as jnp
       >>> from imtl_jax.methods.cr_mogm import cr_mogm_weighting
@@ -106,7 +123,8 @@ def cr_mogm_weighting(inner: Union[str, Weighting] = "mgda", *, alpha: float = 0
     return Weighting(name="cr_mogm" if name == "mgda" else f"cr_mogm_{name}",
                      init=functools.partial(_init, inner, initial),
                      weigh=functools.partial(_weigh, inner=inner, alpha=alpha, initial=initial),
-                     needs_grads=inner.needs_grads, weights_heads=inner.weights_heads)
+                     needs_grads=inner.needs_grads, weights_heads=inner.weights_heads,
+                     supports_task_mask=inner.supports_task_mask)
 
 
 CR_MOGM = cr_mogm_weighting(MGDA)

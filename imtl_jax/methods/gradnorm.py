@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from imtl_jax._method import Method, Weighting, WeightingOutput
-from imtl_jax.methods import register
+from imtl_jax.methods import _mask, register
 from imtl_jax.methods._common import (cast_like, check_grads, check_state, compute_dtype,
                                       keep_state_if_not_finite, nan_if_not_finite, safe_div)
 from imtl_jax.methods.equal import IDENTITY
@@ -43,41 +43,53 @@ def _gradnorm_init(num_tasks, dtype=None):
                          jnp.zeros((), jnp.int32))
 
 
-def _gradnorm_weigh(grads, losses, state, key, priorities, *, gamma, lr, name):
+def _gradnorm_weigh(grads, losses, state, key, priorities, *, gamma, lr, name, task_mask=None):
     del key
     grads, losses = check_grads(grads, losses, priorities, name)
     num_tasks = grads.shape[0]
     check_state(state, _gradnorm_init(num_tasks, losses.dtype), name)
     cdt = compute_dtype(grads.dtype)
+    mask = jnp.ones((num_tasks,), bool) if task_mask is None else task_mask
+    if task_mask is not None:
+        # Partial labels: every mean and the renormalisation run over the present tasks (T'
+        # of them); the absent tasks' weights and initial losses are kept below.
+        grads, losses = _mask.rows(grads, mask), _mask.entries(losses, mask)
     g = grads.astype(cdt)
     x = losses.astype(cdt)
     w = state.weights.astype(cdt)
+    num_present = _mask.count(mask, cdt)
 
     # Gradient norms of the *unweighted* losses, up to one common factor (scale-free).
     absmax = jnp.max(jnp.abs(g))
     g = g / jnp.where(absmax > 0, absmax, 1.0)
     norms = jnp.sqrt(jnp.sum(g * g, axis=1))
-    mean_norm = jnp.mean(norms)
+    mean_norm = _mask.mean(norms, mask)
 
-    first = state.count == 0
-    initial = jnp.where(first, x, state.initial_losses.astype(cdt))
+    # L_t(0): the loss at the task's first step (the first step at all, or, for a task whose
+    # stored L(0) is still 0 (unset: absent so far, or a zero loss), the current one).
+    initial = state.initial_losses.astype(cdt)
+    initial = jnp.where((state.count == 0) | (initial == 0), x, initial)
     # Inverse training rates r_t = Ltilde_t / mean(Ltilde), Ltilde_t = L_t / L_t(0).
-    ltilde = safe_div(x, initial, 1.0)
-    ratio = jnp.maximum(safe_div(ltilde, jnp.mean(ltilde), 1.0), 0.0)
+    ltilde = _mask.entries(safe_div(x, initial, 1.0), mask, 1.0)
+    ratio = jnp.maximum(safe_div(ltilde, _mask.mean(ltilde, mask), 1.0), 0.0)
 
-    gw = w * norms                                    # G_W^(t) = ||grad(w_t L_t)|| = w_t ||g_t||
-    target = jnp.mean(gw) * ratio ** gamma            # constant in the paper (no gradient)
-    gap = gw - target
+    gw = _mask.entries(w, mask) * norms               # G_W^(t) = ||grad(w_t L_t)|| = w_t ||g_t||
+    target = _mask.mean(gw, mask) * ratio ** gamma    # constant in the paper (no gradient)
+    gap = _mask.entries(gw - target, mask)
     objective = jnp.sum(jnp.abs(gap))                 # L_grad, Eq. 2
     # d L_grad / d w_t = sign(G_t - target_t) ||g_t||, divided by mean_t ||g_t|| (see docstring).
     grad_w = jnp.sign(gap) * safe_div(norms, mean_norm, 0.0)
-    new_w = jnp.maximum(w - lr * grad_w, 0.0)
+    new_w = _mask.entries(jnp.maximum(w - lr * grad_w, 0.0), mask)
     total = jnp.sum(new_w)
-    new_w = jnp.where(total > 0, num_tasks * new_w / jnp.where(total > 0, total, 1.0),
+    new_w = jnp.where(total > 0, num_present * new_w / jnp.where(total > 0, total, 1.0),
                       jnp.ones_like(new_w))
-    new_state = cast_like(GradNormState(new_w, initial, state.count + 1), state)
-    new_state = keep_state_if_not_finite(new_state, state, grads, losses)
-    weights = nan_if_not_finite(w, grads, losses)
+    new_state = GradNormState(new_w, initial, state.count + 1)
+    if task_mask is not None:
+        new_state = GradNormState(_mask.keep(new_w, state.weights.astype(cdt), mask),
+                                  _mask.keep(initial, state.initial_losses.astype(cdt), mask),
+                                  new_state.count)
+    new_state = keep_state_if_not_finite(cast_like(new_state, state), state, grads, losses)
+    weights = nan_if_not_finite(w if task_mask is None else _mask.entries(w, mask), grads, losses)
     info = {"gradnorm_loss": safe_div(objective, mean_norm, 0.0).astype(grads.dtype)}
     return WeightingOutput(weights.astype(grads.dtype), new_state, info)
 
@@ -107,6 +119,14 @@ def gradnorm_weighting(*, gamma: float = 1.5, lr: float = 0.025) -> Weighting:
         equal gradient magnitudes).
       lr: step size of the weights.
 
+    ``L_t(0)`` is recorded at the first step, and again at a later step while the stored value
+    is 0 (a zero first loss, or a task absent so far under partial labels).
+
+    Partial labels (``task_mask``): the step is that of the T'-task problem of the present
+    tasks (their stored weights, means over them, renormalised to ``sum = T'`` over them); the
+    absent tasks' weights and initial losses are kept, the counter advances. A task whose label
+    first appears after the first step records its ``L_t(0)`` then.
+
     Cost per step: the per-task gradients (T backward passes through the heads) plus O(T F).
     State: ``(weights (T,), initial_losses (T,), count)``. ``weights_heads=True``: ``w`` weights
     the whole loss, heads included, as in the paper. Through :func:`imtl_jax.aggregate`, pass
@@ -120,7 +140,7 @@ def gradnorm_weighting(*, gamma: float = 1.5, lr: float = 0.025) -> Weighting:
     name = "gradnorm" if gamma != 0 else "gradnorm_gamma0"
     return Weighting(name=name, init=_gradnorm_init,
                      weigh=functools.partial(_gradnorm_weigh, gamma=gamma, lr=lr, name=name),
-                     needs_grads=True, weights_heads=True)
+                     needs_grads=True, weights_heads=True, supports_task_mask=True)
 
 
 GRADNORM = gradnorm_weighting(gamma=1.5)

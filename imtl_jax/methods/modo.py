@@ -8,13 +8,13 @@ Registered name: ``modo`` (``gamma = 0.1``, ``rho = 0.1``).
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from imtl_jax._method import Method, Weighting, WeightingOutput
-from imtl_jax.methods import register
+from imtl_jax.methods import _mask, register
 from imtl_jax.methods._common import (HIGHEST, cast_like, check_grads, check_state, compute_dtype,
                                       keep_state_if_not_finite, nan_if_not_finite,
                                       normalized_gramian, project_simplex)
@@ -34,27 +34,43 @@ def _modo_init(num_tasks, dtype=None):
 
 
 def modo_step(a: jax.Array, lam: jax.Array, *, gamma: float = 0.1, rho: float = 0.1,
-              a_scale=1.0) -> jax.Array:
+              a_scale=1.0, task_mask: Optional[jax.Array] = None) -> jax.Array:
     r"""One MoDo weight update: ``P_simplex(lam - gamma (a_scale a lam + rho lam))`` for a (T, T)
     matrix ``a`` (``J_z1 J_z2^T`` of two independent batches in the paper; ``G G^T`` here,
     passed as ``a_scale`` times a normalised matrix). ``gamma a_scale`` is capped at
     ``sqrt(max float)``, beyond which the projection's answer (the vertices minimising
-    ``(a lam)_t``) no longer changes but the products would overflow."""
+    ``(a lam)_t``) no longer changes but the products would overflow.
+
+    ``task_mask`` (T,) bool (partial labels; the absent rows and columns of ``a`` must be 0):
+    the step of the present tasks, projected on their simplex (absent entries 0)."""
     step = jnp.minimum(gamma * a_scale, jnp.sqrt(jnp.finfo(a.dtype).max))
-    return project_simplex(lam * (1.0 - gamma * rho) - step * jnp.matmul(a, lam, precision=HIGHEST))
+    if task_mask is None:
+        return project_simplex(lam * (1.0 - gamma * rho) - step * jnp.matmul(a, lam, precision=HIGHEST))
+    lam = _mask.entries(lam, task_mask)
+    return _mask.project_simplex(lam * (1.0 - gamma * rho) - step * jnp.matmul(a, lam, precision=HIGHEST),
+                                 task_mask)
 
 
-def _modo_weigh(grads, losses, state, key, priorities, *, gamma, rho):
+def _modo_weigh(grads, losses, state, key, priorities, *, gamma, rho, task_mask=None):
     del key
     grads, losses = check_grads(grads, losses, priorities, "modo")
     check_state(state, _modo_init(grads.shape[0], grads.dtype), "modo")
     cdt = compute_dtype(grads.dtype)
-    gram, scale = normalized_gramian(grads.astype(cdt))
+    old = state.weights.astype(cdt)
+    if task_mask is None:
+        gram, scale = normalized_gramian(grads.astype(cdt))
+    else:
+        # Partial labels: the present tasks' step (their rows of the Gramian, their stored
+        # weights, the simplex of the present tasks); the absent tasks' stored weights are kept.
+        gram, scale = _mask.gramian(grads, task_mask)
+        grads = _mask.rows(grads, task_mask)
     # G G^T = scale^2 gram: the square formed in logs, as it under/overflows for |G| ~ 1e+-19
     # in float32 (0 is then the right answer, inf is capped by modo_step).
     a_scale = jnp.exp(2.0 * jnp.log(scale))
-    lam = modo_step(gram, state.weights.astype(cdt), gamma=gamma, rho=rho, a_scale=a_scale)
+    lam = modo_step(gram, old, gamma=gamma, rho=rho, a_scale=a_scale, task_mask=task_mask)
     weights = nan_if_not_finite(lam, grads)
+    if task_mask is not None:
+        lam = _mask.keep(lam, old, task_mask)
     new_state = keep_state_if_not_finite(cast_like(MoDoState(lam), state), state, grads)
     return WeightingOutput(weights.astype(grads.dtype), new_state, {})
 
@@ -83,6 +99,10 @@ def modo_weighting(*, gamma: float = 0.1, rho: float = 0.1) -> Weighting:
     State: the weights (T,). Deterministic (no key). Gradient method: heads get their own
     loss gradient.
 
+    Partial labels (``task_mask``): the step of the T'-task problem of the present tasks from
+    their stored weights (which need not sum to 1 there: the projection puts the new ones on
+    the present tasks' simplex); the absent tasks' stored weights are kept.
+
     Example:
       >>> import jax.numpy as jnp
       >>> from imtl_jax.methods.modo import modo_weighting
@@ -99,7 +119,7 @@ def modo_weighting(*, gamma: float = 0.1, rho: float = 0.1) -> Weighting:
         raise ValueError(f"`rho` must be >= 0, got {rho!r}.")
     return Weighting(name="modo", init=_modo_init,
                      weigh=functools.partial(_modo_weigh, gamma=gamma, rho=rho),
-                     needs_grads=True, weights_heads=False)
+                     needs_grads=True, weights_heads=False, supports_task_mask=True)
 
 
 MODO = modo_weighting()

@@ -8,14 +8,14 @@ Registered name: ``sdmgrad`` (``lambda = 0.3``).
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from imtl_jax._method import Method, Weighting, WeightingOutput
-from imtl_jax.methods import register
+from imtl_jax.methods import _mask, register
 from imtl_jax.methods._common import (HIGHEST, cast_like, check_grads, check_state, compute_dtype,
                                       keep_state_if_not_finite, nan_if_not_finite,
                                       normalized_gramian, project_simplex, safe_div)
@@ -35,37 +35,63 @@ def _sdmgrad_init(num_tasks, dtype=None):
 
 
 def sdmgrad_inner(a: jax.Array, w: jax.Array, *, lam: float = 0.3, lr: float = 10.0,
-                  momentum: float = 0.5, iterations: int = 20) -> jax.Array:
+                  momentum: float = 0.5, iterations: int = 20,
+                  task_mask: Optional[jax.Array] = None) -> jax.Array:
     r"""SDMGrad's inner loop on a (T, T) matrix ``a`` (``J_xi J_xi'^T`` of two independent
     batches in the paper; ``G G^T`` here): ``iterations`` steps of projected heavy-ball
     descent on ``w -> (w + lam w~)^T a (w + lam w~) / 2`` over the simplex, ``w~ = 1/T``:
     ``v <- momentum v + a (w + lam w~)`` (``v = 0`` at first), ``w <- P_simplex(w - lr v)``.
     ``a`` is first divided by ``(mean_t sqrt(max(a_tt, 0)))^2`` (the authors', LibMTL's and
-    TorchJD's normalisation; none when that is 0). Returns the new ``w``."""
+    TorchJD's normalisation; none when that is 0). Returns the new ``w``.
+
+    ``task_mask`` (T,) bool (partial labels; the absent rows and columns of ``a`` must be 0):
+    the T'-task problem of the present tasks (means over them, ``w~ = 1/T'`` on them, the
+    simplex of the present tasks); the absent entries of the returned ``w`` are 0."""
     num_tasks = a.shape[0]
-    scale = jnp.mean(jnp.sqrt(jnp.maximum(jnp.diag(a), 0.0)))
+    if task_mask is None:
+        scale = jnp.mean(jnp.sqrt(jnp.maximum(jnp.diag(a), 0.0)))
+        pref = jnp.full((num_tasks,), lam / num_tasks, a.dtype)
+        project = project_simplex
+    else:
+        scale = _mask.mean(jnp.sqrt(jnp.maximum(jnp.diag(a), 0.0)), task_mask)
+        pref = lam * _mask.uniform(task_mask, a.dtype)
+        w = _mask.entries(w, task_mask)
+
+        def project(y):
+            return _mask.project_simplex(y, task_mask)
     a = safe_div(a, scale * scale, 0.0)
-    pref = jnp.full((num_tasks,), lam / num_tasks, a.dtype)
 
     def body(_, carry):
         w, v = carry
         v = momentum * v + jnp.matmul(a, w + pref, precision=HIGHEST)
-        return project_simplex(w - lr * v), v
+        return project(w - lr * v), v
 
     w, _ = lax.fori_loop(0, iterations, body, (w, jnp.zeros_like(w)))
     return w
 
 
-def _sdmgrad_weigh(grads, losses, state, key, priorities, *, lam, lr, momentum, iterations):
+def _sdmgrad_weigh(grads, losses, state, key, priorities, *, lam, lr, momentum, iterations,
+                   task_mask=None):
     del key
     grads, losses = check_grads(grads, losses, priorities, "sdmgrad")
     num_tasks = grads.shape[0]
     check_state(state, _sdmgrad_init(num_tasks, grads.dtype), "sdmgrad")
     cdt = compute_dtype(grads.dtype)
-    gram, _ = normalized_gramian(grads.astype(cdt))
-    w = sdmgrad_inner(gram, state.weights.astype(cdt), lam=lam, lr=lr, momentum=momentum,
-                      iterations=iterations)
-    weights = nan_if_not_finite((w + lam / num_tasks) / (1.0 + lam), grads)
+    old = state.weights.astype(cdt)
+    if task_mask is None:
+        gram, _ = normalized_gramian(grads.astype(cdt))
+        w = sdmgrad_inner(gram, old, lam=lam, lr=lr, momentum=momentum, iterations=iterations)
+        weights = (w + lam / num_tasks) / (1.0 + lam)
+    else:
+        # Partial labels: the inner loop of the present tasks (warm-started from their stored
+        # weights); the absent tasks' stored weights are kept.
+        gram, _ = _mask.gramian(grads, task_mask)
+        grads = _mask.rows(grads, task_mask)
+        w = sdmgrad_inner(gram, old, lam=lam, lr=lr, momentum=momentum, iterations=iterations,
+                          task_mask=task_mask)
+        weights = _mask.entries((w + lam * _mask.uniform(task_mask, cdt)) / (1.0 + lam), task_mask)
+        w = _mask.keep(w, old, task_mask)
+    weights = nan_if_not_finite(weights, grads)
     new_state = keep_state_if_not_finite(cast_like(SDMGradState(w), state), state, grads)
     return WeightingOutput(weights.astype(grads.dtype), new_state, {})
 
@@ -102,6 +128,10 @@ def sdmgrad_weighting(*, lam: float = 0.3, lr: float = 10.0, momentum: float = 0
     State: the inner weights (T,). Deterministic (no key). Gradient method: heads get their own
     loss gradient.
 
+    Partial labels (``task_mask``): the step of the T'-task problem of the present tasks, warm
+    started from their stored weights (which need not sum to 1 there: the first projection puts
+    them on the present tasks' simplex); the absent tasks' stored weights are kept.
+
     Example:
       >>> import jax.numpy as jnp
       >>> from imtl_jax.methods.sdmgrad import sdmgrad_weighting
@@ -123,7 +153,7 @@ def sdmgrad_weighting(*, lam: float = 0.3, lr: float = 10.0, momentum: float = 0
     return Weighting(name="sdmgrad", init=_sdmgrad_init,
                      weigh=functools.partial(_sdmgrad_weigh, lam=lam, lr=lr, momentum=momentum,
                                              iterations=iterations),
-                     needs_grads=True, weights_heads=False)
+                     needs_grads=True, weights_heads=False, supports_task_mask=True)
 
 
 SDMGRAD = sdmgrad_weighting()
