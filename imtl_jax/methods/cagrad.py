@@ -7,7 +7,7 @@ Registered name: ``cagrad`` (``c = 0.5``).
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +15,7 @@ from jax import lax
 
 from imtl_jax._linalg import symmetric_pinv
 from imtl_jax._method import Method, Weighting, WeightingOutput, stateless_init
-from imtl_jax.methods import register
+from imtl_jax.methods import _mask, register
 from imtl_jax.methods._common import (HIGHEST, certified_loop, check_grads, check_matrix, compute_dtype,
                                       nan_if_not_finite, normalized_gramian, safe_div)
 from imtl_jax.methods.equal import IDENTITY
@@ -40,16 +40,28 @@ def _dual_gradient(gram, lin, rho, w):
     return lin + rho * mw / jnp.maximum(jnp.sqrt(q0), tiny), mw, q0
 
 
-def dual_gap(gram: jax.Array, c: float, w: jax.Array) -> jax.Array:
+def _dual_terms(gram, c, task_mask=None):
+    """``(lin, rho)`` of the dual: ``M 1 / T`` and ``c ||g_0||``; with ``task_mask`` (the absent
+    rows and columns of ``gram`` 0) those of the present tasks' problem (``T'``, their mean)."""
+    if task_mask is None:
+        return jnp.mean(gram, axis=1), c * jnp.sqrt(jnp.maximum(jnp.mean(gram), 0.0))
+    num_present = _mask.count(task_mask, gram.dtype)
+    return (jnp.sum(gram, axis=1) / num_present,
+            c * jnp.sqrt(jnp.maximum(jnp.sum(gram) / (num_present * num_present), 0.0)))
+
+
+def dual_gap(gram: jax.Array, c: float, w: jax.Array,
+             task_mask: Optional[jax.Array] = None) -> jax.Array:
     """Relative pairwise Frank-Wolfe gap of CAGrad's dual at ``w``:
     ``(max_{t: w_t > 0} dF/dw_t - min_t dF/dw_t) / max_t M_tt``; 0 exactly at the optimum (KKT
     on the simplex) where ``g_w != 0``, and an upper bound of the plain gap ``grad F . w -
-    min_t dF/dw_t >= F(w) - F*`` (convexity)."""
-    lin = jnp.mean(gram, axis=1)
-    rho = c * jnp.sqrt(jnp.maximum(jnp.mean(gram), 0.0))
+    min_t dF/dw_t >= F(w) - F*`` (convexity). With ``task_mask``: over the present tasks (the
+    simplex of the sub-problem; the absent rows and columns of ``gram`` must be 0)."""
+    lin, rho = _dual_terms(gram, c, task_mask)
     grad, _, _ = _dual_gradient(gram, lin, rho, w)
     top = jnp.max(jnp.where(w > 0, grad, -jnp.inf))
-    return safe_div(top - jnp.min(grad), jnp.max(jnp.diag(gram)), 0.0)
+    low = jnp.min(grad) if task_mask is None else jnp.min(jnp.where(task_mask, grad, jnp.inf))
+    return safe_div(top - low, jnp.max(jnp.diag(gram)), 0.0)
 
 
 def _value(gram, lin, rho, v):
@@ -57,7 +69,7 @@ def _value(gram, lin, rho, v):
         jnp.dot(v, jnp.matmul(gram, v, precision=HIGHEST)), 0.0))
 
 
-def _affine_minimiser(gram, lin, rho, support):
+def _affine_minimiser(gram, lin, rho, support, size):
     """The minimiser of CAGrad's dual on the affine hull of the face ``support`` (``sum w = 1``,
     ``w = 0`` off it; entries may be negative) and whether it exists. On the face the KKT
     conditions ``lin + rho M w / ||g_w|| = mu 1`` give, with ``s = sqrt(diag M)``, the cosine
@@ -72,7 +84,7 @@ def _affine_minimiser(gram, lin, rho, support):
     s = jnp.sqrt(jnp.where(diag > 0, diag, 1.0))
     both = support[:, None] & support[None, :]
     k = jnp.where(both, gram / (s[:, None] * s[None, :]), jnp.eye(num_tasks, dtype=dtype))
-    pinv = symmetric_pinv(k, 10.0 * num_tasks * eps)
+    pinv = symmetric_pinv(k, 10.0 * size * eps)
     c = jnp.where(support, 1.0 / s, 0.0)
     lin_s = jnp.where(support, lin / s, 0.0)
     p = jnp.matmul(pinv, c, precision=HIGHEST)
@@ -95,7 +107,7 @@ def _affine_minimiser(gram, lin, rho, support):
     return best, jnp.isfinite(best_value)
 
 
-def _face_steps(gram, lin, rho, w, threshold, max_steps):
+def _face_steps(gram, lin, rho, w, threshold, max_steps, present, size):
     """Active-set steps from the simplex point ``w`` (a primal active-set method, Nocedal &
     Wright ch. 16.5, on the simplex). Each step minimises on the affine hull of the working face:
     the support of ``w``, plus, after a step that ended at a face minimiser, the vertex with the
@@ -104,7 +116,9 @@ def _face_steps(gram, lin, rho, w, threshold, max_steps):
     simplex and is no worse; otherwise the iterate moves from ``w`` towards ``y`` until the first
     coordinate hits 0, which is dropped (``F`` is convex and ``F(y) <= F(w)``, so ``F`` never
     increases). Stops when the face minimiser is KKT-optimal to ``threshold``, when a step makes
-    no progress, or after ``max_steps`` solves; the Frank-Wolfe steps remain the fallback."""
+    no progress, or after ``max_steps`` solves; the Frank-Wolfe steps remain the fallback.
+    ``present`` (T,) bool: the vertices that may enter (all but the absent tasks); ``size``:
+    the problem's number of tasks (its pseudo-inverse cutoff ``10 size eps``)."""
     num_tasks = gram.shape[0]
     idx = jnp.arange(num_tasks)
     scale = jnp.max(jnp.diag(gram))
@@ -113,7 +127,7 @@ def _face_steps(gram, lin, rho, w, threshold, max_steps):
     def entering(w):
         grad, _, _ = _dual_gradient(gram, lin, rho, w)
         top = jnp.max(jnp.where(w > 0, grad, -jnp.inf))
-        j = jnp.argmin(jnp.where(w > 0, jnp.inf, grad))
+        j = jnp.argmin(jnp.where((w > 0) | ~present, jnp.inf, grad))
         return j, (top - grad[j] > threshold) & (w[j] <= 0)
 
     def cond(carry):
@@ -125,7 +139,7 @@ def _face_steps(gram, lin, rho, w, threshold, max_steps):
         j, add = entering(w)
         add = add & at_face_min
         support = (w > 0) | (add & (idx == j))
-        y, ok = _affine_minimiser(gram, lin, rho, support)
+        y, ok = _affine_minimiser(gram, lin, rho, support, size)
         ok = ok & (_value(gram, lin, rho, y) <= _value(gram, lin, rho, w))
         blocked = support & (y < 0)
         ratio = jnp.where(blocked, w / jnp.where(blocked, w - y, 1.0), jnp.inf)
@@ -147,8 +161,9 @@ def _face_steps(gram, lin, rho, w, threshold, max_steps):
     return w
 
 
-def cagrad_dual(gram: jax.Array, c: float, max_iterations: int,
-                tol: Optional[float] = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def cagrad_dual(gram: jax.Array, c: float, max_iterations,
+                tol: Optional[float] = None,
+                task_mask: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     r"""``argmin_{w in simplex} F(w) = w^T M 1/T + c ||g_0|| sqrt(w^T M w)``; returns
     ``(w, certificate, iterations)``.
 
@@ -161,18 +176,32 @@ def cagrad_dual(gram: jax.Array, c: float, max_iterations: int,
     followed by the exact minimiser on the current face (kept if feasible and no worse), under
     ``lax.while_loop`` until :func:`dual_gap` ``<= tol`` (default ``16 eps``) or
     ``max_iterations`` steps.
+
+    ``task_mask`` (T,) bool (partial labels; the absent rows and columns of ``gram`` must be 0):
+    the T'-task dual of the present tasks, on the same path (start ``1/T'`` on them, absent
+    vertices never chosen, blocks of T' steps, face steps and the certificate over them); the
+    absent entries of ``w`` stay 0.
     """
     num_tasks = gram.shape[0]
     dtype = gram.dtype
     tiny = jnp.finfo(dtype).tiny
     tol = default_tol(dtype) if tol is None else float(tol)
     eye = jnp.eye(num_tasks, dtype=dtype)
-    lin = jnp.mean(gram, axis=1)                                   # M 1 / T = G g_0
-    rho = c * jnp.sqrt(jnp.maximum(jnp.mean(gram), 0.0))           # c ||g_0||
+    lin, rho = _dual_terms(gram, c, task_mask)                     # M 1 / T = G g_0, c ||g_0||
+    size: Any = num_tasks                       # the problem's number of tasks (T' if masked)
+    block: Any = min(num_tasks, max_iterations) if task_mask is None else None
+    if task_mask is None:
+        present = jnp.ones((num_tasks,), bool)
+        w0 = jnp.full((num_tasks,), 1.0 / num_tasks, dtype)
+    else:
+        present = task_mask
+        size = jnp.sum(task_mask).astype(jnp.int32)
+        block = jnp.minimum(size, max_iterations).astype(jnp.int32)   # a traced loop bound
+        w0 = _mask.uniform(task_mask, dtype)
 
     def step(_, w):
         grad, mw, q0 = _dual_gradient(gram, lin, rho, w)
-        t = jnp.argmin(grad)
+        t = jnp.argmin(jnp.where(present, grad, jnp.inf))
         s = jnp.argmax(jnp.where(w > 0, grad, -jnp.inf))
         # Along w + step (e_t - e_s), 0 <= step <= w_s:
         # F = F(w) + a step + rho sqrt(q0 + 2 b step + k step^2).
@@ -194,23 +223,35 @@ def cagrad_dual(gram: jax.Array, c: float, max_iterations: int,
         w = w + step * eye[t] - step * eye[s]
         return w.at[s].set(jnp.where(step >= cap, 0.0, w[s]))
 
-    w0 = jnp.full((num_tasks,), 1.0 / num_tasks, dtype)
-    return certified_loop(step, lambda w: _face_steps(gram, lin, rho, w, 0.25 * tol, 2 * num_tasks + 2),
-                          lambda w: dual_gap(gram, c, w), w0, block=min(num_tasks, max_iterations),
+    return certified_loop(step, lambda w: _face_steps(gram, lin, rho, w, 0.25 * tol, 2 * size + 2,
+                                                      present, size),
+                          lambda w: dual_gap(gram, c, w, task_mask), w0, block=block,
                           max_iterations=max_iterations, tol=tol)
 
 
-def _cagrad_weights(grads, c, rescale, max_iterations, tol):
+def _cagrad_weights(grads, c, rescale, max_iterations, tol, task_mask=None):
     num_tasks = grads.shape[0]
     cdt = compute_dtype(grads.dtype)
-    gram, _ = normalized_gramian(grads.astype(cdt))
-    cap = default_max_iterations(num_tasks) if max_iterations is None else max_iterations
-    w, cert, iters = cagrad_dual(gram, c, cap, tol)
-    g0_norm = jnp.sqrt(jnp.maximum(jnp.mean(gram), 0.0))
+    if task_mask is None:
+        gram, _ = normalized_gramian(grads.astype(cdt))
+        size = num_tasks
+    else:
+        # Partial labels: the dual of the present tasks (their Gramian block, T' of them); the
+        # absent rows and columns are 0 and their dual weights stay 0.
+        gram, _ = _mask.gramian(grads, task_mask)
+        grads = _mask.rows(grads, task_mask)
+        size = jnp.sum(task_mask).astype(jnp.int32)
+    cap = default_max_iterations(size) if max_iterations is None else max_iterations
+    w, cert, iters = cagrad_dual(gram, c, cap, tol, task_mask)
+    g0_norm = _dual_terms(gram, 1.0, task_mask)[1]                 # ||g_0||
     gw_norm = jnp.sqrt(jnp.maximum(jnp.dot(w, jnp.matmul(gram, w, precision=HIGHEST)), 0.0))
     lam = safe_div(c * g0_norm, gw_norm, 0.0)                      # sqrt(phi) / ||g_w||
     # d = g_0 + lam g_w, rescaled, times T (to match the sum of the losses at c = 0).
-    weights = (1.0 / num_tasks + lam * w) * num_tasks
+    if task_mask is None:
+        weights = (1.0 / num_tasks + lam * w) * num_tasks
+    else:
+        num_present = _mask.count(task_mask, cdt)
+        weights = _mask.entries((1.0 / num_present + lam * w) * num_present, task_mask)
     if rescale == 1:
         weights = weights / (1.0 + c * c)
     elif rescale == 2:
@@ -244,10 +285,11 @@ def _check_args(c, rescale, max_iterations, tol):
     return c, int(rescale), max_iterations, None if tol is None else float(tol)
 
 
-def _cagrad_weigh(grads, losses, state, key, priorities, *, c, rescale, max_iterations, tol):
+def _cagrad_weigh(grads, losses, state, key, priorities, *, c, rescale, max_iterations, tol,
+                  task_mask=None):
     del key
     grads, losses = check_grads(grads, losses, priorities, "cagrad")
-    weights, info = _cagrad_weights(grads, c, rescale, max_iterations, tol)
+    weights, info = _cagrad_weights(grads, c, rescale, max_iterations, tol, task_mask)
     return WeightingOutput(weights, state, info)
 
 
@@ -279,12 +321,16 @@ def cagrad_weighting(*, c: float = 0.5, rescale: int = 1, max_iterations: Option
     ``certificate`` (the final relative gap), ``iterations`` (steps used, int32) and
     ``converged`` (bool: the certificate reached ``tol`` before ``max_iterations``).
     Gradient method: heads get their own loss gradient.
+
+    Partial labels (``task_mask``): the dual of the T'-task problem of the present tasks
+    (``g_0`` their mean, the simplex of the present tasks, the factor T'), solved on the same
+    path as that problem (:func:`cagrad_dual`); ``certificate``/``converged`` are its own.
     """
     c, rescale, max_iterations, tol = _check_args(c, rescale, max_iterations, tol)
     return Weighting(name="cagrad", init=stateless_init,
                      weigh=functools.partial(_cagrad_weigh, c=c, rescale=rescale,
                                              max_iterations=max_iterations, tol=tol),
-                     needs_grads=True, weights_heads=False)
+                     needs_grads=True, weights_heads=False, supports_task_mask=True)
 
 
 CAGRAD = cagrad_weighting()

@@ -14,20 +14,28 @@ import jax
 import jax.numpy as jnp
 
 from imtl_jax._method import Method, Weighting, WeightingOutput, stateless_init
-from imtl_jax.methods import register
+from imtl_jax.methods import _mask, register
 from imtl_jax.methods._common import (check_grads, check_matrix, compute_dtype, nan_if_not_finite,
                                       normalized_gramian)
 from imtl_jax.methods.equal import IDENTITY
 from imtl_jax.methods.upgrad import _check_args, project_weights
 
 
-def _dualproj_weights(grads, iterations, max_rounds, tol):
+def _dualproj_weights(grads, iterations, max_rounds, tol, task_mask=None):
     num_tasks = grads.shape[0]
     cdt = compute_dtype(grads.dtype)
-    gram, _ = normalized_gramian(grads.astype(cdt))
-    target = jnp.full((1, num_tasks), 1.0 / num_tasks, cdt)
+    if task_mask is None:
+        gram, _ = normalized_gramian(grads.astype(cdt))
+        target = jnp.full((1, num_tasks), 1.0 / num_tasks, cdt)
+    else:
+        # Partial labels: the present rows' mean projected onto their dual cone (the T'-task
+        # problem: their Gramian block, the target 1/T' on them and 0 elsewhere).
+        gram, _ = _mask.gramian(grads, task_mask)
+        grads = _mask.rows(grads, task_mask)
+        target = _mask.uniform(task_mask, cdt)[None, :]
     weights, res, rounds, converged = project_weights(gram, target, iterations=iterations,
-                                                      max_rounds=max_rounds, tol=tol)
+                                                      max_rounds=max_rounds, tol=tol,
+                                                      task_mask=task_mask)
     w = nan_if_not_finite(weights[0], grads).astype(grads.dtype)
     return w, {"certificate": res.astype(grads.dtype), "iterations": rounds,
                "converged": converged}
@@ -41,10 +49,11 @@ def dualproj_weights(grads: jax.Array, *, iterations: int = 50, max_rounds: int 
     return _dualproj_weights(grads, *_check_args(iterations, max_rounds, tol))[0]
 
 
-def _dualproj_weigh(grads, losses, state, key, priorities, *, iterations, max_rounds, tol):
+def _dualproj_weigh(grads, losses, state, key, priorities, *, iterations, max_rounds, tol,
+                    task_mask=None):
     del key
     grads, losses = check_grads(grads, losses, priorities, "dualproj")
-    w, info = _dualproj_weights(grads, iterations, max_rounds, tol)
+    w, info = _dualproj_weights(grads, iterations, max_rounds, tol, task_mask)
     return WeightingOutput(w, state, info)
 
 
@@ -73,6 +82,10 @@ def dualproj_weighting(*, iterations: int = 50, max_rounds: int = 20,
     (rounds used, int32), ``converged``. Stateless, deterministic. Gradient method: heads get
     their own loss gradient.
 
+    Partial labels (``task_mask``): the mean of the present rows projected onto the dual cone
+    of the present rows (the T'-task problem, on its solver path); ``certificate``/``converged``
+    are its own.
+
     Example:
       >>> import jax.numpy as jnp
       >>> from imtl_jax.methods.dualproj import dualproj_weights
@@ -85,7 +98,7 @@ def dualproj_weighting(*, iterations: int = 50, max_rounds: int = 20,
     return Weighting(name="dualproj", init=stateless_init,
                      weigh=functools.partial(_dualproj_weigh, iterations=iterations,
                                              max_rounds=max_rounds, tol=tol),
-                     needs_grads=True, weights_heads=False)
+                     needs_grads=True, weights_heads=False, supports_task_mask=True)
 
 
 DUALPROJ = dualproj_weighting()

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from imtl_jax._method import Method, Weighting, WeightingOutput, stateless_init
-from imtl_jax.methods import register
+from imtl_jax.methods import _mask, register
 from imtl_jax.methods._common import (HIGHEST, check_grads, check_matrix, compute_dtype,
                                       damped_newton, nan_if_not_finite, normalized_gramian)
 from imtl_jax.methods.equal import IDENTITY
@@ -35,7 +35,7 @@ def fairness_residual(gram: jax.Array, w: jax.Array, alpha: float) -> jax.Array:
 
 
 def fairgrad_solve(gram: jax.Array, alpha: float, max_iterations: int,
-                   tol: Optional[float] = None):
+                   tol: Optional[float] = None, task_mask: Optional[jax.Array] = None):
     r"""Solves ``M w = w^{-1/alpha}`` (elementwise power), ``w > 0``, for a PD matrix ``M``;
     returns ``(w, certificate, iterations)``.
 
@@ -48,20 +48,30 @@ def fairgrad_solve(gram: jax.Array, alpha: float, max_iterations: int,
     :func:`fairness_residual` ``<= tol`` (default ``16 eps``), when no decrease of ``f`` is left
     above its round-off (the residual is then at its floor, ~eps times the conditioning of
     ``M``, and is reported), or after ``max_iterations`` steps.
+
+    ``task_mask`` (T,) bool (partial labels): ``gram`` must be decoupled
+    (:func:`imtl_jax.methods._mask.decouple`: identity rows and columns for the absent tasks,
+    whose solution is ``w_t = 1``). The absent entries start at 1 and stay there exactly (the
+    Newton system is block diagonal); the objective and the start's rescaling sum over the
+    present tasks, so the line search sees the T'-task problem's values.
     """
     dtype = gram.dtype
     tol = default_tol(dtype) if tol is None else float(tol)
     inv = 1.0 / alpha
     power = 1.0 - inv
+    present = jnp.ones(gram.shape[:1], bool) if task_mask is None else task_mask
+
+    def total(x):                        # the sum over the present tasks (last axis)
+        return jnp.sum(x if task_mask is None else jnp.where(present, x, 0.0), axis=-1)
 
     def utility(w):                      # sum_t u(w_t), w > 0 (rows of a (K, T) batch)
         if alpha == 1.0:
-            return jnp.sum(jnp.log(w), axis=-1)
-        return jnp.sum(jnp.exp(power * jnp.log(w)), axis=-1) / power
+            return total(jnp.log(w))
+        return total(jnp.exp(power * jnp.log(w))) / power
 
     def objective(w):
         mw = jnp.einsum("ij,kj->ki", gram, w, precision=HIGHEST)
-        return 0.5 * jnp.sum(w * mw, axis=-1) - utility(w)
+        return 0.5 * total(w * mw) - utility(w)
 
     def gradient(w):
         return jnp.matmul(gram, w, precision=HIGHEST) - jnp.exp(-inv * jnp.log(w))
@@ -73,17 +83,27 @@ def fairgrad_solve(gram: jax.Array, alpha: float, max_iterations: int,
     # put the weights over decades too; Nash-MTL's 1/sqrt(M_tt) is this at alpha = 1).
     v = jnp.exp(-alpha / (1.0 + alpha) * jnp.log(jnp.diag(gram)))
     # argmin_s f(s v): s^{1 + 1/alpha} = sum_t v_t^{1 - 1/alpha} / v^T M v.
-    ratio = jnp.sum(jnp.exp(power * jnp.log(v))) / jnp.dot(v, jnp.matmul(gram, v, precision=HIGHEST))
+    vp = v if task_mask is None else _mask.entries(v, task_mask)
+    ratio = total(jnp.exp(power * jnp.log(v))) / jnp.dot(vp, jnp.matmul(gram, vp, precision=HIGHEST))
     w0 = v * jnp.exp(jnp.log(ratio) * alpha / (alpha + 1.0))
+    if task_mask is not None:
+        w0 = jnp.where(task_mask, w0, 1.0)
     return damped_newton(objective, gradient, scaled_hessian,
                          lambda w: fairness_residual(gram, w, alpha), w0,
                          max_iterations=max_iterations, tol=tol)
 
 
-def _fairgrad_weights(grads, alpha, max_iterations, tol):
+def _fairgrad_weights(grads, alpha, max_iterations, tol, task_mask=None):
     cdt = compute_dtype(grads.dtype)
-    gram, scale = normalized_gramian(grads.astype(cdt))
-    num_tasks = grads.shape[0]
+    if task_mask is None:
+        gram, scale = normalized_gramian(grads.astype(cdt))
+        num_tasks = grads.shape[0]
+    else:
+        # Partial labels: the present tasks' Gramian block (absent rows and columns 0, so the
+        # scale and the ridge are theirs), decoupled below: the T'-task problem's weights.
+        gram, scale = _mask.gramian(grads, task_mask)
+        grads = _mask.rows(grads, task_mask)
+        num_tasks = _mask.count(task_mask, cdt)
     eps = jnp.finfo(cdt).eps
     diag = jnp.diag(gram)
     top = jnp.max(diag)
@@ -93,7 +113,9 @@ def _fairgrad_weights(grads, alpha, max_iterations, tol):
     # Relative to each row's own norm, it moves w by ~eps elsewhere, however spread the norms.
     ridge = eps * jnp.maximum(diag, eps * jnp.where(nonzero, top, 1.0))
     gram = gram + jnp.diag(ridge)
-    w, res, it = fairgrad_solve(gram, alpha, max_iterations, tol)
+    if task_mask is not None:
+        gram = _mask.decouple(gram, task_mask)
+    w, res, it = fairgrad_solve(gram, alpha, max_iterations, tol, task_mask)
     converged = jnp.isfinite(res) & ((res <= (default_tol(cdt) if tol is None else tol))
                                      | (it < max_iterations))
     # Back to the raw equation G G^T w = w^{-1/alpha}: with G = scale * G_n, w = scale^{-2 alpha /
@@ -101,9 +123,12 @@ def _fairgrad_weights(grads, alpha, max_iterations, tol):
     # In logs, saturated so that the largest weight stays below the dtype's maximum (gradients of
     # size ~1e-25 at alpha = 2 in float32 ask for weights ~1e33+): the direction is kept.
     log_w = jnp.log(w) - 2.0 * alpha / (1.0 + alpha) * jnp.log(scale)
-    ceiling = jnp.log(jnp.finfo(cdt).max) - 2.0 - jnp.log(float(num_tasks))
-    log_w = log_w - jnp.maximum(jnp.max(log_w) - ceiling, 0.0)
+    ceiling = jnp.log(jnp.finfo(cdt).max) - 2.0 - jnp.log(jnp.asarray(num_tasks, cdt))
+    top_log = jnp.max(log_w) if task_mask is None else _mask.maximum(log_w, task_mask)
+    log_w = log_w - jnp.maximum(top_log - ceiling, 0.0)
     w = jnp.where(nonzero, jnp.exp(log_w), jnp.ones_like(w))
+    if task_mask is not None:
+        w = _mask.entries(w, task_mask)
     info = {"certificate": jnp.where(nonzero, res, 0.0).astype(grads.dtype), "iterations": it,
             "converged": converged | ~nonzero}
     return nan_if_not_finite(w, grads).astype(grads.dtype), info
@@ -130,10 +155,11 @@ def fairgrad_weights(grads: jax.Array, *, alpha: float = 2.0, max_iterations: in
     return _fairgrad_weights(grads, *_check_args(alpha, max_iterations, tol))[0]
 
 
-def _fairgrad_weigh(grads, losses, state, key, priorities, *, alpha, max_iterations, tol):
+def _fairgrad_weigh(grads, losses, state, key, priorities, *, alpha, max_iterations, tol,
+                    task_mask=None):
     del key
     grads, losses = check_grads(grads, losses, priorities, "fairgrad")
-    w, info = _fairgrad_weights(grads, alpha, max_iterations, tol)
+    w, info = _fairgrad_weights(grads, alpha, max_iterations, tol, task_mask)
     return WeightingOutput(w, state, info)
 
 
@@ -176,6 +202,10 @@ def fairgrad_weighting(*, alpha: float = 2.0, max_iterations: int = 100,
     ``max_iterations``). Stateless, deterministic. Gradient method: heads get their own loss
     gradient.
 
+    Partial labels (``task_mask``): the equation of the present tasks (their Gramian block,
+    scale and ridge) solved on the T'-task problem's path (:func:`fairgrad_solve`);
+    ``certificate``/``converged`` are its own.
+
     Example:
       >>> import jax.numpy as jnp
       >>> from imtl_jax.methods.fairgrad import fairgrad_weights
@@ -187,7 +217,7 @@ def fairgrad_weighting(*, alpha: float = 2.0, max_iterations: int = 100,
     return Weighting(name="fairgrad", init=stateless_init,
                      weigh=functools.partial(_fairgrad_weigh, alpha=alpha,
                                              max_iterations=max_iterations, tol=tol),
-                     needs_grads=True, weights_heads=False)
+                     needs_grads=True, weights_heads=False, supports_task_mask=True)
 
 
 FAIRGRAD = fairgrad_weighting()

@@ -7,7 +7,7 @@ Registered name: ``nash_mtl``.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.scipy.linalg
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from imtl_jax._method import Method, Weighting, WeightingOutput, stateless_init
-from imtl_jax.methods import register
+from imtl_jax.methods import _mask, register
 from imtl_jax.methods._common import (HIGHEST, check_grads, check_matrix, compute_dtype,
                                       nan_if_not_finite, normalized_gramian)
 from imtl_jax.methods.equal import IDENTITY
@@ -32,7 +32,8 @@ def bargaining_residual(gram: jax.Array, alpha: jax.Array) -> jax.Array:
     return jnp.max(jnp.abs(alpha * jnp.matmul(gram, alpha, precision=HIGHEST) - 1.0))
 
 
-def nash_solve(gram: jax.Array, max_iterations: int, tol: Optional[float] = None):
+def nash_solve(gram: jax.Array, max_iterations: int, tol: Optional[float] = None,
+               task_mask: Optional[jax.Array] = None):
     r"""Solves ``M alpha = 1 / alpha`` (elementwise), ``alpha > 0``, for a PD matrix ``M``; returns
     ``(alpha, certificate, iterations)``.
 
@@ -47,13 +48,27 @@ def nash_solve(gram: jax.Array, max_iterations: int, tol: Optional[float] = None
     falls below ``T eps`` (no decrease of ``phi`` left above its round-off: the residual is then
     at its floor, ~eps times the conditioning of ``M``, reported as the certificate), or
     ``max_iterations`` steps.
+
+    ``task_mask`` (T,) bool (partial labels): ``gram`` must be decoupled
+    (:func:`imtl_jax.methods._mask.decouple`: identity rows and columns for the absent tasks,
+    whose solution is ``alpha_t = 1``). The absent entries start at 1 and the Newton steps keep
+    them there exactly (block-diagonal system), the start's rescaling and the round-off
+    threshold are the present tasks' (T'), so the present entries follow the path of the
+    T'-task problem.
     """
     num_tasks = gram.shape[0]
     dtype = gram.dtype
     tol = default_tol(dtype) if tol is None else float(tol)
     eye = jnp.eye(num_tasks, dtype=dtype)
     a0 = 1.0 / jnp.sqrt(jnp.diag(gram))
-    a0 = a0 * jnp.sqrt(num_tasks / jnp.dot(a0, jnp.matmul(gram, a0, precision=HIGHEST)))
+    size: Any = num_tasks                       # the problem's number of tasks (T' if masked)
+    if task_mask is None:
+        a0 = a0 * jnp.sqrt(num_tasks / jnp.dot(a0, jnp.matmul(gram, a0, precision=HIGHEST)))
+    else:
+        size = _mask.count(task_mask, dtype)
+        present = _mask.entries(a0, task_mask)
+        a0 = jnp.where(task_mask, a0 * jnp.sqrt(size / jnp.dot(present, jnp.matmul(
+            gram, present, precision=HIGHEST))), 1.0)
 
     def newton(a):
         grad = jnp.matmul(gram, a, precision=HIGHEST) - 1.0 / a
@@ -75,7 +90,7 @@ def nash_solve(gram: jax.Array, max_iterations: int, tol: Optional[float] = None
         # Progress left: the step changed alpha and the predicted decrease of phi, lambda^2 / 2,
         # is above the round-off of phi (~ T eps): past that, the residual is at its floor
         # (eps times the conditioning of M), not reducible in the working precision.
-        moved = jnp.any(new != a) & (decrement * decrement > num_tasks * jnp.finfo(dtype).eps)
+        moved = jnp.any(new != a) & (decrement * decrement > size * jnp.finfo(dtype).eps)
         return new, bargaining_residual(gram, new), it + 1, moved
 
     a, res, it, _ = lax.while_loop(cond, body, (a0, bargaining_residual(gram, a0),
@@ -83,17 +98,28 @@ def nash_solve(gram: jax.Array, max_iterations: int, tol: Optional[float] = None
     return a, res, it
 
 
-def _nash_weights(grads, max_iterations, tol):
+def _nash_weights(grads, max_iterations, tol, task_mask=None):
     num_tasks = grads.shape[0]
     cdt = compute_dtype(grads.dtype)
-    gram, _ = normalized_gramian(grads.astype(cdt))
+    if task_mask is None:
+        gram, _ = normalized_gramian(grads.astype(cdt))
+    else:
+        # Partial labels: the present tasks' Gramian block (the absent rows and columns 0, so
+        # the Frobenius norm is theirs), decoupled below; their weights are then those of the
+        # T'-task problem (nash_solve).
+        gram, _ = _mask.gramian(grads, task_mask)
+        grads = _mask.rows(grads, task_mask)
     fro = jnp.sqrt(jnp.sum(gram * gram))
     nonzero = fro > 0
     # The authors' normalisation GTG / ||GTG||_F, plus a ridge eps * I that keeps alpha finite
     # (<= 1 / sqrt(eps)) when some direction v >= 0 has M v = 0 (a zero row, rows g and -g).
     gram = gram / jnp.where(nonzero, fro, 1.0) + jnp.finfo(cdt).eps * jnp.eye(num_tasks, dtype=cdt)
-    alpha, res, it = nash_solve(gram, max_iterations, tol)
+    if task_mask is not None:
+        gram = _mask.decouple(gram, task_mask)
+    alpha, res, it = nash_solve(gram, max_iterations, tol, task_mask)
     alpha = jnp.where(nonzero, alpha, jnp.ones_like(alpha))
+    if task_mask is not None:
+        alpha = _mask.entries(alpha, task_mask)
     # Stopped on its certificate, or with no decrease of phi left above round-off (the
     # residual's floor), not at its cap.
     converged = jnp.isfinite(res) & ((res <= (default_tol(cdt) if tol is None else tol)) | (it < max_iterations))
@@ -118,10 +144,10 @@ def _check_args(max_iterations, tol):
     return max_iterations, None if tol is None else float(tol)
 
 
-def _nash_weigh(grads, losses, state, key, priorities, *, max_iterations, tol):
+def _nash_weigh(grads, losses, state, key, priorities, *, max_iterations, tol, task_mask=None):
     del key
     grads, losses = check_grads(grads, losses, priorities, "nash_mtl")
-    w, info = _nash_weights(grads, max_iterations, tol)
+    w, info = _nash_weights(grads, max_iterations, tol, task_mask)
     return WeightingOutput(w, state, info)
 
 
@@ -155,11 +181,15 @@ def nash_mtl_weighting(*, max_iterations: int = 50, tol: Optional[float] = None)
     iteration (one (T, T) Cholesky). ``info``: ``certificate`` (the final residual),
     ``iterations`` (int32) and ``converged`` (bool: stopped on ``tol`` or at the residual's
     round-off floor, not at ``max_iterations``). Gradient method: heads get their own loss gradient.
+
+    Partial labels (``task_mask``): the bargaining problem of the present tasks (their Gramian
+    block and its Frobenius norm), solved on the T'-task problem's path (:func:`nash_solve`);
+    ``certificate``/``converged`` are its own. Stateless (no warm start).
     """
     max_iterations, tol = _check_args(max_iterations, tol)
     return Weighting(name="nash_mtl", init=stateless_init,
                      weigh=functools.partial(_nash_weigh, max_iterations=max_iterations, tol=tol),
-                     needs_grads=True, weights_heads=False)
+                     needs_grads=True, weights_heads=False, supports_task_mask=True)
 
 
 NASH_MTL = nash_mtl_weighting()

@@ -15,7 +15,7 @@ from jax import lax
 
 from imtl_jax._linalg import symmetric_pinv
 from imtl_jax._method import Method, Weighting, WeightingOutput, stateless_init
-from imtl_jax.methods import register
+from imtl_jax.methods import _mask, register
 from imtl_jax.methods._common import (HIGHEST, check_grads, check_matrix, compute_dtype,
                                       nan_if_not_finite, normalized_gramian)
 from imtl_jax.methods.equal import IDENTITY
@@ -45,13 +45,14 @@ def kkt_residual(gram: jax.Array, lin: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.where(scale > 0, jnp.max(per) / jnp.where(scale > 0, scale, 1.0), 0.0)
 
 
-def residual_floor(gram: jax.Array, lin: jax.Array, v: jax.Array) -> jax.Array:
+def residual_floor(gram: jax.Array, lin: jax.Array, v: jax.Array, size=None) -> jax.Array:
     r"""The rounding error bound of :func:`kkt_residual` itself: evaluating ``r = M v + lin`` in
     the working precision errs by at most ``gamma_{T+1} (|M| |v| + |lin|)`` per entry (Higham,
     *Accuracy and Stability of Numerical Algorithms*, 2002, eq. 3.5, ``gamma_n = n eps /
     (1 - n eps)``), so a residual below this is indistinguishable from 0: derived from the data,
-    not tuned. In the certificate's units (relative to ``max_t M_tt``)."""
-    n = gram.shape[0] + 1
+    not tuned. In the certificate's units (relative to ``max_t M_tt``). ``size``: the number of
+    tasks of the problem (default T; T' under a task mask, whose absent terms are exact zeros)."""
+    n = (gram.shape[0] if size is None else size) + 1
     eps = jnp.finfo(gram.dtype).eps
     gamma = n * eps / (1.0 - n * eps)
     mag = jnp.matmul(jnp.abs(v), jnp.abs(gram), precision=HIGHEST) + jnp.abs(lin)
@@ -78,7 +79,7 @@ def _fista(v, gram, lin, step, iterations):
     return v
 
 
-def _active_set(z, gram, lin, s, threshold, max_steps):
+def _active_set(z, gram, lin, s, threshold, max_steps, size):
     r"""Lawson & Hanson's active-set method (NNLS, 1974, ch. 23) on the equilibrated problems
     ``min_{z >= 0} z^T K z / 2 + c . z`` (rows of ``z``, ``c``; ``K`` the cosine matrix), warm
     started from ``z``: each step solves ``K_PP y_P = -c_P`` exactly on the passive set ``P``
@@ -87,14 +88,14 @@ def _active_set(z, gram, lin, s, threshold, max_steps):
     exceeds ``threshold``; otherwise the iterate moves from ``z`` towards ``y`` until the first
     coordinate hits 0, which leaves ``P`` (the objective never increases). Finite in exact
     arithmetic (no set repeats); runs until no row changes or ``max_steps`` steps. Returns
-    ``(z, steps)``."""
+    ``(z, steps)``. ``size``: the problem's number of tasks (the cutoff ``10 size eps``)."""
     num = gram.shape[0]
     eye = jnp.eye(num, dtype=gram.dtype)
     eps = jnp.finfo(gram.dtype).eps
 
     def solve(free, ci):
         sub = jnp.where(free[:, None] & free[None, :], gram, eye)
-        y = jnp.matmul(symmetric_pinv(sub, 10.0 * num * eps), jnp.where(free, -ci, 0.0),
+        y = jnp.matmul(symmetric_pinv(sub, 10.0 * size * eps), jnp.where(free, -ci, 0.0),
                        precision=HIGHEST)
         return jnp.where(free, y, 0.0)
 
@@ -134,7 +135,8 @@ def _active_set(z, gram, lin, s, threshold, max_steps):
 
 
 def project_weights(gram: jax.Array, targets: jax.Array, *, iterations: int = 50,
-                    max_rounds: int = 20, tol: Optional[float] = None):
+                    max_rounds: int = 20, tol: Optional[float] = None,
+                    task_mask: Optional[jax.Array] = None):
     r"""``W[k] = argmin_{w >= targets[k]} w^T M w`` for each row of ``targets`` (K, T); returns
     ``(W, certificate, rounds, converged)``.
 
@@ -146,9 +148,17 @@ def project_weights(gram: jax.Array, targets: jax.Array, *, iterations: int = 50
     vmapped, under ``lax.while_loop`` until the largest :func:`kkt_residual` is ``<= tol``
     (default ``8 eps``) or below its own rounding bound :func:`residual_floor` (``converged``),
     or after ``max_rounds`` rounds.
+
+    ``task_mask`` (T,) bool (partial labels): the absent rows and columns of ``gram`` and the
+    absent entries of ``targets`` must be 0. Then every gradient, ``lin`` and residual entry of
+    an absent task is exactly 0, so its ``v_t`` stays 0 (never enters the passive set) and the
+    present block follows the T'-task problem's path; ``size``-dependent constants (cutoffs,
+    the rounding bound, the active-set cap) use T'. A row of ``targets`` that is 0 (an absent
+    task's problem) is solved by ``v = 0`` at once.
     """
     dtype = gram.dtype
     num_tasks = gram.shape[0]
+    size = num_tasks if task_mask is None else jnp.sum(task_mask).astype(jnp.int32)
     tol = default_tol(dtype) if tol is None else float(tol)
     lin = jnp.matmul(targets, gram, precision=HIGHEST)     # rows: M u (M symmetric)
     # Equilibrate: v = z / s with s = sqrt(diag M) turns M into the cosine matrix K (unit
@@ -164,7 +174,7 @@ def project_weights(gram: jax.Array, targets: jax.Array, *, iterations: int = 50
 
     def cond(carry):
         z, res, it = carry
-        floor = residual_floor(gram, lin, z / s[None, :])
+        floor = residual_floor(gram, lin, z / s[None, :], size)
         return (res > jnp.maximum(tol, floor)) & (it < max_rounds)
 
     scale = jnp.max(diag)
@@ -173,24 +183,35 @@ def project_weights(gram: jax.Array, targets: jax.Array, *, iterations: int = 50
     def body(carry):
         z, _, it = carry
         z, _ = _active_set(_fista(z, cos, lin_z, step, iterations), cos, lin_z, s, threshold,
-                           4 * num_tasks + 8)
+                           4 * size + 8, size)
         return z, kkt_residual(gram, lin, z / s[None, :]), it + 1
 
     z0 = jnp.zeros(targets.shape, dtype)
     z, res, rounds = lax.while_loop(cond, body, (z0, kkt_residual(gram, lin, z0),
                                                  jnp.zeros((), jnp.int32)))
     v = z / s[None, :]
-    converged = jnp.isfinite(res) & (res <= jnp.maximum(tol, residual_floor(gram, lin, v)))
+    converged = jnp.isfinite(res) & (res <= jnp.maximum(tol, residual_floor(gram, lin, v, size)))
     return targets + v, res, rounds, converged
 
 
-def _upgrad_weights(grads, iterations, max_rounds, tol):
+def _upgrad_weights(grads, iterations, max_rounds, tol, task_mask=None):
     num_tasks = grads.shape[0]
     cdt = compute_dtype(grads.dtype)
-    gram, _ = normalized_gramian(grads.astype(cdt))
-    weights, res, rounds, converged = project_weights(
-        gram, jnp.eye(num_tasks, dtype=cdt), iterations=iterations, max_rounds=max_rounds, tol=tol)
-    w = nan_if_not_finite(jnp.mean(weights, axis=0), grads).astype(grads.dtype)
+    if task_mask is None:
+        gram, _ = normalized_gramian(grads.astype(cdt))
+        weights, res, rounds, converged = project_weights(
+            gram, jnp.eye(num_tasks, dtype=cdt), iterations=iterations, max_rounds=max_rounds, tol=tol)
+        w = jnp.mean(weights, axis=0)
+    else:
+        # Partial labels: the present rows' projections (their Gramian block; an absent task's
+        # problem has the zero target and is solved by v = 0), averaged over the T' of them.
+        gram, _ = _mask.gramian(grads, task_mask)
+        grads = _mask.rows(grads, task_mask)
+        targets = _mask.rows(jnp.eye(num_tasks, dtype=cdt), task_mask)
+        weights, res, rounds, converged = project_weights(
+            gram, targets, iterations=iterations, max_rounds=max_rounds, tol=tol, task_mask=task_mask)
+        w = _mask.entries(jnp.sum(weights, axis=0) / _mask.count(task_mask, cdt), task_mask)
+    w = nan_if_not_finite(w, grads).astype(grads.dtype)
     return w, {"certificate": res.astype(grads.dtype), "iterations": rounds,
                "converged": converged}
 
@@ -212,10 +233,11 @@ def upgrad_weights(grads: jax.Array, *, iterations: int = 50, max_rounds: int = 
     return _upgrad_weights(grads, *_check_args(iterations, max_rounds, tol))[0]
 
 
-def _upgrad_weigh(grads, losses, state, key, priorities, *, iterations, max_rounds, tol):
+def _upgrad_weigh(grads, losses, state, key, priorities, *, iterations, max_rounds, tol,
+                  task_mask=None):
     del key
     grads, losses = check_grads(grads, losses, priorities, "upgrad")
-    w, info = _upgrad_weights(grads, iterations, max_rounds, tol)
+    w, info = _upgrad_weights(grads, iterations, max_rounds, tol, task_mask)
     return WeightingOutput(w, state, info)
 
 
@@ -242,12 +264,16 @@ def upgrad_weighting(*, iterations: int = 50, max_rounds: int = 20,
     per problem in the polish). ``info``: ``certificate`` (the largest relative KKT residual),
     ``iterations`` (rounds used, int32) and ``converged`` (bool: the certificate reached ``tol``
     before ``max_rounds``). Gradient method: heads get their own loss gradient.
+
+    Partial labels (``task_mask``): the mean of the projections of the present rows onto the
+    dual cone of the present rows (the T'-task problem, on its solver path:
+    :func:`project_weights`); ``certificate``/``converged`` are its own.
     """
     iterations, max_rounds, tol = _check_args(iterations, max_rounds, tol)
     return Weighting(name="upgrad", init=stateless_init,
                      weigh=functools.partial(_upgrad_weigh, iterations=iterations,
                                              max_rounds=max_rounds, tol=tol),
-                     needs_grads=True, weights_heads=False)
+                     needs_grads=True, weights_heads=False, supports_task_mask=True)
 
 
 UPGRAD = upgrad_weighting()
