@@ -29,6 +29,7 @@ Prints, for models shaped like the experiments (see ``benchmarks/_models.py``):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -226,8 +227,26 @@ def _route_solver(route: str):
     return jax.jit(traced)
 
 
+def _numpy_blas_on_one_thread():
+    """NumPy's BLAS limited to one thread while the solves are timed: after each call OpenBLAS's
+    idle threads spin for a while, and on a 2-core machine they take the cores from the jitted
+    solve timed next (its median tripled, its minimum unchanged). One thread is also the faster
+    setting for the NumPy solve at these sizes. Needs ``threadpoolctl``; without it, a no-op."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
 def measure_solve(num_tasks: int, dim: int, reps: int, norm_spread: float):
-    """Median and minimum wall ms of each solve, timed interleaved (one call of each per round)."""
+    """Median and minimum wall ms of each solve, timed interleaved (one call of each per round),
+    with NumPy's BLAS on one thread (:func:`_numpy_blas_on_one_thread`)."""
+    with _numpy_blas_on_one_thread():
+        return _measure_solve(num_tasks, dim, reps, norm_spread)
+
+
+def _measure_solve(num_tasks: int, dim: int, reps: int, norm_spread: float):
     rng = np.random.default_rng(0)
     J = rng.standard_normal((num_tasks, dim)).astype(np.float32)
     J *= np.logspace(0, np.log10(norm_spread), num_tasks, dtype=np.float32)[:, None]
@@ -341,7 +360,8 @@ def main(argv=None):
     ours_ms = solve_rows[0][1]
     for name, ms, ms_min, spread in solve_rows:
         print(f"{name:<34} {ms:9.3f} {ms / ours_ms:6.2f}x {ms_min:8.3f}   {spread:.1e}")
-    print("  projection spread: (max - min) / |mean| of g . u_t (float64 evaluation); 0 = impartial.\n")
+    print("  projection spread: (max - min) / |mean| of g . u_t (float64 evaluation); 0 = impartial.")
+    print("  NumPy's BLAS on one thread while timing (its idle threads would spin on the cores XLA needs).\n")
 
     # ---- targets ---------------------------------------------------------------------------
     by = {(r.model, r.num_tasks): r for r in rows}
