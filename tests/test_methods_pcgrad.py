@@ -66,6 +66,24 @@ def test_orders_are_deterministic_given_the_key_and_vary_with_it():
     assert np.asarray(pcgrad_orders(jax.random.PRNGKey(0), 3)).shape == (3, 2)
 
 
+def test_orders_are_uniform_and_independent_across_tasks():
+    """Over 3000 keys, each of the 3! orders of a task's three others appears ~1/6 of the time
+    (within 5 binomial standard deviations), for every task, and the orders of two tasks are
+    independent (each of the 36 pairs ~1/36)."""
+    keys = jax.random.split(jax.random.key(11), 3000)
+    orders = np.asarray(jax.vmap(lambda k: pcgrad_orders(k, 4))(keys))          # (3000, 4, 3)
+    n = orders.shape[0]
+    codes = np.zeros(orders.shape[:2], int)
+    for i in range(4):
+        perms = sorted({tuple(r) for r in orders[:, i].tolist()})
+        assert len(perms) == 6
+        codes[:, i] = [perms.index(tuple(r)) for r in orders[:, i].tolist()]
+        counts = np.bincount(codes[:, i], minlength=6)
+        assert np.all(np.abs(counts - n / 6) <= 5 * np.sqrt(n * (1 / 6) * (5 / 6))), counts
+    pairs = np.bincount(codes[:, 0] * 6 + codes[:, 1], minlength=36)
+    assert np.all(np.abs(pairs - n / 36) <= 5 * np.sqrt(n * (1 / 36) * (35 / 36))), pairs
+
+
 def test_order_matters_and_key_none_uses_the_step_counter():
     # Three gradients where the projection order changes the result.
     g = jnp.array([[1.0, 0.0, 0.0], [-0.9, 1.0, 0.0], [-0.8, -1.0, 0.3]])

@@ -140,9 +140,10 @@ def _check_step_property(name, masks, use_jit=True):
 
 
 # Default suite: IMTL-H (loss scaling + IMTL-G + heads) and FAMO (stateful loss weighting with an
-# optimizer state) cover every masked code path of the step; each costs five compiles (the masked
-# step and the sub-problems T' = 1..4), so the other methods run in the slow step.
-DEFAULT = ("imtl_h", "famo")
+# optimizer state) cover every masked code path of the step, PCGrad the randomness (the masked
+# draw must be the sub-problem's for the same key); each costs five compiles (the masked step
+# and the sub-problems T' = 1..4), so the other methods run in the slow step.
+DEFAULT = ("imtl_h", "famo", "pcgrad")
 
 
 @pytest.mark.parametrize("name", slow_unless_core(SUPPORTED, core=DEFAULT))
@@ -159,10 +160,17 @@ def test_masked_step_without_jit(name):
 
 
 def test_supported_methods_cover_the_brief():
-    """The loss-level methods and IMTL-G/H at both levels support masks."""
-    for name in ("equal", "rlw", "si", "imtl_l", "uncertainty", "gls", "dwa", "famo", "stch",
-                 "db_mtl", "imtl_h", "imtl_g", "imtl_g_exact", "imtl_g_averaged"):
-        assert name in SUPPORTED, name
+    """Every registered method supports masks (so the property test above covers them all)."""
+    assert set(SUPPORTED) == set(methods.method_names())
+    assert len(SUPPORTED) == 30
+
+
+def test_cr_mogm_supports_masks_when_its_inner_weighting_does():
+    from imtl_jax.methods.cr_mogm import cr_mogm_weighting
+    assert cr_mogm_weighting("pcgrad").supports_task_mask
+    plain = Weighting("plain", stateless_init,
+                      lambda g, x, s, k, p: WeightingOutput(jnp.ones_like(x), s, {}), needs_grads=False)
+    assert not cr_mogm_weighting(plain).supports_task_mask
 
 
 def test_unsupported_method_raises_naming_the_alternatives():
@@ -237,7 +245,8 @@ def test_tuple_and_generic_task_losses(name):
     np.testing.assert_allclose(aux.weights, ref_aux.weights, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", slow_unless_core(["famo", "imtl_g", "gls", "db_mtl"], core=("famo",)))
+@pytest.mark.parametrize("name", slow_unless_core(
+    ["famo", "imtl_g", "gls", "db_mtl", "gradnorm", "gradvac", "sdmgrad", "cr_mogm"], core=("famo",)))
 def test_aggregate_masked_equals_present_task_aggregate(name):
     """optax aggregator: per-task updates with NaN rows for absent tasks, one compile."""
     with x64():
@@ -338,3 +347,174 @@ def test_nnx_train_step_with_mask():
     assert aux.weights[1] == 0.0
     np.testing.assert_array_equal(model.heads[1].kernel[...], before)
     assert np.all(np.isfinite(model.encoder.kernel[...]))
+
+
+# --- methods with randomness, state or an iterative solver --------------------------------------
+
+
+def _pcgrad_paper(grads, orders):
+    """Yu et al. 2020, Algorithm 1, on the raw vectors (float64): the sum of the corrected rows."""
+    out = []
+    for i, gi in enumerate(grads):
+        gi = gi.copy()
+        for j in orders[i]:
+            dot = gi @ grads[j]
+            if dot < 0:
+                gi = gi - dot / (grads[j] @ grads[j]) * grads[j]
+        out.append(gi)
+    return np.sum(out, axis=0)
+
+
+def _documented_orders(key, num_present):
+    """The draw documented in pcgrad_orders, written out in Python: the c-th task sorts the
+    other tasks (in index order) by the 32-bit keys bits(fold_in(fold_in(key, c), j))."""
+    orders = []
+    for c in range(num_present):
+        kc = jax.random.fold_in(key, c)
+        bits = [int(jax.random.bits(jax.random.fold_in(kc, j), (), jnp.uint32)) for j in range(num_present - 1)]
+        others = [t for t in range(num_present) if t != c]
+        orders.append([others[j] for j in np.argsort(bits, kind="stable")])
+    return orders
+
+
+def test_pcgrad_masked_orders_are_the_present_task_draws():
+    """The present tasks' orders under a mask are those of the T'-task problem with the same
+    key (the documented draw, rebuilt in Python, and pcgrad_orders(key, T')), then the absent
+    tasks. So a masked PCGrad/GradVac step equals the sub-problem's step draw for draw."""
+    from imtl_jax.methods.pcgrad import pcgrad_orders
+    num_tasks = 6
+    run = jax.jit(lambda k, m: pcgrad_orders(k, num_tasks, m))
+    rng = np.random.default_rng(0)
+    for trial in range(6):
+        key = jax.random.key(trial)
+        mask = rng.random(num_tasks) < 0.6
+        mask[trial % num_tasks] = True
+        idx = np.flatnonzero(mask)
+        got = np.asarray(run(key, jnp.asarray(mask)))
+        expected = _documented_orders(key, len(idx))
+        sub = np.asarray(pcgrad_orders(key, len(idx))) if len(idx) > 1 else np.zeros((1, 0), int)
+        for c, i in enumerate(idx):
+            np.testing.assert_array_equal(got[i, :len(idx) - 1], idx[expected[c]])
+            np.testing.assert_array_equal(got[i, :len(idx) - 1], idx[sub[c]])
+            assert sorted(got[i, len(idx) - 1:].tolist()) == np.flatnonzero(~mask).tolist()
+
+
+def test_pcgrad_masked_weights_are_the_paper_algorithm_on_present_tasks():
+    """The masked weights (absent rows NaN) give the update of Algorithm 1 run on the present
+    rows with the orders reported in info["order"] (independent of the library's Gramian
+    code), and equal the T'-task weights for the same key, on gradients where the order
+    matters (every pair conflicts: the results vary with the key)."""
+    from inputs import draw
+    with x64():
+        w = methods.get_method("pcgrad").weighting
+        run = jax.jit(lambda g, m, k: _mask_weigh(w, g, m, k))
+        sub_run = jax.jit(lambda g, k: w.weigh(g, jnp.ones(g.shape[0], g.dtype), w.init(g.shape[0]), k, None))
+        num_tasks = 6
+        mask = np.array([True, False, True, True, False, True])
+        idx = np.flatnonzero(mask)
+        grads = draw("simplex", 0, num_tasks, 8, 1.0)
+        masked = np.where(mask[:, None], grads, np.nan)
+        updates = set()
+        for trial in range(8):
+            key = jax.random.key(trial)
+            out = run(jnp.asarray(masked), jnp.asarray(mask), key)
+            position = {t: k for k, t in enumerate(idx)}
+            orders = [[position[t] for t in np.asarray(out.info["order"])[i] if mask[t]] for i in idx]
+            expected = _pcgrad_paper(grads[idx], orders)
+            weights = np.asarray(out.weights)
+            assert np.all(weights[~mask] == 0.0)
+            np.testing.assert_allclose(weights[idx] @ grads[idx], expected, rtol=1e-12,
+                                       atol=1e-12 * np.abs(expected).max())
+            np.testing.assert_allclose(weights[idx], sub_run(jnp.asarray(grads[idx]), key).weights,
+                                       rtol=1e-12, atol=1e-14)
+            updates.add(tuple(np.round(expected, 8)))
+        assert len(updates) > 2      # the order matters for these gradients
+
+
+def _mask_weigh(weighting, grads, mask, key, state=None, losses=None):
+    from imtl_jax.methods._mask import weigh
+    num_tasks = grads.shape[0]
+    state = weighting.init(num_tasks, grads.dtype) if state is None else state
+    losses = jnp.ones(num_tasks, grads.dtype) if losses is None else losses
+    return weigh(weighting, grads, losses, state, key, None, mask, weighting.name)
+
+
+def test_gradnorm_records_the_initial_loss_of_a_task_absent_at_first():
+    """L_t(0) of a task absent at the first step is recorded at its first present step; the
+    other tasks' L(0) stay those of the first step."""
+    w = methods.get_method("gradnorm").weighting
+    from imtl_jax.methods._mask import weigh
+    run = jax.jit(lambda g, x, s, m: weigh(w, g, x, s, None, None, m, "gradnorm"))
+    g = jnp.asarray(np.random.default_rng(2).standard_normal((3, 4)), jnp.float32)
+    state = w.init(3, jnp.float32)
+    out = run(g, jnp.array([1.0, 2.0, jnp.nan]), state, jnp.array([True, True, False]))
+    np.testing.assert_array_equal(out.state.initial_losses, [1.0, 2.0, 0.0])
+    np.testing.assert_array_equal(out.state.weights[2], 1.0)
+    out = run(g, jnp.array([0.5, 1.0, 4.0]), out.state, jnp.ones(3, bool))
+    np.testing.assert_array_equal(out.state.initial_losses, [1.0, 2.0, 4.0])
+    assert int(out.state.count) == 2
+
+
+def _kkt_error(name, weights, info, grads):
+    """The method's optimality condition on the present rows ``grads`` (T', D), in NumPy float64,
+    relative to its scale (0 at the exact solution)."""
+    m = grads @ grads.T
+    top = np.max(np.diag(m))
+    n = grads.shape[0]
+    if name == "mgda":                       # (M w)_t >= w^T M w, equality on the support
+        mw = m @ weights
+        return max(np.max(np.abs(mw[weights > 0] - weights @ mw)),
+                   np.max(np.maximum(weights @ mw - mw, 0.0)), abs(weights.sum() - 1)) / top
+    if name == "cagrad":                     # the dual: grad F equal on the support, >= elsewhere
+        w = np.asarray(info["dual_weights"])
+        mw = m @ w
+        grad = m.mean(axis=1) + 0.5 * np.sqrt(m.mean()) * mw / np.sqrt(w @ mw)
+        return (np.max(grad[w > 0]) - np.min(grad)) / top
+    if name == "nash_mtl":                   # alpha_t (K alpha)_t = 1, K = M / ||M||_F
+        return np.max(np.abs(weights * ((m / np.linalg.norm(m)) @ weights) - 1.0))
+    if name == "fairgrad":                   # M w = w^{-1/2} (raw equation, alpha = 2)
+        return np.max(np.abs(m @ weights - weights ** -0.5) / weights ** -0.5)
+    update = weights @ grads
+    conflict = np.max(np.maximum(-(grads @ update), 0.0)) / top
+    if name == "dualproj":                   # projection of the mean on {x : G x >= 0}: KKT
+        v = weights - 1.0 / n
+        return max(conflict, np.max(np.maximum(-v, 0.0)), abs(v @ (grads @ update)) / top)
+    assert name == "upgrad"
+    return conflict                          # the update conflicts with no present task
+
+
+SOLVERS = ("mgda", "cagrad", "upgrad", "dualproj", "nash_mtl", "fairgrad")
+
+
+@pytest.mark.parametrize("name", slow_unless_core(SOLVERS, core=("nash_mtl",)))
+def test_masked_solvers_certify_the_present_problem(name):
+    """Iterative solvers under a mask: absent rows hold large finite garbage (that would change
+    the full problem), yet the solver takes the sub-problem's path (same iterations), reports
+    its certificate (converged, the same value) and the weights satisfy the method's optimality
+    condition on the present rows (NumPy float64)."""
+    from inputs import draw
+    with x64():
+        weighting = methods.get_method(name).weighting
+        num_tasks = 5
+        run = jax.jit(lambda g, m: _mask_weigh(weighting, g, m, None))
+        sub_run = jax.jit(lambda g: weighting.weigh(g, jnp.ones(g.shape[0], g.dtype),
+                                                    weighting.init(g.shape[0], g.dtype), None, None))
+        rng = np.random.default_rng(4)
+        for trial, family in enumerate(("mixed", "opposed_pairs", "simplex", "mixed")):
+            grads = draw(family, trial, num_tasks, 7, 2.0)
+            mask = np.zeros(num_tasks, bool)
+            mask[rng.choice(num_tasks, 3 + trial % 2, replace=False)] = True
+            idx = np.flatnonzero(mask)
+            garbage = np.where(mask[:, None], grads, 1e3 * rng.standard_normal(grads.shape))
+            out = run(jnp.asarray(garbage), jnp.asarray(mask))
+            sub = sub_run(jnp.asarray(grads[idx]))
+            err = f"{name}, {family}, mask {mask.astype(int)}"
+            assert bool(out.info["converged"]) and bool(sub.info["converged"]), err
+            assert int(out.info["iterations"]) == int(sub.info["iterations"]), err
+            np.testing.assert_allclose(float(out.info["certificate"]), float(sub.info["certificate"]),
+                                       rtol=0, atol=1e-13, err_msg=err)
+            weights = np.asarray(out.weights)
+            np.testing.assert_array_equal(weights[~mask], 0.0, err_msg=err)
+            np.testing.assert_allclose(weights[idx], sub.weights, rtol=1e-9, atol=1e-12, err_msg=err)
+            info = {k: np.asarray(v)[idx] if np.ndim(v) == 1 else v for k, v in out.info.items()}
+            assert _kkt_error(name, weights[idx], info, grads[idx]) <= 1e-9, err
