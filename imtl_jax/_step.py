@@ -107,6 +107,21 @@ def stacked_task_losses(loss_fn: Callable[..., jax.Array]) -> StackedTaskLosses:
 TaskLosses = Union[Callable[..., jax.Array], StackedTaskLosses, Sequence[Callable[..., jax.Array]]]
 
 
+def _check_float_leaves(tree: PyTree, name: str) -> None:
+    """Raises TypeError naming ``name`` and the leaf when a parameter is not real floating point
+    (the step differentiates every leaf: an integer leaf would get a ``float0`` gradient that
+    optax cannot apply, or fail inside ``jax.grad``)."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            where = jax.tree_util.keystr(path) or "(root)"
+            raise TypeError(
+                f"`{name}` leaf {where} has dtype {dtype} (shape {jnp.shape(leaf)}): every parameter "
+                "must have a real floating-point dtype (the step differentiates it). Cast it, e.g. "
+                "jnp.asarray(x, jnp.float32), or keep integer state out of the parameters "
+                "(encoder_state with mtl_step(..., has_state=True), or a closure).")
+
+
 def _stacked_num_tasks(head_params: PyTree) -> int:
     leaves = jax.tree_util.tree_leaves(head_params)
     if not leaves:
@@ -257,6 +272,8 @@ class MTLStep:
                             f"got {type(params).__name__}.")
         check_array(params.log_scales, "params.log_scales")
         log_scales = check_float_array(params.log_scales, "params.log_scales", ndim=1)
+        _check_float_leaves(params.shared, "params.shared")
+        _check_float_leaves(params.heads, "params.heads")
         num_tasks = log_scales.shape[0]
         if num_tasks < 1:
             raise ValueError(f"`params.log_scales` must have T >= 1 entries, got shape {log_scales.shape}.")
@@ -471,7 +488,9 @@ class MTLStep:
             new_encoder_state = _NO_STATE
         z = check_float_array(z, "encoder(...) output")
         if z.ndim < 1 or z.shape[0] < 1:
-            raise ValueError(f"`encoder` output must have a non-empty leading batch axis, got shape {z.shape}.")
+            raise ValueError(f"`encoder` output must have a non-empty leading batch axis, got shape {z.shape}"
+                             " (an empty batch, or an encoder that drops the batch axis); skip empty "
+                             "batches, e.g. drop the last partial batch.")
         check_step_task_reads(self.task_losses, params.heads, z, batch, num_tasks)
 
         if not weighting.needs_grads and method.level == "representation":

@@ -203,6 +203,12 @@ def check_task_reads(loss_fn: Any, head_params: Any, z: Any, batch: Any, *, num_
         args = args + (jax.ShapeDtypeStruct((), jnp.int32),)
     try:
         closed = jax.make_jaxpr(probe)(*args)
+    except IndexError as err:  # e.g. y[:, t] with y of shape (B, 0): no targets at all
+        t = num_tasks - 1 if task is None else task
+        raise ValueError(
+            f"{what}: the loss of task {t} indexes past the end of a batch array ({err}). The batch "
+            f"must carry targets for all {num_tasks} tasks of `params.log_scales`; check the batch's "
+            "task axis or the index in the loss function.") from None
     except Exception:  # noqa: BLE001 - the real call reports real errors
         return
     jaxpr = closed.jaxpr
@@ -233,7 +239,7 @@ def check_step_task_reads(task_losses: Any, heads: Any, z: Any, batch: Any, num_
     form (task index ``T-1``) and the tuple form (each function's constant indices into the
     batch). The generic form (one function of all heads) has no task index to check."""
     loss_fn = getattr(task_losses, "loss_fn", None)
-    if loss_fn is not None and num_tasks > 1:
+    if loss_fn is not None and num_tasks >= 1:
         head_t = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)), heads)
         check_task_reads(loss_fn, head_t, z, batch, num_tasks=num_tasks)
