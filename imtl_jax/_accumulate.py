@@ -13,7 +13,10 @@
 Why it is exact: with task losses that are means over the examples and K equal micro-batches,
 ``L_t = (1/K) sum_k L_t^k``, so every per-task gradient (of z or of the parameters) of the
 whole batch is the mean of the micro-batches' ones, and so is the matrix the weights are
-computed from.
+computed from. A loss scaling that is not linear in the losses (DB-MTL's ``log L_t``) is
+applied to the whole batch's mean losses by the chain rule (its Jacobian times the raw
+gradients, and in the second pass the scaling linearized there), never per micro-batch:
+``mean_k grad log L^k`` is not ``grad log L``.
 """
 
 from __future__ import annotations
@@ -25,19 +28,41 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from imtl_jax._method import Method, PyTree, Weighting, WeightingOutput
+from imtl_jax._method import LossScaling, Method, PyTree, Weighting, WeightingOutput
 from imtl_jax._step import MTLParams, MTLStep, _NO_STATE
+
+#: Pass 1's scaling: the raw losses (their gradients are scaled once, on the whole batch).
+_RAW = LossScaling(name="raw", scale=lambda losses, log_scales: losses, trainable=False)
 
 
 def _split_batch(batch: Any, k: int) -> Any:
-    def split(x):
-        x = jnp.asarray(x)
-        if x.ndim < 1 or x.shape[0] % k:
-            raise ValueError(f"accumulate_step: every batch leaf must have a leading batch axis "
-                             f"divisible by num_micro_batches={k}; got a leaf of shape {x.shape}. "
-                             "Use a batch size that is a multiple of num_micro_batches.")
-        return x.reshape((k, x.shape[0] // k) + x.shape[1:])
-    return jax.tree_util.tree_map(split, batch)
+    """Every leaf's leading axis split into ``k`` micro-batches, after static checks: every leaf
+    has a leading batch axis, the same size for all leaves (a leaf of another size would be cut
+    into micro-batches that do not line up with the inputs' -- e.g. one target row per micro-batch,
+    broadcast silently by the loss), non-empty and divisible by ``k``."""
+    leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
+    if not leaves:
+        raise ValueError("accumulate_step: `batch` has no array leaves to split into micro-batches.")
+    sizes: dict = {}
+    for path, x in leaves:
+        where = f"batch{jax.tree_util.keystr(path)}"
+        shape = jnp.shape(x)
+        if len(shape) < 1:
+            raise ValueError(f"accumulate_step: {where} has shape {shape}: every `batch` leaf must have "
+                             f"a leading batch axis, which is split into num_micro_batches={k} parts. "
+                             "Pass per-batch constants through a closure instead of the batch.")
+        sizes.setdefault(shape[0], []).append(f"{where} {shape}")
+    if len(sizes) > 1:
+        listed = "; ".join(", ".join(v[:2]) + (" ..." if len(v) > 2 else "") for v in sizes.values())
+        raise ValueError(f"accumulate_step: the `batch` leaves have different leading (batch) sizes "
+                         f"{sorted(sizes)} ({listed}); every leaf is split along its leading axis, so "
+                         "all must hold the same examples. Pass per-batch constants through a closure.")
+    (size,) = sizes
+    if size == 0 or size % k:
+        raise ValueError(f"accumulate_step: every batch leaf must have a leading batch axis divisible "
+                         f"by num_micro_batches={k} and non-empty; got batch size {size}. Use a batch "
+                         "size that is a positive multiple of num_micro_batches.")
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x).reshape((k, size // k) + jnp.shape(x)[1:]), batch)
 
 
 class AccumulatedStep:
@@ -68,9 +93,12 @@ class AccumulatedStep:
             info = {} if grads is None else {"matrix": grads}
             return WeightingOutput(jnp.zeros_like(losses), state, info)
 
+        # Pass 1 records the gradients of the *raw* losses: the loss scaling is applied to the
+        # whole batch's mean losses afterwards (chain rule), so a scaling that is not linear in
+        # the losses (DB-MTL's log) is exact too.
         self._record = MTLStep(step.encoder, step.task_losses, Method(
-            method.name, method.scaling, Weighting("record", weighting.init, record,
-                                                   weighting.needs_grads, weighting.weights_heads)),
+            method.name, _RAW, Weighting("record", weighting.init, record,
+                                         weighting.needs_grads, weighting.weights_heads)),
             reduction=step.reduction, axis_name=step.axis_name, has_state=step.has_state)
 
     def __repr__(self) -> str:
@@ -80,14 +108,26 @@ class AccumulatedStep:
         """The method's initial state (as :meth:`imtl_jax.MTLStep.init`)."""
         return self.step.init(params)
 
-    def _fixed(self, w):
+    def _fixed(self, w, raw):
+        """Pass 2's step: fixed weights ``w`` and the loss scaling linearized at the whole
+        batch's mean losses ``raw`` (``scale(raw) + J (L - raw)``): it is affine in the
+        micro-batch losses, so the micro-batches' gradients average to the whole batch's
+        gradient of ``sum_t w_t scale(L)_t``, log-scales included, for any scaling (the same
+        scaling when it is linear, as IMTL-L's)."""
         method = self.step.method
+        scaling = method.scaling
+        raw = lax.stop_gradient(raw)
 
         def weigh(grads, losses, state, key, priorities):
             del grads, losses, key, priorities
             return WeightingOutput(w.astype(w.dtype), state, {})
 
-        fixed = Method(method.name, method.scaling,
+        def linearized(losses, log_scales):
+            base, tangent = jax.jvp(lambda x: scaling.scale(x, log_scales), (raw,),
+                                    (losses.astype(raw.dtype) - raw,))
+            return base + tangent
+
+        fixed = Method(method.name, LossScaling(scaling.name, linearized, scaling.trainable),
                        Weighting("fixed", method.weighting.init, weigh, False,
                                  method.weighting.weights_heads))
         return MTLStep(self.step.encoder, self.step.task_losses, fixed, reduction=self.step.reduction,
@@ -96,9 +136,9 @@ class AccumulatedStep:
     def __call__(self, params: MTLParams, state: PyTree, batch: Any, *,
                  key: Optional[jax.Array] = None, priorities: Optional[jax.Array] = None,
                  encoder_state: Any = _NO_STATE) -> tuple:
-        """Same arguments and outputs as :meth:`imtl_jax.MTLStep.__call__`; micro-batch ``i``'s
-        encoder gets ``jax.random.fold_in(key, i)`` and the encoder state is threaded through
-        the K micro-batches in order (as a plain accumulation loop would)."""
+        """Same arguments and outputs as :meth:`imtl_jax.MTLStep.__call__` (no ``task_mask``);
+        micro-batch ``i``'s encoder gets ``jax.random.fold_in(key, i)`` and the encoder state is
+        threaded through the K micro-batches in order (as a plain accumulation loop would)."""
         step, k = self.step, self.num_micro_batches
         stateful = step.has_state
         if stateful and encoder_state is _NO_STATE:
@@ -133,19 +173,26 @@ class AccumulatedStep:
                 matrix_sum = matrix_sum + matrix
             return (enc_state, raw_sum + aux.losses, matrix_sum), None
 
+        # The accumulators take the dtypes of one micro-batch's outputs (the losses may differ
+        # from the log-scales' dtype, e.g. float16 log-scales on a float32 model).
+        first = jax.eval_shape(lambda: run(self._record, params, state,
+                                           jax.tree_util.tree_map(lambda x: x[0], micro), 0, enc0)[1])
         matrix0 = jnp.zeros((), params.log_scales.dtype)
         if step.method.weighting.needs_grads:
-            first = jax.eval_shape(lambda: run(self._record, params, state,
-                                               jax.tree_util.tree_map(lambda x: x[0], micro), 0, enc0)[1])
             matrix0 = jnp.zeros(first.info["matrix"].shape, first.info["matrix"].dtype)
         (enc_final, raw_sum, matrix_sum), _ = lax.scan(
-            pass1, (enc0, jnp.zeros((num_tasks,), params.log_scales.dtype), matrix0),
+            pass1, (enc0, jnp.zeros((num_tasks,), first.losses.dtype), matrix0),
             (micro, jnp.arange(k)))
         raw = raw_sum / k
         # Per-task gradients of the mean loss: the mean of the micro-batches' (sum reduction);
         # "mean" also averages over K times more examples, 1/K once more.
         matrix = matrix_sum / k if step.reduction == "sum" else matrix_sum / (k * k)
         scaled = step.method.scaling.scale(raw, params.log_scales)
+        if step.method.weighting.needs_grads:
+            # The gradients of the scaled losses: J (T, T) = d scale / d L at the whole batch's
+            # losses (diagonal for the built-in scalings) times the raw gradients.
+            jac = jax.jacfwd(lambda x: step.method.scaling.scale(x, params.log_scales))(raw)
+            matrix = jnp.matmul(jac.astype(matrix.dtype), matrix, precision=lax.Precision.HIGHEST)
         method_key = key if not (stateful and key is not None) else jax.random.fold_in(key, 1)
         out = step.method.weighting.weigh(
             lax.stop_gradient(matrix) if step.method.weighting.needs_grads else None,
@@ -153,7 +200,7 @@ class AccumulatedStep:
         w = lax.stop_gradient(out.weights).astype(scaled.dtype)
 
         # Pass 2: the gradients of sum_t w_t L~_t, micro-batch by micro-batch.
-        fixed = self._fixed(w)
+        fixed = self._fixed(w, raw)
 
         def pass2(carry, xs):
             enc_state, acc = carry
@@ -180,10 +227,12 @@ def accumulate_step(step: MTLStep, num_micro_batches: int) -> AccumulatedStep:
     """Gradient accumulation for a representation-level step: K micro-batches, one update.
 
     The result equals ``step`` on the whole batch (up to round-off) when the task losses are
-    means over the examples: pass 1 runs the encoder and the heads' per-task backward on each
-    micro-batch and sums the losses and the (T, F) matrix; the method weighs the whole batch's
-    matrix once (and its state advances once); pass 2 runs the encoder again on each
-    micro-batch and backpropagates ``sum_t w_t L~_t`` with the fixed weights. Memory is that
+    means over the examples, for every loss scaling: pass 1 runs the encoder and the heads'
+    per-task backward on each micro-batch and sums the raw losses and the (T, F) matrix of
+    their gradients; the scaling's Jacobian at the whole batch's mean losses turns it into the
+    scaled losses' matrix, which the method weighs once (and its state advances once); pass 2
+    runs the encoder again on each micro-batch and backpropagates ``sum_t w_t L~_t`` with the
+    fixed weights and the scaling linearized at the mean losses. Memory is that
     of one micro-batch; the cost is one more encoder forward per micro-batch than plain
     accumulation. Both passes are ``lax.scan`` loops, so it compiles once.
 
@@ -191,9 +240,27 @@ def accumulate_step(step: MTLStep, num_micro_batches: int) -> AccumulatedStep:
     sees micro-batch statistics, as in any accumulation loop), micro-batch ``i`` draws its
     dropout from ``jax.random.fold_in(key, i)``, and both passes see the same states and keys.
 
+    Bad input is refused at trace time, naming what to fix: ``num_micro_batches`` not a positive
+    int (``ValueError``); a ``batch`` leaf without a leading axis, leaves of different leading
+    sizes (each is cut into K micro-batches, so a per-batch constant -- or a target array of
+    another length, which the loss would broadcast silently -- cannot be split with the inputs),
+    an empty batch or a size not divisible by K (``ValueError`` naming the leaf and the sizes);
+    and the step's own checks on every micro-batch (T of heads / log-scales / targets,
+    floating-point parameters, ``priorities``). ``task_mask`` is not supported. Inputs of any
+    float or integer dtype go to the encoder as given; float16/bfloat16 log-scales on a float32
+    model are fine (the accumulators take the losses' dtype). NaN or inf in the batch or the
+    log-scales (of a method that reads them) is not an error: ``aux.all_finite`` is False (the
+    weights of a gradient method are NaN) and the gradients are returned as computed, exactly as
+    by ``step`` on the whole batch. ``all_finite`` covers the losses, the weights and the
+    gradients: a non-finite parameter whose effect saturates (e.g. through ``tanh``) can leave
+    them finite. Wrap the training step in :func:`imtl_jax.skip_nonfinite` (it also checks the
+    new parameters; the parameters, optimizer and method state are then left as they were) or
+    the optimizer in :func:`imtl_jax.safe_optimizer` to skip such a step.
+
     Args:
       step: an :class:`~imtl_jax.MTLStep` of a representation-level method.
-      num_micro_batches: K; every batch leaf's leading axis must be divisible by K.
+      num_micro_batches: K; every batch leaf's leading axis must be the same size, divisible
+        by K.
 
     Returns:
       An :class:`AccumulatedStep` with the step's ``init`` and call signature.
