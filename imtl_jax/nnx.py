@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from imtl_jax._method import Method, PyTree
+from imtl_jax._safety import _select, _tree_finite
 from imtl_jax._step import MTLParams, StepAux, _stacked_num_tasks, mtl_step, stacked_task_losses
 from imtl_jax.methods import get_method
 
@@ -68,6 +69,9 @@ class LossScales(nnx.Module):
     def __init__(self, num_tasks: int, *, dtype: Any = jnp.float32):
         if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
             raise ValueError(f"`num_tasks` must be a positive int, got {num_tasks!r}.")
+        if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+            raise TypeError(f"`dtype` must be a floating-point dtype (the log-scales are trained), got "
+                            f"{jnp.dtype(dtype)}; e.g. LossScales({num_tasks}, dtype=jnp.float32).")
         self.log_scales = nnx.Param(jnp.zeros((num_tasks,), dtype))
 
     def __call__(self) -> jax.Array:
@@ -156,7 +160,8 @@ class NNXTrainStep:
 
     def __init__(self, loss: Union[Callable[..., jax.Array], Sequence[Callable[..., jax.Array]]],
                  method: Union[str, Method], *, shared: str, heads: Union[str, Sequence[str]],
-                 loss_scales: Optional[str], inputs: Callable[[Any], Any], reduction: str):
+                 loss_scales: Optional[str], inputs: Callable[[Any], Any], reduction: str,
+                 skip_nonfinite: bool = False):
         if isinstance(loss, (list, tuple)):
             if not loss or not all(callable(f) for f in loss):
                 raise TypeError("`loss` given as a sequence must hold one callable "
@@ -169,6 +174,9 @@ class NNXTrainStep:
             raise TypeError(f"`inputs` must be a callable batch -> encoder input, got {inputs!r}.")
         if reduction not in ("sum", "mean"):
             raise ValueError(f"`reduction` must be 'sum' or 'mean', got {reduction!r}.")
+        if not isinstance(skip_nonfinite, bool):
+            raise TypeError(f"`skip_nonfinite` must be a bool, got {skip_nonfinite!r}.")
+        self.skip_nonfinite = skip_nonfinite
         self.loss = loss
         self.method = get_method(method)
         self.shared, self.heads, self.loss_scales = shared, heads, loss_scales
@@ -229,6 +237,10 @@ class NNXTrainStep:
                 raise ValueError(f"`loss_scales={self.loss_scales!r}` must hold one (T,) = ({num_tasks},) "
                                  "nnx.Param (an imtl_jax.nnx.LossScales); got shapes "
                                  f"{[jnp.shape(x) for x in leaves]}.")
+            if not jnp.issubdtype(jnp.result_type(leaves[0]), jnp.floating):
+                raise TypeError(f"`loss_scales={self.loss_scales!r}` holds a {jnp.result_type(leaves[0])} "
+                                f"parameter; it must be floating point, e.g. LossScales({num_tasks}, "
+                                "dtype=jnp.float32).")
         covered = [enc_path] + [p for p, _ in head_items] + ([scales_path] if scales_path else [])
         for i, a in enumerate(covered):
             for b in covered[i + 1:]:
@@ -260,17 +272,37 @@ class NNXTrainStep:
         if not isinstance(optimizer, nnx.Optimizer):
             raise TypeError("`optimizer` must be an nnx.Optimizer(model, tx, wrt=nnx.Param), got "
                             f"{type(optimizer).__name__}.")
-        expected = self.method.weighting.init(num_tasks, jnp.float32)
+        expected = jax.eval_shape(lambda: self.method.weighting.init(num_tasks, jnp.float32))
         if not _same_structure(method_state, expected):
             raise TypeError(f"`method_state` does not match method {self.method.name!r}'s state; start "
                             "from train_step.init(model) and pass back the state each call returns.")
+        for got, want in zip(jax.tree_util.tree_leaves(method_state), jax.tree_util.tree_leaves(expected)):
+            if jnp.shape(got) != want.shape:
+                raise ValueError(
+                    f"`method_state` has a leaf of shape {jnp.shape(got)} where {want.shape} is expected "
+                    f"for this model's {num_tasks} tasks: it was made for another model; start from "
+                    "train_step.init(model).")
+        if self.skip_nonfinite:
+            before = _snapshot(model, optimizer, method_state)
         inputs = self.inputs
         enc_def, enc_params, enc_rest = nnx.split(encoder, nnx.Param, ...)  # type: ignore[misc]
 
         def encoder_fn(shared, rest, b, k):
             del k  # NNX modules draw from their own RNG streams
             module = nnx.merge(enc_def, shared, rest, copy=True)
-            z = module(inputs(b))
+            x = inputs(b)
+            for leaf in jax.tree_util.tree_leaves(x):
+                if jnp.ndim(leaf) >= 1 and jnp.shape(leaf)[0] == 0:
+                    raise ValueError(f"`batch`: the shared module's input inputs(batch) = {_describe(x)} "
+                                     "has an empty batch axis; skip empty batches, e.g. drop the last "
+                                     "partial batch.")
+            try:
+                z = module(x)
+            except Exception as err:
+                _note(err, f"imtl_jax.nnx: raised by the shared module `shared={self.shared!r}` on "
+                           f"inputs(batch) = {_describe(x)}; check the batch's input (its shape and "
+                           "dtype) or inputs=.")
+                raise
             new_rest = nnx.split(module, nnx.Param, ...)[-1]
             return z, new_rest
 
@@ -319,7 +351,46 @@ class NNXTrainStep:
             _set_at(grad_state, _split_spec(self.loss_scales),
                     jax.tree_util.tree_map(lambda _: grads.log_scales, scales_state))
         optimizer.update(model, grad_state)
+        if self.skip_nonfinite:
+            method_state, aux = _keep_if_not_finite(before, model, optimizer, method_state, aux)
         return method_state, aux
+
+
+def _describe(x: Any) -> str:
+    """``float32[4, 3]`` for an array, the same for each leaf of a pytree."""
+    leaves = jax.tree_util.tree_leaves(x)
+    text = [f"{jnp.result_type(a)}{list(jnp.shape(a))}" for a in leaves[:4]]
+    return text[0] if len(leaves) == 1 else "(" + ", ".join(text) + (", ..." if len(leaves) > 4 else "") + ")"
+
+
+def _note(err: BaseException, text: str) -> None:
+    """Adds ``text`` to the exception's notes (shown under the message; Python >= 3.11)."""
+    add = getattr(err, "add_note", None)
+    if add is not None:
+        add(text)
+
+
+def _snapshot(model: nnx.Module, optimizer: nnx.Optimizer, method_state: PyTree) -> tuple:
+    """The current arrays of the model, the optimizer and the method state (``nnx.state`` holds
+    the Variables themselves, which the step updates in place: keep their values)."""
+    return (jax.tree_util.tree_leaves(nnx.state(model)), jax.tree_util.tree_leaves(nnx.state(optimizer)),
+            method_state)
+
+
+def _keep_if_not_finite(before: tuple, model: nnx.Module, optimizer: nnx.Optimizer,
+                        method_state: PyTree, aux: StepAux) -> tuple[PyTree, StepAux]:
+    """:func:`imtl_jax.skip_nonfinite` for the in-place NNX step: when the step is not finite
+    (``aux.all_finite`` False, or a non-finite float in the new model, optimizer or method
+    state), everything is put back as it was, bit for bit (a select per leaf)."""
+    old_model, old_opt, old_method = before
+    new_model, new_opt = nnx.state(model), nnx.state(optimizer)
+    finite = aux.all_finite & _tree_finite((new_model, new_opt, method_state))
+    for obj, new, old in ((model, new_model, old_model), (optimizer, new_opt, old_opt)):
+        leaves, treedef = jax.tree_util.tree_flatten(new)
+        nnx.update(obj, jax.tree_util.tree_unflatten(
+            treedef, [_select(finite, n, o) for n, o in zip(leaves, old)]))
+    method_state = jax.tree_util.tree_map(lambda n, o: _select(finite, n, o), method_state, old_method)
+    return method_state, aux._replace(all_finite=finite)
 
 
 def make_train_step(loss: Union[Callable[..., jax.Array], Sequence[Callable[..., jax.Array]]],
@@ -327,7 +398,7 @@ def make_train_step(loss: Union[Callable[..., jax.Array], Sequence[Callable[...,
                     heads: Union[str, Sequence[str]] = "heads",
                     loss_scales: Optional[str] = "loss_scales",
                     inputs: Callable[[Any], Any] = _default_inputs,
-                    reduction: str = "sum") -> NNXTrainStep:
+                    reduction: str = "sum", skip_nonfinite: bool = False) -> NNXTrainStep:
     """A train step ``(model, optimizer, batch, method_state, *, key=None, priorities=None,
     task_mask=None) -> (method_state, aux)`` for an NNX model with a shared module and task
     heads (``task_mask``: partial labels, see ``docs/partial_labels.md``).
@@ -354,10 +425,36 @@ def make_train_step(loss: Union[Callable[..., jax.Array], Sequence[Callable[...,
         loss scaling: IMTL-H, IMTL-L, uncertainty); ``None`` for a model without one.
       inputs: ``inputs(batch)`` is the shared module's input (default ``batch["x"]``).
       reduction: batch reduction of the feature gradients (see :func:`imtl_jax.mtl_step`).
+      skip_nonfinite: make every step atomic, as :func:`imtl_jax.skip_nonfinite` does for a
+        functional step: when ``aux.all_finite`` is False or a float in the new model,
+        optimizer or method state is not finite, the model (parameters, batch statistics, RNG
+        streams), the optimizer and the returned method state are exactly those before the
+        call, and the returned ``aux.all_finite`` is False. Costs one ``isfinite`` reduction
+        and one select per leaf. Default False: the update is applied as computed.
 
     Returns:
       An :class:`NNXTrainStep`. Every parameter of the model must belong to the shared module,
       a head or the loss scales (else a ``ValueError`` lists the others).
+
+    Bad input is refused with an error that names the argument and the fix, at trace time
+    (static shapes and dtypes only): the layout (``shared=``/``heads=``/``loss_scales=``
+    missing, overlapping or of another T; heads holding BatchNorm/Dropout; parameters outside
+    them), ``loss`` (a tuple of another length than the heads), ``method_state`` (another
+    method's, or made for another number of tasks), ``LossScales`` of a non-float dtype, an
+    empty batch (``ValueError`` naming ``batch``), and :func:`imtl_jax.mtl_step`'s checks (a
+    target array with fewer columns than tasks, ``priorities``/``task_mask`` of another shape).
+    Errors of the model's own modules (an input of the wrong feature size) come from Flax and
+    name the shapes; a note names ``shared=`` and the input. Integer and 16-bit inputs go to the
+    shared module as given (NNX layers promote them to their dtype); bfloat16/float16 models
+    train as in :func:`imtl_jax.mtl_step`. The batch's leading axes are not compared: a target
+    array of another length than the inputs is broadcast by the loss as in any JAX code. NaN or
+    inf in the batch, the targets or the loss scales (of a method that uses them) is not an
+    error: ``aux.all_finite`` is False (a gradient method's weights are NaN) and, unless
+    ``skip_nonfinite=True``, the non-finite update is applied (the parameters, and with a NaN
+    input the batch statistics, become NaN). ``aux.all_finite`` covers the losses, weights and
+    gradients; a non-finite parameter whose effect saturates (e.g. through ``tanh``) can leave
+    them finite, and ``skip_nonfinite=True`` (which also checks the new parameters) then skips
+    the step as well.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -378,7 +475,7 @@ def make_train_step(loss: Union[Callable[..., jax.Array], Sequence[Callable[...,
       (2,)
     """
     return NNXTrainStep(loss, method, shared=shared, heads=heads, loss_scales=loss_scales,
-                        inputs=inputs, reduction=reduction)
+                        inputs=inputs, reduction=reduction, skip_nonfinite=skip_nonfinite)
 
 
 __all__ = ["LossScales", "NNXTrainStep", "make_train_step"]
