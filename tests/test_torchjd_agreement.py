@@ -1,6 +1,6 @@
 """Agreement with TorchJD 0.18 on the same float64 inputs for the methods TorchJD also has:
 ConFIG, DualProj, GradVac (T = 2, where the task order is fixed, over a sequence of steps) and the
-STCH scalarizer. Slow step only; skipped when torch/torchjd are not installed."""
+STCH, PBI and COSMOS scalarizers. Slow step only; skipped when torch/torchjd are not installed."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from imtl_jax.methods.dualproj import DUALPROJ
 from imtl_jax.methods.fairgrad import fairgrad_weighting
 from imtl_jax.methods.gradvac import gradvac_weighting
 from imtl_jax.methods.modo import MODO
+from imtl_jax.methods.preference import cosmos_weighting, pbi_weighting
 from imtl_jax.methods.sdmgrad import SDMGRAD
 from imtl_jax.methods.stch import stch_weighting
 
@@ -206,3 +207,93 @@ def test_cr_mogm_agrees_with_torchjd_over_steps(alpha):
         _, out = _ours(ours_w, g, state)
         state = out.state
         np.testing.assert_allclose(np.asarray(out.weights), theirs, rtol=0, atol=1e-12 * np.abs(theirs).max())
+
+
+# PBI and COSMOS: (T, loss decades, Dirichlet concentration of the preference, seed). The losses
+# spread over 10^+-decades; a concentration of 0.2 puts the preference near a corner of the
+# simplex, "equal" is 1/T.
+SCALARIZER_CASES = [(2, 0, 1.2, 0), (3, 1, 1.2, 1), (6, 2, 0.2, 2), (10, 4, 1.2, 3), (20, 2, "equal", 4),
+                    (20, 4, 0.2, 5)]
+
+
+def _scalarizer_draw(num_tasks, decades, concentration, seed):
+    rng = np.random.default_rng(seed)
+    losses = rng.uniform(0.5, 2.0, num_tasks) * 10.0 ** rng.uniform(-decades, decades, num_tasks)
+    pref = (np.full(num_tasks, 1.0 / num_tasks) if concentration == "equal"
+            else rng.dirichlet(np.full(num_tasks, concentration)))
+    return losses, pref, rng
+
+
+def _torch_grad(scalarizer, losses):
+    x = torch.tensor(losses, dtype=torch.float64, requires_grad=True)
+    value = scalarizer(x)
+    (grad,) = torch.autograd.grad(value, x)
+    return grad.numpy(), float(value.detach())
+
+
+def _ours_loss_weighting(weighting, losses, pref):
+    """Our weights with the preference passed as the step's priorities (traced)."""
+    with x64():
+        out = jax.jit(lambda x, p: weighting.weigh(None, x, (), None, p))(jnp.asarray(losses), jnp.asarray(pref))
+        return np.asarray(out.weights), {k: float(v) for k, v in out.info.items()}
+
+
+@pytest.mark.parametrize("theta", [0.0, 5.0, 20.0])
+@pytest.mark.parametrize("case", SCALARIZER_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_pbi_agrees_with_torchjd_scalarizer(case, theta):
+    """TorchJD's PBI(theta, weights=lambda, reference=z): our weights are the gradient of its
+    value, to 1e-8 relative, and the values d1 + theta d2 agree. TorchJD adds 1e-12 under the
+    square root of d2 (an absolute epsilon), which changes its gradient by ~1e-12 / (2 d2^2)
+    relative: below 1e-9 at the d2 >= 0.05 of these draws (asserted)."""
+    losses, pref, rng = _scalarizer_draw(*case)
+    ref = -rng.uniform(0.0, 0.1, len(losses)) * losses.min()
+    theirs, value = _torch_grad(scalarization.PBI(theta, torch.tensor(pref), torch.tensor(ref)), losses)
+    ours, info = _ours_loss_weighting(pbi_weighting(theta=theta, reference=ref), losses, pref)
+    assert info["d2"] >= 0.05
+    np.testing.assert_allclose(ours, theirs, rtol=1e-8, atol=1e-12 * np.abs(theirs).max())
+    np.testing.assert_allclose(info["objective"], value, rtol=1e-12)
+
+
+def test_pbi_on_the_preference_ray_differs_from_torchjd_by_design():
+    """Losses within 1e-7 of the preference ray: the paper's gradient (ours, the NumPy oracle's)
+    has the full penalty theta (L - z - d1 lambda_hat) / d2; TorchJD's 1e-12 under the square root
+    shrinks it to d2 / sqrt(d2^2 + 1e-12), ~10 % here. On the ray exactly (d2 = 0 to
+    round-off), ours takes the subgradient 0 and TorchJD's tends to it."""
+    from test_methods_pbi_cosmos import pbi_grad_numpy
+    pref = np.array([0.2, 0.3, 0.5])
+    losses = 4.0 * pref + np.array([3e-7, -2e-7, 0.0])
+    theirs, _ = _torch_grad(scalarization.PBI(5.0, torch.tensor(pref)), losses)
+    ours, info = _ours_loss_weighting(pbi_weighting(theta=5.0), losses, pref)
+    oracle = pbi_grad_numpy(losses, pref, 0.0, 5.0)
+    np.testing.assert_allclose(ours, oracle, rtol=1e-6)   # d2 ~ 3e-7: its own round-off ~ eps / d2
+    unit = pref / np.linalg.norm(pref)
+    shrink = info["d2"] / np.sqrt(info["d2"] ** 2 + 1e-12)
+    np.testing.assert_allclose(theirs, unit + shrink * (oracle - unit), rtol=1e-6)
+    assert np.max(np.abs(theirs - ours)) > 0.05 * np.max(np.abs(ours - unit))
+    theirs, _ = _torch_grad(scalarization.PBI(5.0, torch.tensor(pref)), 4.0 * pref)
+    ours, _ = _ours_loss_weighting(pbi_weighting(theta=5.0), 4.0 * pref, pref)
+    np.testing.assert_allclose(ours, unit, rtol=1e-15)
+    np.testing.assert_allclose(theirs, unit, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.01, 2.0, 8.0])
+@pytest.mark.parametrize("case", SCALARIZER_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_cosmos_agrees_with_torchjd_scalarizer(case, lam):
+    """TorchJD's COSMOS(lambda, weights=r): our weights are the gradient of its value to 1e-8
+    relative (closed form), and the values agree."""
+    losses, pref, _ = _scalarizer_draw(*case)
+    theirs, value = _torch_grad(scalarization.COSMOS(lam, torch.tensor(pref)), losses)
+    ours, info = _ours_loss_weighting(cosmos_weighting(lam=lam), losses, pref)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-8, atol=1e-12 * np.abs(theirs).max())
+    np.testing.assert_allclose(info["objective"], value, rtol=1e-12, atol=1e-15 * lam)
+
+
+def test_cosmos_at_zero_losses_differs_from_torchjd_by_design():
+    """All losses 0: the cosine is undefined. TorchJD's cosine_similarity divides by
+    max(|r||L|, 1e-8), so its weights are r - lambda r_hat / 1e-8 (~-1e8); ours take the cosine's
+    gradient as 0 there (weights r, finite)."""
+    pref = np.array([0.5, 0.5])
+    theirs, _ = _torch_grad(scalarization.COSMOS(2.0, torch.tensor(pref)), np.zeros(2))
+    ours, _ = _ours_loss_weighting(cosmos_weighting(lam=2.0), np.zeros(2), pref)
+    np.testing.assert_array_equal(ours, pref)
+    assert np.all(theirs < -1e7)
