@@ -218,7 +218,6 @@ def step_cost_table(path: Path) -> str:
     times = _step_cost_rows(text, "Step time")
     memory = _step_cost_rows(text, "Peak memory")
     loads = re.findall(r"^# load (before|after): ([\d.]+)", text, re.M)
-    commit = re.search(r"commit (\w+)", text)
 
     def ratio(cell: str) -> str:
         return cell.split()[1].rstrip("x") if cell != "-" else "–"
@@ -231,7 +230,7 @@ def step_cost_table(path: Path) -> str:
                    f"{ratio(cells[3]) if len(cells) > 3 else '–'} | {ratio(mem[1])} |")
     load = ", ".join(f"{v} {k}" for k, v in loads)
     out += ["", f"`python -m benchmarks.step_cost` (output: `{path.relative_to(ROOT)}`; experiment queue "
-                f"paused, 1-minute load {load}{f'; commit {commit.group(1)}' if commit else ''}): median "
+                f"paused, 1-minute load {load}): median "
                 "wall time, ratios = median over interleaved rounds of the ratio within a round."]
     return "\n".join(out)
 
@@ -241,12 +240,10 @@ def solve_alone_table(path: Path) -> str:
     text = path.read_text()
     rows = re.findall(r"^\s*(\S.*?)\s+median\s+([\d.]+) ms\s+min\s+([\d.]+) ms\s+spread (\S+)$", text, re.M)
     loads = re.findall(r"^# load (before|after): ([\d.]+)", text, re.M)
-    commit = re.search(r"commit (\w+)", text)
     out = ["| implementation | median ms | min ms | projection spread of the answer |", "|---|---|---|---|"]
     out += [f"| {name.strip()} | {med} | {mn} | {spread} |" for name, med, mn, spread in rows]
     load = ", ".join(f"{v} {k}" for k, v in loads)
-    out += ["", f"Output: `{path.relative_to(ROOT)}` (experiment queue paused, 1-minute load {load}"
-                f"{f'; commit {commit.group(1)}' if commit else ''})."]
+    out += ["", f"Output: `{path.relative_to(ROOT)}` (experiment queue paused, 1-minute load {load})."]
     return "\n".join(out)
 
 

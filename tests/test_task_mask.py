@@ -143,7 +143,7 @@ def _check_step_property(name, masks, use_jit=True):
 # optimizer state) cover every masked code path of the step, PCGrad the randomness (the masked
 # draw must be the sub-problem's for the same key); each costs five compiles (the masked step
 # and the sub-problems T' = 1..4), so the other methods run in the slow step.
-DEFAULT = ("imtl_h", "famo", "pcgrad")
+DEFAULT = ("imtl_h", "famo")  # PCGrad's masked draws have their own default tests below
 
 
 @pytest.mark.parametrize("name", slow_unless_core(SUPPORTED, core=DEFAULT))

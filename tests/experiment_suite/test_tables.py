@@ -150,7 +150,8 @@ def test_step_cost_block_reads_the_committed_output(tmp_path):
     lines = body.splitlines()
     assert lines[2] == "| lenet (MultiMNIST) | 2 | 60.0 | 1.02 | 1.50 | 1.10 | 1.10 |"
     assert lines[3] == "| mlp bfloat16 | 40 | 25.0 | 1.08 | – | – | 1.00 |"
-    assert "1-minute load 1.25 before, 1.75 after; commit abc1234" in body
+    assert "1-minute load 1.25 before, 1.75 after)" in body
+    assert "abc1234" not in body   # no commit hashes in the docs (the output file keeps its own)
 
 
 def test_solve_alone_block_keeps_every_implementation():
