@@ -140,9 +140,10 @@ def _check_step_property(name, masks, use_jit=True):
 
 
 # Default suite: IMTL-H (loss scaling + IMTL-G + heads) and FAMO (stateful loss weighting with an
-# optimizer state) cover every masked code path of the step, PCGrad the randomness (the masked
-# draw must be the sub-problem's for the same key); each costs five compiles (the masked step
-# and the sub-problems T' = 1..4), so the other methods run in the slow step.
+# optimizer state) cover every masked code path of the step; each costs five compiles (the masked
+# step and the sub-problems T' = 1..4), so the other methods run in the slow step. PCGrad's
+# randomness (the masked draw must be the sub-problem's for the same key) has its own default
+# tests below.
 DEFAULT = ("imtl_h", "famo")  # PCGrad's masked draws have their own default tests below
 
 
