@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
@@ -146,15 +147,18 @@ def aggregate(method: Union[str, Method, Weighting], num_tasks: int, *,
         raise ValueError(f"`num_tasks` must be a positive int, got {num_tasks!r}.")
     dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
 
-    def _info_zeros():
+    def _info_zeros(params):
+        # The info's structure, from an abstract call on a (T, F) matrix: F is the size of the
+        # parameters when given (a weighting built for one F, e.g. ExcessMTL's, accepts no
+        # other), else 1.
+        size = sum(math.prod(jnp.shape(x)) for x in jax.tree_util.tree_leaves(params)) or 1
         shapes = jax.eval_shape(
-            lambda: weighting.weigh(jnp.ones((num_tasks, 1), dtype), jnp.ones((num_tasks,), dtype),
+            lambda: weighting.weigh(jnp.ones((num_tasks, size), dtype), jnp.ones((num_tasks,), dtype),
                                     weighting.init(num_tasks, dtype), jax.random.key(0), None).info)
         return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     def init_fn(params):
-        del params
-        return AggregatorState(weights=jnp.zeros((num_tasks,), dtype), info=_info_zeros(),
+        return AggregatorState(weights=jnp.zeros((num_tasks,), dtype), info=_info_zeros(params),
                                method_state=weighting.init(num_tasks, dtype))
 
     def update_fn(updates, state, params=None, *, losses: Optional[jax.Array] = None,

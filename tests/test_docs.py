@@ -53,7 +53,8 @@ def _library_modules() -> list[str]:
 _SLOW_DOCTESTS = {"imtl_jax._accumulate", "imtl_jax._safety", "imtl_jax._affinity",
                   "imtl_jax.methods.db_mtl", "imtl_jax.methods.cr_mogm", "imtl_jax.methods.dualproj",
                   "imtl_jax.methods.config", "imtl_jax.methods.gradvac", "imtl_jax.methods.rlw",
-                  "imtl_jax.methods.fairgrad", "imtl_jax.methods.modo", "imtl_jax.methods.sdmgrad"}
+                  "imtl_jax.methods.fairgrad", "imtl_jax.methods.modo", "imtl_jax.methods.sdmgrad",
+                  "imtl_jax.methods.preference", "imtl_jax.methods.excess_mtl"}
 
 
 @pytest.mark.parametrize("module_name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_DOCTESTS

@@ -208,11 +208,11 @@ def test_priorities_are_the_preference_traced_once(make):
         p = rng.dirichlet(np.ones(3)).astype(np.float32)
         got = run(jnp.asarray(p))
         np.testing.assert_allclose(got, oracle(np.float64(p)), rtol=3e-6, atol=3e-6)
-        if i == 0:
+        if i == 0 and make is pbi_weighting:   # eagerly: the slow step's parametrization only
             np.testing.assert_allclose(got, weigh(jnp.asarray(p)), rtol=1e-6, atol=1e-7)
             np.testing.assert_allclose(got, _weigh(make(preference=p), losses, jnp.float32).weights,
                                        rtol=1e-6, atol=1e-7)
-    assert len(traces) == 1 + 1   # one trace under jit, one eager call
+    assert len(traces) == 1 + (make is pbi_weighting)   # one trace under jit (+ the eager call)
     for bad in ([-0.1, 0.5, 0.6], [0.0, 0.0, 0.0], [np.nan, 0.5, 0.5]):
         assert np.all(np.isnan(np.asarray(run(jnp.asarray(bad, jnp.float32)))))
         with pytest.raises(ValueError, match="priorities"):

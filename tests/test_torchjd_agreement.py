@@ -1,6 +1,7 @@
 """Agreement with TorchJD 0.18 on the same float64 inputs for the methods TorchJD also has:
 ConFIG, DualProj, GradVac (T = 2, where the task order is fixed, over a sequence of steps) and the
-STCH, PBI and COSMOS scalarizers. Slow step only; skipped when torch/torchjd are not installed."""
+STCH, PBI and COSMOS scalarizers and ExcessMTL (over recorded sequences). Slow step only; skipped
+when torch/torchjd are not installed."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import inputs
 from imtl_jax.methods.config import CONFIG
 from imtl_jax.methods.cr_mogm import cr_mogm_weighting
 from imtl_jax.methods.dualproj import DUALPROJ
+from imtl_jax.methods.excess_mtl import excess_mtl_weighting
 from imtl_jax.methods.fairgrad import fairgrad_weighting
 from imtl_jax.methods.gradvac import gradvac_weighting
 from imtl_jax.methods.modo import MODO
@@ -297,3 +299,65 @@ def test_cosmos_at_zero_losses_differs_from_torchjd_by_design():
     ours, _ = _ours_loss_weighting(cosmos_weighting(lam=2.0), np.zeros(2), pref)
     np.testing.assert_array_equal(ours, pref)
     assert np.all(theirs < -1e7)
+
+
+def _excess_sequence(seed, num_tasks, dim, scale, steps=6):
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((num_tasks, dim)) * 10.0 ** rng.uniform(-0.5, 0.5, (num_tasks, 1))
+    rates = rng.uniform(0.6, 0.95, (num_tasks, 1))
+    return [scale * (base * rates ** k + 0.3 * np.abs(base) * rng.standard_normal(base.shape))
+            for k in range(steps)]
+
+
+def _excess_ours(seq, step_size, warmup):
+    w = excess_mtl_weighting(seq[0].shape[1], step_size=step_size, warmup_steps=warmup)
+    weights, infos = [], []
+    with x64():
+        run = jax.jit(lambda g, s: w.weigh(g, jnp.zeros(g.shape[0]), s, None, None))
+        state = w.init(seq[0].shape[0], jnp.float64)
+        for g in seq:
+            out = run(jnp.asarray(g), state)
+            state = out.state
+            weights.append(np.asarray(out.weights))
+            infos.append({k: np.asarray(v) for k, v in out.info.items()})
+    return weights, infos
+
+
+def _excess_theirs(seq, step_size, warmup):
+    theirs = aggregation.ExcessMTLWeighting(robust_step_size=step_size, n_warmup_steps=warmup)
+    return [theirs(torch.tensor(g)).numpy() for g in seq]
+
+
+@pytest.mark.parametrize("case", [(0, 3, 8, 1.0, 1), (1, 5, 16, 0.5, 2), (2, 10, 32, 2.0, 3), (3, 20, 64, 1.0, 1)],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_excess_mtl_agrees_with_torchjd_over_steps(case):
+    """TorchJD's ExcessMTLWeighting with a warm-up (n_warmup_steps >= 1: the baseline is the
+    warm-up mean for both) over six recorded steps: the same weights to 1e-10 relative. TorchJD
+    adds 1e-7 under the square root and to the baseline (absolute epsilons); the gradients are
+    scaled to entries ~1e4, where those change the estimates by < 1e-12 relative."""
+    seed, num_tasks, dim, step_size, warmup = case
+    seq = _excess_sequence(seed, num_tasks, dim, 1e4)
+    ours, _ = _excess_ours(seq, step_size, warmup)
+    theirs = _excess_theirs(seq, step_size, warmup)
+    for k, (a, b) in enumerate(zip(ours, theirs)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14, err_msg=f"step {k}")
+
+
+def test_excess_mtl_without_warm_up_differs_from_torchjd_by_design():
+    """n_warmup_steps = 0: the first step sets the baseline. Ours (as LibMTL and the official
+    code) leaves the weights there (the normalised estimate is 1 for every task); TorchJD 0.18
+    updates them with the raw estimate E^1 once, so its weights are ours times exp(eta E^1),
+    renormalised, at every later step, and depend on the gradients' scale (ours do not)."""
+    seq = _excess_sequence(4, 4, 12, 0.3)
+    ours, infos = _excess_ours(seq, 1.0, 0)
+    theirs = _excess_theirs(seq, 1.0, 0)
+    first = infos[0]["excess_risk"]
+    for k, (a, b) in enumerate(zip(ours, theirs)):
+        shifted = a * np.exp(first)
+        # TorchJD's 1e-7 under the root and beside the baseline, at entries ~0.3: 2.3e-5 relative
+        np.testing.assert_allclose(b, shifted / shifted.sum(), rtol=1e-4, err_msg=f"step {k}")
+    ours_scaled, _ = _excess_ours([10.0 * g for g in seq], 1.0, 0)
+    theirs_scaled = _excess_theirs([10.0 * g for g in seq], 1.0, 0)
+    for a, b in zip(ours_scaled, ours):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    assert np.max(np.abs(theirs_scaled[0] - theirs[0])) > 1e-2

@@ -1,0 +1,240 @@
+"""ExcessMTL (He et al., ICML 2024; not registered: its state is (T, F)) against a NumPy float64
+recurrence written from the paper's equations over recorded sequences, with warm-up, zero
+gradients, partial labels (the sub-problem with the present tasks' state), and in the training
+step at both levels and the optax aggregator. TorchJD 0.18 agreement: tests/test_torchjd_agreement.py
+(slow step)."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from oracles import x64  # noqa: F401  (fdtype fixture: tests/conftest.py)
+
+import imtl_jax
+from imtl_jax import Method
+from imtl_jax.methods import get_method
+from imtl_jax.methods.excess_mtl import excess_mtl_weighting
+
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
+def excess_mtl_numpy(seq, step_size, warmup_steps):
+    """The paper's recurrence in float64, T tasks from alpha = 1/T: S += g^2 (Eq. 7);
+    E = sum_j g_j^2 / sqrt(S_j) (Eq. 6, 0/0 = 0); during the warm-up alpha stays and E is summed;
+    at the first step after it the baseline E^0 is the warm-up mean (or that step's E without
+    warm-up); alpha <- alpha exp(eta E / E^0) / sum (Eq. 9). Returns the weights of each step."""
+    num_tasks, dim = seq[0].shape
+    s = np.zeros((num_tasks, dim))
+    alpha = np.full(num_tasks, 1.0 / num_tasks)
+    warm_sum = np.zeros(num_tasks)
+    base = None
+    out = []
+    for k, g in enumerate(seq):
+        s = s + g * g
+        with np.errstate(invalid="ignore", divide="ignore"):
+            terms = np.where(s > 0, g * g / np.sqrt(s), 0.0)
+        e = terms.sum(axis=1)
+        if k < warmup_steps:
+            warm_sum += e
+        else:
+            if base is None:
+                base = warm_sum / warmup_steps if warmup_steps else e
+            a = alpha * np.exp(step_size * e / base)
+            alpha = a / a.sum()
+        out.append(alpha.copy())
+    return out
+
+
+def _recorded(seed, num_tasks=4, dim=6, steps=6):
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((num_tasks, dim)) * 10.0 ** rng.uniform(-1, 1, (num_tasks, 1))
+    # a loss landscape being descended: the gradients shrink at task-dependent rates
+    rates = rng.uniform(0.5, 0.95, (num_tasks, 1))
+    return [base * rates ** k + 0.2 * np.abs(base) * rng.standard_normal(base.shape) for k in range(steps)]
+
+
+def _run(weighting, seq, dtype, masks=None):
+    weigh = jit(lambda g, s, m: weighting.weigh(g, jnp.zeros(g.shape[0], g.dtype), s, None, None,
+                                                **({} if m is None else {"task_mask": m})))
+    state = weighting.init(seq[0].shape[0], dtype)
+    outs = []
+    for i, g in enumerate(seq):
+        out = weigh(jnp.asarray(g, dtype), state, None if masks is None else jnp.asarray(masks[i]))
+        state = out.state
+        outs.append(out)
+    return outs
+
+
+@pytest.mark.parametrize("warmup_steps,step_size", [(0, 1.0), pytest.param(2, 0.5, marks=pytest.mark.slow),
+                                                    pytest.param(0, 3.0, marks=pytest.mark.slow)])
+def test_excess_mtl_matches_the_paper_over_steps(fdtype, warmup_steps, step_size):
+    seq = [np.asarray(np.asarray(g, fdtype), np.float64) for g in _recorded(warmup_steps)]
+    outs = _run(excess_mtl_weighting(6, step_size=step_size, warmup_steps=warmup_steps), seq, fdtype)
+    want = excess_mtl_numpy(seq, step_size, warmup_steps)
+    tol = 1e-12 if fdtype == np.float64 else 2e-6
+    for k, (out, w) in enumerate(zip(outs, want)):
+        assert out.weights.dtype == fdtype
+        np.testing.assert_allclose(np.asarray(out.weights, np.float64), w, rtol=tol, err_msg=f"step {k}")
+        assert bool(np.all(np.asarray(out.info["warm_up"]))) == (k < warmup_steps)
+    np.testing.assert_allclose(float(jnp.sum(outs[-1].weights)), 1.0, rtol=tol)
+    assert outs[-1].state.root_sum.shape == (4, 6) and np.all(np.asarray(outs[-1].state.count) == 6)
+
+
+def test_arguments_are_validated():
+    for kwargs in ({"dim": 0}, {"dim": 2.5}, {"dim": 3, "step_size": 0.0}, {"dim": 3, "warmup_steps": -1}):
+        with pytest.raises(ValueError, match=next(iter(kwargs)) if len(kwargs) == 1 else list(kwargs)[1]):
+            excess_mtl_weighting(**kwargs)
+    w = excess_mtl_weighting(3)
+    with pytest.raises(ValueError, match="dim=3"):
+        w.weigh(jnp.ones((2, 4)), jnp.zeros(2), w.init(2), None, None)
+    with pytest.raises(ValueError, match="state"):
+        w.weigh(jnp.ones((2, 3)), jnp.zeros(2), excess_mtl_weighting(4).init(2), None, None)
+    with pytest.raises(ValueError, match="priorities"):
+        w.weigh(jnp.ones((2, 3)), jnp.zeros(2), w.init(2), None, jnp.ones(2))
+
+
+@pytest.mark.slow
+def test_zero_gradients_and_non_finite_steps():
+    """A task whose first gradient is 0 gets its baseline at its first nonzero step (normalised
+    excess 0 until then, finite weights); a coordinate with no history contributes 0; a NaN step
+    gives NaN weights and leaves the state as it was."""
+    rng = np.random.default_rng(1)
+    seq = [rng.standard_normal((3, 5)) for _ in range(4)]
+    seq[0][1] = 0.0
+    seq[1][1] = 0.0
+    with x64():
+        outs = _run(excess_mtl_weighting(5), seq, jnp.float64)
+    base = [float(o.state.baseline[1]) for o in outs]
+    assert base[0] == base[1] == 0.0 and base[2] > 0.0 and base[3] == base[2]
+    assert [float(o.info["normalized_excess_risk"][1]) for o in outs[:3]] == [0.0, 0.0, 1.0]
+    for o in outs:
+        assert np.all(np.isfinite(np.asarray(o.weights)))
+    w = excess_mtl_weighting(5)
+    state = outs[-1].state
+    bad = w.weigh(jnp.asarray(seq[0], jnp.float32).at[0, 0].set(jnp.nan), jnp.zeros(3),
+                  jax.tree_util.tree_map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.float64 else x, state),
+                  None, None)
+    assert np.all(np.isnan(np.asarray(bad.weights)))
+    for new, old in zip(jax.tree_util.tree_leaves(bad.state), jax.tree_util.tree_leaves(state)):
+        np.testing.assert_allclose(np.asarray(new, np.float64), np.asarray(old, np.float64), rtol=1e-7)
+
+
+@pytest.mark.slow
+def test_masked_steps_equal_the_present_task_steps():
+    """Every mask at T = 4 after two unmasked steps (and a second masked step), jitted once: the
+    present tasks' weights and state are the sub-problem's (restricted state; NaN rows of absent
+    tasks ignored), the absent tasks' state entries unchanged bit for bit."""
+    seq = _recorded(3, steps=4)
+    w = excess_mtl_weighting(6, step_size=2.0)
+    with x64():
+        warm = _run(w, seq[:2], jnp.float64)[-1].state
+        traces = []
+
+        def masked(g, s, m):
+            traces.append(1)
+            return w.weigh(g, jnp.zeros(4), s, None, None, task_mask=m)
+
+        run = jit(masked)
+        for mask in itertools.product([False, True], repeat=4):
+            mask = np.array(mask)
+            if not mask.any():
+                continue
+            idx = np.flatnonzero(mask)
+            state = warm
+            sub_state = jax.tree_util.tree_map(lambda x, i=idx: x[i], warm)
+            for g in seq[2:]:
+                garbage = np.where(mask[:, None], g, np.nan)
+                out = run(jnp.asarray(garbage), state, jnp.asarray(mask))
+                sub = w.weigh(jnp.asarray(g[idx]), jnp.zeros(len(idx)), sub_state, None, None)
+                np.testing.assert_allclose(np.asarray(out.weights)[idx], sub.weights, rtol=1e-12, err_msg=str(mask))
+                np.testing.assert_array_equal(np.asarray(out.weights)[~mask], 0.0)
+                for new, old, s in zip(jax.tree_util.tree_leaves(out.state), jax.tree_util.tree_leaves(state),
+                                       jax.tree_util.tree_leaves(sub.state)):
+                    np.testing.assert_allclose(np.asarray(new)[idx], s, rtol=1e-12, atol=1e-300)
+                    np.testing.assert_array_equal(np.asarray(new)[~mask], np.asarray(old)[~mask])
+                state, sub_state = out.state, sub.state
+        assert len(traces) == 1
+
+
+@pytest.mark.slow
+def test_masked_training_step_equals_the_present_task_step():
+    """The registry's masked-step property (tests/test_task_mask.py) on an ExcessMTL Method at the
+    representation level (F = 5, the encoder's width): all 15 masks, jitted once."""
+    from test_task_mask import MASKS, _check_step_property
+    method = Method("excess_mtl", get_method("equal").scaling, excess_mtl_weighting(5))
+    _check_step_property(method, MASKS)
+
+
+def _problem():
+    k = jax.random.split(jax.random.key(42), 5)
+    x = jax.random.normal(k[0], (32, 3))
+    y = jnp.tanh(x @ jax.random.normal(k[1], (3, 4))) @ jax.random.normal(k[2], (2, 4)).T * jnp.array([1.0, 10.0])
+    params = imtl_jax.MTLParams(shared=0.5 * jax.random.normal(k[3], (3, 4)),
+                                heads=0.5 * jax.random.normal(k[4], (2, 4)), log_scales=jnp.zeros(2))
+    return params, {"x": x, "y": y}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", ["representation", "parameters"])
+def test_trains_through_the_step_and_the_aggregator(level):
+    """mtl_step at both levels (F = 4 features / 12 shared parameters) with Adam, one compile,
+    the losses go down; heads get alpha_t grad L_t; and the optax aggregator over stacked updates."""
+    params, batch = _problem()
+
+    def encoder(w, b):
+        return jnp.tanh(b["x"] @ w)
+
+    def head_loss(v, z, b, t):
+        return jnp.mean((z @ v - b["y"][:, t]) ** 2)
+
+    dim = 4 if level == "representation" else 12
+    method = Method("excess_mtl", get_method("equal").scaling, excess_mtl_weighting(dim), level=level)
+    step = imtl_jax.mtl_step(encoder, imtl_jax.stacked_task_losses(head_loss), method)
+    opt = optax.adam(2e-2)
+    traces = []
+
+    @jit
+    def train(p, o, s):
+        traces.append(1)
+        grads, s, aux = step(p, s, batch)
+        updates, o = opt.update(grads, o, p)
+        return optax.apply_updates(p, updates), o, s, aux, grads
+
+    def losses(p):
+        z = encoder(p.shared, batch)
+        return jnp.stack([head_loss(p.heads[t], z, batch, t) for t in range(2)])
+
+    before = losses(params)
+    p, o, s = params, opt.init(params), step.init(params)
+    for i in range(40):
+        p_old = p
+        p, o, s, aux, grads = train(p, o, s)
+        if i == 3:
+            z = encoder(p_old.shared, batch)
+            for t in range(2):
+                direct = jax.grad(lambda v, z=z, t=t: head_loss(v, z, batch, t))(p_old.heads[t])
+                np.testing.assert_allclose(grads.heads[t], aux.weights[t] * direct, rtol=2e-5, atol=1e-7)
+    assert len(traces) == 1 and bool(aux.all_finite)
+    assert float(jnp.sum(losses(p))) < 0.9 * float(jnp.sum(before))   # the registry's bar
+    np.testing.assert_allclose(float(jnp.sum(aux.weights)), 1.0, rtol=1e-6)
+
+    tx = optax.chain(imtl_jax.aggregate(excess_mtl_weighting(12), num_tasks=2), optax.sgd(5e-2))
+    flat = {"w": params.shared}
+
+    def task_losses(q):
+        z = encoder(q["w"], batch)
+        return jnp.stack([head_loss(params.heads[t], z, batch, t) for t in range(2)])
+
+    state = tx.init(flat)
+    start = float(jnp.sum(task_losses(flat)))
+    update = jit(lambda q, st: tx.update(jax.jacrev(task_losses)(q), st, q, losses=task_losses(q)))
+    for _ in range(30):
+        updates, state = update(flat, state)
+        flat = optax.apply_updates(flat, updates)
+    assert float(jnp.sum(task_losses(flat))) < start
