@@ -169,7 +169,10 @@ def test_docs_code_blocks_run(page, monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("name", FAST_PAGES)
 def test_fast_docs_pages_run(name, monkeypatch, tmp_path):
-    # The custom-method example registers a method under its own name and trains it in mtl_step.
+    # The custom-method example registers a method under its own name and trains it in mtl_step;
+    # the registry is restored afterwards, so tests that read the whole registry later in the
+    # same worker (e.g. test_task_mask's coverage test) see only the library's methods.
+    monkeypatch.setattr(imtl_jax.methods, "_REGISTRY", dict(imtl_jax.methods._REGISTRY))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.chdir(tmp_path)
     assert run_page(DOCS / name) > 0
