@@ -13,6 +13,7 @@ Blocks:
   Δm/Δp against single-task, paired Δm − EW), as :func:`experiments.report.markdown_table`.
 * ``<folder>:verdict``: per method, Δm − EW with its interval and what it says at 95 %
   ("better", "worse", "no difference"), ranked by mean Δm.
+* ``<folder>:headline``: the verdicts in four lines (the README's summary).
 * ``<folder>:levels``: each method run at both levels (z and θ), the paired θ − z difference.
 * ``<folder>:provenance``: the command, seeds, configuration and machine of the runs.
 * ``perf:step_cost``: the step-cost table of the committed ``python -m benchmarks.step_cost``
@@ -177,6 +178,12 @@ def provenance(folder: Path) -> str:
     return "\n".join(out)
 
 
+def headline(folder: Path) -> str:
+    """The verdicts in four lines (:func:`experiments.verdicts.verdict_headline`)."""
+    from experiments import verdicts
+    return verdicts.verdict_headline(folder, *load(folder)[1:])
+
+
 def verdict_table(folder: Path) -> str:
     """The ranked verdict table of a results folder (:func:`experiments.verdicts.verdict_table`)."""
     from experiments import verdicts
@@ -262,7 +269,8 @@ def perf_table(name: str) -> Optional[str]:
 
 
 def _producers() -> dict[str, Callable[[Path], str]]:
-    return {"": full_table, "verdict": verdict_table, "curves": curves_table, "levels": levels_table, "provenance": provenance}
+    return {"": full_table, "verdict": verdict_table, "headline": headline, "curves": curves_table,
+            "levels": levels_table, "provenance": provenance}
 
 
 def render(name: str) -> Optional[str]:

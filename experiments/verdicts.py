@@ -7,6 +7,7 @@ number of comparisons, beside what the method costs.
   verdict: better/worse only where Holm's procedure rejects at 5 %; the fraction of runs whose
   selected step is the last evaluation; the step time relative to EW when
   ``method_cost.json`` (``python -m benchmarks.method_cost --out <folder>``) is present.
+* :func:`verdict_headline`: the same verdicts in four lines (the README's summary).
 * :func:`plot_delta_m_vs_cost`: Δm% against that cost, one point per method.
 
 The inputs are a folder's ``payload`` and ``summary`` as :func:`experiments.tables.load` gives them.
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 __all__ = ["FAMILY_ALPHA", "merge_identical", "selected_last", "verdict_rows", "method_costs", "verdict_table",
-           "plot_delta_m_vs_cost"]
+           "verdict_headline", "plot_delta_m_vs_cost"]
 
 
 FAMILY_ALPHA = 0.05
@@ -143,6 +144,48 @@ def verdict_table(folder: Path, payload: dict, summary: dict) -> str:
     if cost:
         lines += [f"Step time / EW: `{cost['command']}` (median of {cost['rounds']} interleaved rounds; 1-minute "
                   f"load {cost['load_1min_before']:.2f} before, {cost['load_1min_after']:.2f} after)."]
+    return "\n".join(lines)
+
+
+HEADLINE_METHODS = ("imtl_h", "imtl_g", "imtl_g_exact")
+
+
+def verdict_headline(folder: Path, payload: dict, summary: dict) -> str:
+    """The verdict table in four lines: the family, which methods the Holm-corrected test calls
+    better or worse than EW, IMTL's paired differences, and how many runs were still improving."""
+    from experiments.stats import format_ci
+    rows = verdict_rows(folder, payload, summary)
+    tested = [r for r in rows if math.isfinite(r["p_holm"])]
+    seeds = sorted({r["delta_m"]["n"] for r in rows})
+    cfg = next((r.get("config") for r in payload["runs"] if r.get("config")), {}) or {}
+
+    def names(verdict: str) -> str:
+        hits = [r["label"] for r in tested if r["verdict"] == verdict]
+        return ", ".join(hits) if hits else "none"
+
+    def diff(r: dict) -> str:
+        d = r["diff"]
+        return (f"{format_ci(d['mean'], d['ci95'] if d.get('ci95') is not None else math.nan, 2, True)} "
+                f"(Holm p {_p(r['p_holm'])})")
+
+    imtl = [f"{r['label']} {diff(r)}" for m in HEADLINE_METHODS for r in rows if r["methods"][0] == m]
+    best = rows[0] if rows else None
+    hit = sum(r["last"][0] for r in rows)
+    tot = sum(r["last"][1] for r in rows)
+    budget = (f"up to {cfg['steps']:,} steps of batch {cfg['batch_size']}" if cfg.get("steps") and cfg.get("batch_size")
+              else "the recorded budget")
+    lines = [f"- **{payload.get('benchmark', folder.name)}** (`results/{folder.name}`): {len(tested)} methods against "
+             f"equal weighting (EW), {'–'.join(map(str, seeds))} seeds each, {budget}. At 5 % after Holm's correction "
+             f"over the {len(tested)} comparisons: better than EW: {names('**better**')}; worse: {names('**worse**')}; "
+             f"no difference detected: {sum(r['verdict'] == 'no difference detected' for r in tested)}.",
+             f"- Paired Δm − EW (%, 95 % CI; lower is better): {'; '.join(imtl) if imtl else 'IMTL not run'}."]
+    if best is not None:
+        dm = best["delta_m"]
+        half = dm["ci95"] if dm["ci95"] is not None else math.nan
+        lines.append(f"- Lowest mean Δm% vs single-task: {best['label']} ({format_ci(dm['mean'], half, 2, True)}).")
+    if tot:
+        lines.append(f"- Runs whose best-validation step is their last evaluation (still improving when stopped): "
+                     f"{hit} of {tot} ({100 * hit / tot:.0f} %).")
     return "\n".join(lines)
 
 

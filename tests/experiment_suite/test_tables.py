@@ -69,6 +69,26 @@ def test_verdicts_need_the_holm_corrected_test(tmp_path, monkeypatch):
     assert rows["clear"]["verdict"] == "**better**"
 
 
+def test_headline_names_only_what_survives_holm(tmp_path, monkeypatch):
+    """The README's four-line summary agrees with the verdict rows: the method far below EW is
+    named better, the one far above worse, the noisy one is counted as no difference; IMTL-H's
+    paired difference (hand-computed: -1, -1, -1 -> -1.00 with zero width) is quoted."""
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "results.json").write_text(json.dumps(_payload(
+        {"equal": [5, 6, 7], "clear": [-5, -4.1, -2.9], "awful": [15, 16.1, 16.9], "noisy": [8, 3, 7],
+         "imtl_h": [4, 5, 6]})))
+    lines = tables.render("f:headline").splitlines()
+    assert "4 methods against equal weighting" in lines[0] and "3 seeds" in lines[0]
+    assert "better than EW: clear, imtl_h;" in lines[0] and "worse: awful;" in lines[0]  # imtl_h: -1 on every seed
+    assert "no difference detected: " in lines[0] and lines[0].rstrip(".").endswith(
+        str(sum(r["verdict"] == "no difference detected"
+                for r in verdicts.verdict_rows(tmp_path / "f", *tables.load(tmp_path / "f")[1:]))))
+    assert "imtl_h -1.00" in lines[1]
+    assert "Lowest mean Δm% vs single-task: clear" in lines[2]
+    assert len(lines) == 3   # no run records its last step here: no still-improving line
+
+
 def test_provably_identical_methods_are_one_row(tmp_path, monkeypatch):
     monkeypatch.setattr(tables, "RESULTS", tmp_path)
     (tmp_path / "f").mkdir()
