@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -45,6 +47,7 @@ def pytest_configure(config):
     in ``XLA_FLAGS``) keeps the default level. Runs before any test initialises the backend, in
     each pytest-xdist worker too.
     """
+    _share_compilations(config)
     flags = os.environ.get("XLA_FLAGS", "")
     if (config.option.markexpr == DEFAULT_MARKS and os.environ.get("IMTL_TEST_XLA_OPT") != "default"
             and "xla_backend_optimization_level" not in flags):
@@ -58,3 +61,36 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.name.endswith("__without_jit"):
             item.add_marker(pytest.mark.slow)
+
+
+_CACHE_ENV = "IMTL_TEST_COMPILATION_CACHE"
+
+
+def _share_compilations(config):
+    """One persistent XLA compilation cache per test session, shared by its pytest-xdist workers
+    and by every subprocess a test starts (entry points, kill-and-resume runs).
+
+    Many tests compile the same program: the same method's step on the same small problem in
+    several test files, and above all every restart of an interrupted training run. With the
+    cache, whichever process compiles a program first serves the others. The cache starts empty
+    in every session (a fresh temporary folder, removed at the end), so a run never reuses
+    programs compiled by an earlier version of the code. The controller creates the folder and
+    exports it through JAX's own environment variables before the workers and subprocesses
+    start; each process that imported JAX earlier is pointed at it too.
+    ``IMTL_TEST_COMPILATION_CACHE=off`` disables it.
+    """
+    import jax
+
+    path = os.environ.get(_CACHE_ENV)
+    if path == "off":
+        return
+    if not path:
+        path = tempfile.mkdtemp(prefix="imtl-jax-test-xla-cache-")
+        os.environ[_CACHE_ENV] = path
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+        config.add_cleanup(lambda: shutil.rmtree(path, ignore_errors=True))
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
