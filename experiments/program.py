@@ -109,10 +109,25 @@ class Program:
         pure = self.bench.pure_model(self.bench.make_model(seed), self.loss_factors)
         params = pure.params0
         state = {"params": params, "opt_state": self.optimizer.init(params),
-                 "method_state": self.step.init(params)}
+                 "method_state": self.step.init(params, **self._state_args(pure))}
         if self.has_state:
             state["encoder_state"] = pure.encoder_state0
         return jax.tree_util.tree_map(np.asarray, state)
+
+    def _state_args(self, pure) -> dict:
+        """The example batch a method with per-coordinate state (``excess_mtl``) needs for F,
+        the shared feature's size per example (its state is (T, F)); nothing for the others,
+        and nothing at the parameter level (F is the shared parameters' count there)."""
+        method = self.step.method
+        if not method.weighting.needs_dim or method.level == "parameters":
+            return {}
+        from experiments.data import BatchIterator
+        train = self.bench.train
+        batch = BatchIterator(train, min(2, len(train)), shuffle=False, drop_last=False).batch_at(0)
+        args: dict = {"batch": batch}
+        if self.has_state:
+            args["encoder_state"] = pure.encoder_state0
+        return args
 
     def evaluate(self, state_stacked, dataset, num_members: int) -> tuple[list, list]:
         """Per run: (metrics, mean per-task losses) on ``dataset`` (evaluation mode).

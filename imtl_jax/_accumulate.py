@@ -98,15 +98,18 @@ class AccumulatedStep:
         # the losses (DB-MTL's log) is exact too.
         self._record = MTLStep(step.encoder, step.task_losses, Method(
             method.name, _RAW, Weighting("record", weighting.init, record,
-                                         weighting.needs_grads, weighting.weights_heads)),
+                                         weighting.needs_grads, weighting.weights_heads,
+                                         needs_dim=weighting.needs_dim)),
             reduction=step.reduction, axis_name=step.axis_name, has_state=step.has_state)
 
     def __repr__(self) -> str:
         return f"AccumulatedStep({self.step!r}, num_micro_batches={self.num_micro_batches})"
 
-    def init(self, params: MTLParams) -> PyTree:
-        """The method's initial state (as :meth:`imtl_jax.MTLStep.init`)."""
-        return self.step.init(params)
+    def init(self, params: MTLParams, batch: Any = None, **kwargs: Any) -> PyTree:
+        """The method's initial state (as :meth:`imtl_jax.MTLStep.init`; ``batch``, whole or
+        one micro-batch, and ``encoder_state``/``feature_dim`` for a method with per-coordinate
+        state, ``"excess_mtl"``)."""
+        return self.step.init(params, batch, **kwargs)
 
     def _fixed(self, w, raw):
         """Pass 2's step: fixed weights ``w`` and the loss scaling linearized at the whole
@@ -129,7 +132,8 @@ class AccumulatedStep:
 
         fixed = Method(method.name, LossScaling(scaling.name, linearized, scaling.trainable),
                        Weighting("fixed", method.weighting.init, weigh, False,
-                                 method.weighting.weights_heads))
+                                 method.weighting.weights_heads,
+                                 needs_dim=method.weighting.needs_dim))
         return MTLStep(self.step.encoder, self.step.task_losses, fixed, reduction=self.step.reduction,
                        axis_name=self.step.axis_name, has_state=self.step.has_state)
 

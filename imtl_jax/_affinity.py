@@ -355,8 +355,9 @@ def with_affinity(method: Union[str, Method], *, lookahead_lr: Optional[float] =
                          "affinity_tracker(lookahead_lr=...).update(G, state, losses) yourself.")
     w = inner.weighting
 
-    def init(num_tasks: int, dtype: Any = jnp.float32) -> TrackedState:
-        return TrackedState(inner=w.init(num_tasks, dtype), affinity=tracker.init(num_tasks, dtype))
+    def init(num_tasks: int, dtype: Any = jnp.float32, dim: Any = None) -> TrackedState:
+        return TrackedState(inner=w.init_state(num_tasks, dtype, dim=dim),
+                            affinity=tracker.init(num_tasks, dtype))
 
     def weigh(grads, losses, state, key, priorities) -> WeightingOutput:
         if not isinstance(state, TrackedState):
@@ -371,7 +372,7 @@ def with_affinity(method: Union[str, Method], *, lookahead_lr: Optional[float] =
         return WeightingOutput(out.weights, TrackedState(out.state, aff), info)
 
     weighting = Weighting(name=f"{w.name}+affinity", init=init, weigh=weigh, needs_grads=True,
-                          weights_heads=w.weights_heads)
+                          weights_heads=w.weights_heads, needs_dim=w.needs_dim)
     return Method(name=f"{inner.name}+affinity", scaling=inner.scaling, weighting=weighting,
                   level=inner.level)
 

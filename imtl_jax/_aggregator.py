@@ -118,6 +118,10 @@ def aggregate(method: Union[str, Method, Weighting], num_tasks: int, *,
     them ``update`` raises a ``ValueError`` (the log-scales are parameters the aggregator does
     not hold; :func:`imtl_jax.mtl_step` trains them).
 
+    A method whose state is per coordinate (``weighting.needs_dim``: ``"excess_mtl"``) makes it
+    for F = the parameters' total size: ``tx.init(params)`` must get the parameters (a
+    ``ValueError`` says so for ``tx.init(None)``).
+
     Args:
       method: a registered name, a :class:`imtl_jax.Method` (its weighting is used) or a
         :class:`imtl_jax.Weighting`.
@@ -147,19 +151,30 @@ def aggregate(method: Union[str, Method, Weighting], num_tasks: int, *,
         raise ValueError(f"`num_tasks` must be a positive int, got {num_tasks!r}.")
     dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
 
-    def _info_zeros(params):
-        # The info's structure, from an abstract call on a (T, F) matrix: F is the size of the
-        # parameters when given (a weighting built for one F, e.g. ExcessMTL's, accepts no
-        # other), else 1.
-        size = sum(math.prod(jnp.shape(x)) for x in jax.tree_util.tree_leaves(params)) or 1
+    def _size(params):
+        # F, the columns of the (T, F) matrix of stacked updates: the size of the parameters.
+        # A weighting with per-coordinate state (needs_dim: ExcessMTL) needs it; the others are
+        # probed with F = 1 when no parameters are given.
+        size = sum(math.prod(jnp.shape(x)) for x in jax.tree_util.tree_leaves(params))
+        if not size and weighting.needs_dim:
+            raise ValueError(
+                f"method {method_name or weighting.name!r} keeps per-coordinate state of the "
+                "parameters' size F: call init with the parameters, tx.init(params) (F = their "
+                f"total size), not {params!r}.")
+        return size or 1
+
+    def _info_zeros(size):
+        # The info's structure, from an abstract call on a (T, F) matrix.
         shapes = jax.eval_shape(
             lambda: weighting.weigh(jnp.ones((num_tasks, size), dtype), jnp.ones((num_tasks,), dtype),
-                                    weighting.init(num_tasks, dtype), jax.random.key(0), None).info)
+                                    weighting.init_state(num_tasks, dtype, dim=size), jax.random.key(0),
+                                    None).info)
         return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     def init_fn(params):
-        return AggregatorState(weights=jnp.zeros((num_tasks,), dtype), info=_info_zeros(params),
-                               method_state=weighting.init(num_tasks, dtype))
+        size = _size(params)
+        return AggregatorState(weights=jnp.zeros((num_tasks,), dtype), info=_info_zeros(size),
+                               method_state=weighting.init_state(num_tasks, dtype, dim=size))
 
     def update_fn(updates, state, params=None, *, losses: Optional[jax.Array] = None,
                   key: Optional[jax.Array] = None, priorities: Optional[jax.Array] = None,

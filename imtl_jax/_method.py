@@ -8,6 +8,9 @@ A *method* is a pair:
 * a :class:`Weighting` — maps per-task gradients of those scaled losses, stacked as a (T, F)
   matrix (F is a representation or a flattened parameter vector), plus the scaled losses, a
   state and a PRNG key, to weights ``w`` (T,). The shared update is ``sum_t w_t grad_t``.
+  A weighting whose state has per-coordinate entries (ExcessMTL's (T, F) accumulator) sets
+  ``needs_dim``: its state is made by :meth:`Weighting.init_state` with ``dim=F``, which every
+  caller that makes method state passes (see :meth:`imtl_jax.MTLStep.init`).
 
 The same :class:`Weighting` is called by the representation-level training step
 (:func:`imtl_jax.mtl_step`) and by the optax aggregator over stacked per-task updates
@@ -16,6 +19,7 @@ The same :class:`Weighting` is called by the representation-level training step
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -43,7 +47,9 @@ class Weighting(NamedTuple):
 
     Attributes:
       name: registry name.
-      init: ``init(num_tasks: int, dtype) -> state``; return ``()`` when stateless.
+      init: ``init(num_tasks: int, dtype) -> state``; return ``()`` when stateless. With
+        ``needs_dim``: ``init(num_tasks, dtype, dim=F)``. Callers go through
+        :meth:`init_state`, which passes ``dim`` only where it is needed.
       weigh: ``weigh(grads, losses, state, key, priorities) -> WeightingOutput`` where
         ``grads`` is (T, F) (or ``None`` when ``needs_grads`` is False), ``losses`` (T,) are the
         scaled losses, ``key`` a PRNG key (or None) and ``priorities`` (T,) or None. Pure and
@@ -63,14 +69,46 @@ class Weighting(NamedTuple):
         advance as in the sub-problem). ``weigh`` is only called with ``task_mask=`` when a mask
         is given, so a weighting without the keyword keeps working (and a mask given to it
         raises a ``ValueError`` naming the methods that support masks).
+      needs_dim: True when the state depends on F, the number of columns of ``grads`` (a
+        per-coordinate accumulator, as ExcessMTL's (T, F) AdaGrad sums): ``init`` then takes
+        ``dim=F`` as a keyword. Every place that makes method state knows F and passes it
+        through :meth:`init_state`: :func:`imtl_jax.aggregate` (the parameters' size, from
+        ``tx.init(params)``), :meth:`imtl_jax.MTLStep.init` (the shared parameters' size at
+        ``level="parameters"``; at the representation level the per-example size of the
+        encoder's output, from an example batch, ``step.init(params, batch)``, or given as
+        ``feature_dim=``) and the NNX helper's ``train_step.init(model, batch)``. Default False:
+        ``init(num_tasks, dtype)`` as before.
     """
 
     name: str
-    init: Callable[[int, Any], PyTree]
+    init: Callable[..., PyTree]
     weigh: Callable[..., WeightingOutput]
     needs_grads: bool = True
     weights_heads: bool = False
     supports_task_mask: bool = False
+    needs_dim: bool = False
+
+    def init_state(self, num_tasks: int, dtype: Any = None, *, dim: Optional[int] = None) -> PyTree:
+        """The initial state for ``num_tasks`` tasks and gradients of ``dim`` columns.
+
+        ``init(num_tasks, dtype)``, or with ``needs_dim`` ``init(num_tasks, dtype, dim=dim)``;
+        ``dim`` is ignored by a weighting that does not need it, so callers that know F pass it
+        for every weighting.
+
+        Raises:
+          ValueError: ``needs_dim`` and ``dim`` missing or not a positive int.
+
+        Example:
+          >>> import imtl_jax
+          >>> w = imtl_jax.methods.get_method("excess_mtl").weighting
+          >>> w.needs_dim, w.init_state(2, dim=3).root_sum.shape
+          (True, (2, 3))
+          >>> imtl_jax.methods.get_method("famo").weighting.init_state(2, dim=3).logits.shape
+          (2,)
+        """
+        if not self.needs_dim:
+            return self.init(num_tasks, dtype)
+        return self.init(num_tasks, dtype, dim=check_dim(dim, self.name))
 
 
 class LossScaling(NamedTuple):
@@ -104,6 +142,22 @@ class Method(NamedTuple):
     scaling: LossScaling
     weighting: Weighting
     level: str = "representation"
+
+
+def check_dim(dim: Any, name: str) -> int:
+    """``dim`` (F, the number of gradient columns) as an int >= 1, else a ValueError naming it."""
+    if dim is None:
+        raise ValueError(
+            f"the {name!r} weighting keeps per-coordinate state (needs_dim): its state needs F, the "
+            "number of columns of the per-task gradient matrix; pass dim=F to init_state (F = the "
+            "per-example size of the shared feature at the representation level, the number of "
+            "shared parameters at level='parameters', the parameters' size for aggregate()).")
+    if isinstance(dim, bool) or not hasattr(dim, "__index__"):
+        raise ValueError(f"`dim` (F, the gradient size) must be an int >= 1, got {dim!r}.")
+    dim = operator.index(dim)
+    if dim < 1:
+        raise ValueError(f"`dim` (F, the gradient size) must be an int >= 1, got {dim!r}.")
+    return dim
 
 
 def stateless_init(num_tasks: int, dtype: Any = None) -> tuple:

@@ -399,9 +399,10 @@ class SafeStep:
                             f"got {step!r}.")
         self.step = step
 
-    def init(self, params: PyTree) -> PyTree:
-        """The wrapped step's initial method state."""
-        return self.step.init(params)
+    def init(self, params: PyTree, *args: Any, **kwargs: Any) -> PyTree:
+        """The wrapped step's initial method state (the arguments of its ``init``, e.g. an
+        example batch for ``"excess_mtl"``)."""
+        return self.step.init(params, *args, **kwargs)
 
     def __call__(self, params: PyTree, state: PyTree, batch: Any, **kwargs):
         grads, new_state, aux = self.step(params, state, batch, **kwargs)

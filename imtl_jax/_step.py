@@ -18,6 +18,7 @@ the batch into the vector instead (a (T, B*F) matrix) would be a different probl
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from imtl_jax._exact import parameter_level
-from imtl_jax._method import Method, PyTree
+from imtl_jax._method import Method, PyTree, check_dim
 from imtl_jax._validation import check_array, check_float_array, check_step_task_reads
 from imtl_jax.methods import get_method
 from imtl_jax.methods import _mask
@@ -47,6 +48,11 @@ class MTLParams(NamedTuple):
     shared: PyTree
     heads: PyTree
     log_scales: jax.Array
+
+
+def shared_size(shared: PyTree) -> int:
+    """The number of entries of a parameter pytree (F of the parameter level)."""
+    return sum(math.prod(jnp.shape(x)) for x in jax.tree_util.tree_leaves(shared))
 
 
 class StepAux(NamedTuple):
@@ -202,7 +208,8 @@ def _stateful_output(out):
 class MTLStep:
     """A jittable multi-task training step for one method. Create with :func:`mtl_step`.
 
-    ``step.init(params)`` returns the method state; ``step(params, state, batch, key=...,
+    ``step.init(params)`` returns the method state (``step.init(params, batch)`` for a method
+    with per-coordinate state, ``"excess_mtl"``); ``step(params, state, batch, key=...,
     priorities=...)`` returns ``(grads, new_state, aux)`` where ``grads`` has the structure of
     ``params`` (feed it to any optax optimizer) and ``aux`` is a :class:`StepAux`.
     """
@@ -261,10 +268,73 @@ class MTLStep:
         return f"MTLStep(method={self.method.name!r}, reduction={self.reduction!r}{state})"
 
     # ----------------------------------------------------------------------------------------
-    def init(self, params: MTLParams) -> PyTree:
-        """The method's initial state for ``params`` (``()`` for stateless methods)."""
+    def init(self, params: MTLParams, batch: Any = None, *, encoder_state: Any = _NO_STATE,
+             feature_dim: Optional[int] = None) -> PyTree:
+        """The method's initial state for ``params`` (``()`` for stateless methods).
+
+        A method whose state is per coordinate (``weighting.needs_dim``: ExcessMTL's (T, F)
+        accumulator) needs F, the number of columns of the per-task gradient matrix. At
+        ``level="parameters"`` that is the number of shared parameters (from ``params``); at
+        the representation level it is the per-example size of the encoder's output,
+        ``prod(z.shape[1:])``, which ``params`` alone does not tell: give an example ``batch``
+        (the encoder is traced abstractly on it, ``jax.eval_shape``: no computation; with
+        ``has_state=True`` also ``encoder_state=``) or the size as ``feature_dim=``. Other
+        methods ignore ``batch``, ``encoder_state`` and ``feature_dim``.
+
+        Raises:
+          ValueError: a ``needs_dim`` method at the representation level without ``batch`` or
+            ``feature_dim``; a ``feature_dim`` that disagrees with ``batch`` or ``params``.
+        """
         log_scales = self._check_params(params)
-        return self.method.weighting.init(log_scales.shape[0], log_scales.dtype)
+        weighting = self.method.weighting
+        if not weighting.needs_dim:
+            return weighting.init(log_scales.shape[0], log_scales.dtype)
+        return weighting.init_state(log_scales.shape[0], log_scales.dtype,
+                                    dim=self._feature_dim(params, batch, encoder_state, feature_dim))
+
+    def _feature_dim(self, params: MTLParams, batch: Any, encoder_state: Any,
+                     feature_dim: Optional[int]) -> int:
+        """F for :meth:`init`: see there."""
+        name = self.method.name
+        if feature_dim is not None:
+            feature_dim = check_dim(feature_dim, name)
+        if self.method.level == "parameters":
+            dim = shared_size(params.shared)
+            if feature_dim is not None and feature_dim != dim:
+                raise ValueError(f"`feature_dim={feature_dim}` but method {name!r} works at the parameter "
+                                 f"level, where F is the number of shared parameters, {dim}; leave "
+                                 "feature_dim out.")
+            return dim
+        if batch is None:
+            if feature_dim is None:
+                raise ValueError(
+                    f"method {name!r} keeps per-coordinate state of the shared feature's size F "
+                    "(prod(z.shape[1:]), the encoder's output per example), which step.init(params) "
+                    "cannot know: pass an example batch, step.init(params, batch)"
+                    + (" with encoder_state=" if self.has_state else "")
+                    + ", or the size, step.init(params, feature_dim=F).")
+            return feature_dim
+        if self.has_state:
+            if encoder_state is _NO_STATE:
+                raise TypeError("this step was built with has_state=True: pass the encoder's state "
+                                "too, step.init(params, batch, encoder_state=...) (or feature_dim=F "
+                                "instead of the batch).")
+            z = jax.eval_shape(lambda: _stateful_output(self.encoder(
+                params.shared, encoder_state, batch, jax.random.key(0)))[0])
+        else:
+            if encoder_state is not _NO_STATE:
+                raise TypeError("`encoder_state=` was given but the step was built without state "
+                                "(mtl_step(..., has_state=True)).")
+            z = jax.eval_shape(lambda: self.encoder(params.shared, batch))
+        shape = jnp.shape(z)
+        if len(shape) < 1 or shape[0] < 1:
+            raise ValueError(f"`encoder` output must have a non-empty leading batch axis, got shape "
+                             f"{shape}; give init a non-empty example batch.")
+        dim = math.prod(shape[1:])
+        if feature_dim is not None and feature_dim != dim:
+            raise ValueError(f"`feature_dim={feature_dim}` but the encoder's output on `batch` has "
+                             f"shape {shape}, F = {dim} per example; give one of the two.")
+        return dim
 
     def _check_params(self, params) -> jax.Array:
         if not isinstance(params, MTLParams):
@@ -650,7 +720,8 @@ def mtl_step(encoder: Callable[..., Any], task_losses: TaskLosses,
         rngs={"dropout": key}, mutable=["batch_stats"])`` is such a pair.
 
     Returns:
-      An :class:`MTLStep`: ``state = step.init(params)``;
+      An :class:`MTLStep`: ``state = step.init(params)`` (``step.init(params, batch)`` for
+      ``"excess_mtl"``, whose state has the shared feature's size, see :meth:`MTLStep.init`);
       ``grads, state, aux = step(params, state, batch, key=None, priorities=None,
       task_mask=None)`` (``task_mask``: partial labels, see :meth:`MTLStep.__call__`), or with
       ``has_state=True``

@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -45,9 +46,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from imtl_jax._method import Method, PyTree
+from imtl_jax._method import Method, PyTree, check_dim
 from imtl_jax._safety import _select, _tree_finite
-from imtl_jax._step import MTLParams, StepAux, _stacked_num_tasks, mtl_step, stacked_task_losses
+from imtl_jax._step import (MTLParams, StepAux, _stacked_num_tasks, mtl_step, shared_size,
+                            stacked_task_losses)
 from imtl_jax.methods import get_method
 
 Path = tuple
@@ -149,7 +151,8 @@ def _set_at(state: nnx.State, path: Path, value: Any) -> None:
 class NNXTrainStep:
     """An NNX train step; create with :func:`make_train_step`.
 
-    ``train_step.init(model)`` returns the method's initial state; ``train_step(model, optimizer,
+    ``train_step.init(model)`` returns the method's initial state (``train_step.init(model,
+    batch)`` for a method with per-coordinate state, ``"excess_mtl"``); ``train_step(model, optimizer,
     batch, method_state, *, key=None, priorities=None, task_mask=None)`` returns
     ``(method_state, aux)`` and updates the model (parameters, batch statistics, RNG streams)
     and the optimizer in place. Wrap the call in ``nnx.jit``. ``task_mask`` (T,): partial
@@ -257,12 +260,56 @@ class NNXTrainStep:
                 "them inside the shared module or a head (or name those with shared=/heads=).")
         return encoder, head_items, stacked, num_tasks, scales
 
-    def init(self, model: nnx.Module) -> PyTree:
-        """The method's initial state for ``model`` (``()`` for stateless methods)."""
+    def init(self, model: nnx.Module, batch: Any = None, *,
+             feature_dim: Optional[int] = None) -> PyTree:
+        """The method's initial state for ``model`` (``()`` for stateless methods).
+
+        A method with per-coordinate state (``weighting.needs_dim``: ``"excess_mtl"``) needs F:
+        at ``level="parameters"`` the shared module's parameter count (from ``model``); at the
+        representation level the per-example size of the shared module's output, from an
+        example ``batch`` (the module runs abstractly on ``inputs(batch)``: ``jax.eval_shape``,
+        the model is not changed) or given as ``feature_dim=``. Other methods ignore both.
+        """
         _, _, _, num_tasks, scales = self._layout(model)
         dtype = jnp.float32 if scales is None else jax.tree_util.tree_leaves(
             nnx.state(scales, nnx.Param))[0].dtype
-        return self.method.weighting.init(num_tasks, dtype)
+        weighting = self.method.weighting
+        if not weighting.needs_dim:
+            return weighting.init(num_tasks, dtype)
+        return weighting.init_state(num_tasks, dtype, dim=self._feature_dim(model, batch, feature_dim))
+
+    def _feature_dim(self, model: nnx.Module, batch: Any, feature_dim: Optional[int]) -> int:
+        """F of a ``needs_dim`` method (see :meth:`init`)."""
+        name = self.method.name
+        _, encoder = _resolve(model, self.shared, "shared")
+        if feature_dim is not None:
+            feature_dim = check_dim(feature_dim, name)
+        if self.method.level == "parameters":
+            dim = shared_size(nnx.state(encoder, nnx.Param))
+            if feature_dim is not None and feature_dim != dim:
+                raise ValueError(f"`feature_dim={feature_dim}` but method {name!r} works at the parameter "
+                                 f"level, where F is the shared module's parameter count, {dim}; leave "
+                                 "feature_dim out.")
+            return dim
+        if batch is None:
+            if feature_dim is None:
+                raise ValueError(
+                    f"method {name!r} keeps per-coordinate state of the shared feature's size F (the "
+                    f"shared module {self.shared!r}'s output per example), which train_step.init(model) "
+                    "cannot know: pass an example batch, train_step.init(model, batch), or the size, "
+                    "train_step.init(model, feature_dim=F).")
+            return feature_dim
+        graphdef, state = nnx.split(encoder)
+        x = self.inputs(batch)
+        shape = jax.eval_shape(lambda st: nnx.merge(graphdef, st, copy=True)(x), state).shape
+        if len(shape) < 1 or shape[0] < 1:
+            raise ValueError(f"the shared module {self.shared!r} returned shape {shape} on inputs(batch); "
+                             "it needs a non-empty leading batch axis.")
+        dim = math.prod(shape[1:])
+        if feature_dim is not None and feature_dim != dim:
+            raise ValueError(f"`feature_dim={feature_dim}` but the shared module's output on `batch` has "
+                             f"shape {shape}, F = {dim} per example; give one of the two.")
+        return dim
 
     def __call__(self, model: nnx.Module, optimizer: nnx.Optimizer, batch: Any,
                  method_state: PyTree, *, key: Optional[jax.Array] = None,
@@ -272,7 +319,9 @@ class NNXTrainStep:
         if not isinstance(optimizer, nnx.Optimizer):
             raise TypeError("`optimizer` must be an nnx.Optimizer(model, tx, wrt=nnx.Param), got "
                             f"{type(optimizer).__name__}.")
-        expected = jax.eval_shape(lambda: self.method.weighting.init(num_tasks, jnp.float32))
+        weighting = self.method.weighting
+        dim = self._feature_dim(model, batch, None) if weighting.needs_dim else None
+        expected = jax.eval_shape(lambda: weighting.init_state(num_tasks, jnp.float32, dim=dim))
         if not _same_structure(method_state, expected):
             raise TypeError(f"`method_state` does not match method {self.method.name!r}'s state; start "
                             "from train_step.init(model) and pass back the state each call returns.")
@@ -280,8 +329,10 @@ class NNXTrainStep:
             if jnp.shape(got) != want.shape:
                 raise ValueError(
                     f"`method_state` has a leaf of shape {jnp.shape(got)} where {want.shape} is expected "
-                    f"for this model's {num_tasks} tasks: it was made for another model; start from "
-                    "train_step.init(model).")
+                    f"for this model's {num_tasks} tasks"
+                    + (f" and F = {dim}" if dim is not None else "")
+                    + ": it was made for another model; start from train_step.init(model"
+                    + (", batch)." if dim is not None else ")."))
         if self.skip_nonfinite:
             before = _snapshot(model, optimizer, method_state)
         inputs = self.inputs
@@ -416,7 +467,8 @@ def make_train_step(loss: Union[Callable[..., jax.Array], Sequence[Callable[...,
         int for a tuple of heads) and the shared feature ``z``. Or a tuple of T functions
         ``(head, z, batch) -> scalar``, one per (heterogeneous) head.
       method: registered method name or :class:`imtl_jax.Method`; stateful methods (GradNorm,
-        DWA, FAMO, PCGrad) start from ``train_step.init(model)``.
+        DWA, FAMO, PCGrad) start from ``train_step.init(model)``; ``"excess_mtl"``, whose state
+        is per coordinate of the shared feature, from ``train_step.init(model, batch)``.
       shared: the attribute (dotted path, e.g. ``"backbone.trunk"``) of the shared module.
       heads: the attribute of the heads: one module whose parameters have a leading task axis
         (created with ``nnx.vmap``), or a tuple / ``nnx.List`` of head modules (heterogeneous

@@ -1,8 +1,10 @@
-"""ExcessMTL (He et al., ICML 2024; not registered: its state is (T, F)) against a NumPy float64
-recurrence written from the paper's equations over recorded sequences, with warm-up, zero
-gradients, partial labels (the sub-problem with the present tasks' state), and in the training
-step at both levels and the optax aggregator. TorchJD 0.18 agreement: tests/test_torchjd_agreement.py
-(slow step)."""
+"""ExcessMTL (He et al., ICML 2024; registered as ``excess_mtl``, its state is (T, F):
+``needs_dim``) against a NumPy float64 recurrence written from the paper's equations over recorded
+sequences, with warm-up, zero gradients, partial labels (the sub-problem with the present tasks'
+state), F given by every caller that makes method state, and in the training step at both levels,
+accumulation, Linen and the optax aggregator. The registry-wide tests (tests/test_methods_registry.py,
+test_task_mask.py, test_skip_step.py, test_step_state.py, test_optax_nnx.py) cover it in the slow
+step. TorchJD 0.18 agreement: tests/test_torchjd_agreement.py (slow step)."""
 
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ def _recorded(seed, num_tasks=4, dim=6, steps=6):
 def _run(weighting, seq, dtype, masks=None):
     weigh = jit(lambda g, s, m: weighting.weigh(g, jnp.zeros(g.shape[0], g.dtype), s, None, None,
                                                 **({} if m is None else {"task_mask": m})))
-    state = weighting.init(seq[0].shape[0], dtype)
+    state = weighting.init_state(seq[0].shape[0], dtype, dim=seq[0].shape[1])
     outs = []
     for i, g in enumerate(seq):
         out = weigh(jnp.asarray(g, dtype), state, None if masks is None else jnp.asarray(masks[i]))
@@ -71,11 +73,20 @@ def _run(weighting, seq, dtype, masks=None):
     return outs
 
 
-@pytest.mark.parametrize("warmup_steps,step_size", [(0, 1.0), pytest.param(2, 0.5, marks=pytest.mark.slow),
-                                                    pytest.param(0, 3.0, marks=pytest.mark.slow)])
-def test_excess_mtl_matches_the_paper_over_steps(fdtype, warmup_steps, step_size):
+@pytest.mark.parametrize("warmup_steps,step_size,registered", [
+    (0, 1.0, True), pytest.param(0, 1.0, False, marks=pytest.mark.slow),
+    pytest.param(2, 0.5, False, marks=pytest.mark.slow), pytest.param(0, 3.0, True, marks=pytest.mark.slow)])
+def test_excess_mtl_matches_the_paper_over_steps(fdtype, warmup_steps, step_size, registered):
+    """The registered weighting (F from init_state's dim) and the factory for one F (dim=6)."""
     seq = [np.asarray(np.asarray(g, fdtype), np.float64) for g in _recorded(warmup_steps)]
-    outs = _run(excess_mtl_weighting(6, step_size=step_size, warmup_steps=warmup_steps), seq, fdtype)
+    if registered and (warmup_steps, step_size) == (0, 1.0):
+        weighting = get_method("excess_mtl").weighting
+    elif registered:
+        weighting = excess_mtl_weighting(step_size=step_size, warmup_steps=warmup_steps)
+    else:
+        weighting = excess_mtl_weighting(6, step_size=step_size, warmup_steps=warmup_steps)
+    assert weighting.needs_dim == registered
+    outs = _run(weighting, seq, fdtype)
     want = excess_mtl_numpy(seq, step_size, warmup_steps)
     tol = 1e-12 if fdtype == np.float64 else 2e-6
     for k, (out, w) in enumerate(zip(outs, want)):
@@ -97,6 +108,89 @@ def test_arguments_are_validated():
         w.weigh(jnp.ones((2, 3)), jnp.zeros(2), excess_mtl_weighting(4).init(2), None, None)
     with pytest.raises(ValueError, match="priorities"):
         w.weigh(jnp.ones((2, 3)), jnp.zeros(2), w.init(2), None, jnp.ones(2))
+    # The registered weighting: F comes from init_state's dim, and must match the gradients'.
+    reg = get_method("excess_mtl").weighting
+    assert reg.needs_dim and not w.needs_dim
+    for bad in (None, 0, 2.5, True):
+        with pytest.raises(ValueError, match="dim"):
+            reg.init_state(2, jnp.float32, dim=bad)
+    with pytest.raises(ValueError, match=r"another gradient size.*dim=4"):
+        reg.weigh(jnp.ones((2, 4)), jnp.zeros(2), reg.init_state(2, jnp.float32, dim=3), None, None)
+    with pytest.raises(ValueError, match="state"):
+        reg.weigh(jnp.ones((2, 3)), jnp.zeros(2), reg.init_state(3, jnp.float32, dim=3), None, None)
+    assert w.init_state(2, jnp.float32, dim=99).root_sum.shape == (2, 3)   # a fixed F ignores dim
+
+
+def test_every_caller_gives_init_the_gradient_width():
+    """F reaches the state wherever method state is made (abstractly: jax.eval_shape, no step):
+    mtl_step at both levels (an example batch, encoder_state with has_state, or feature_dim=),
+    accumulate_step, safe_step, with_affinity, cr_mogm, aggregate() and the NNX helper; without
+    F the error names the fixes."""
+    from imtl_jax.methods.cr_mogm import cr_mogm_weighting
+    params, batch = _problem()                  # z = tanh(x @ w): F = 4; 12 shared parameters
+
+    def encoder(w, b):
+        return jnp.tanh(b["x"] @ w)
+
+    def head_loss(v, z, b, t):
+        return jnp.mean((z @ v - b["y"][:, t]) ** 2)
+
+    losses = imtl_jax.stacked_task_losses(head_loss)
+    method = get_method("excess_mtl")
+    step = imtl_jax.mtl_step(encoder, losses, method)
+    with pytest.raises(ValueError, match=r"step\.init\(params, batch\).*feature_dim=F"):
+        step.init(params)
+    for state in (step.init(params, batch), step.init(params, feature_dim=4),
+                  step.init(params, batch, feature_dim=4),
+                  imtl_jax.accumulate_step(step, 4).init(params, batch),
+                  imtl_jax.safe_step(step).init(params, batch)):
+        assert state.root_sum.shape == (2, 4)
+    with pytest.raises(ValueError, match="feature_dim=5.*F = 4"):
+        step.init(params, batch, feature_dim=5)
+    exact = imtl_jax.mtl_step(encoder, losses, method._replace(level="parameters"))
+    assert exact.init(params).root_sum.shape == (2, 12)
+    with pytest.raises(ValueError, match="parameter level"):
+        exact.init(params, feature_dim=4)
+    # An encoder with state (has_state=True): the batch and the encoder's state.
+    stateful = imtl_jax.mtl_step(lambda w, st, b, k: (encoder(w, b), st), losses, method, has_state=True)
+    with pytest.raises(TypeError, match="encoder_state"):
+        stateful.init(params, batch)
+    assert stateful.init(params, batch, encoder_state=()).root_sum.shape == (2, 4)
+    tracked = imtl_jax.mtl_step(encoder, losses, imtl_jax.with_affinity(method))
+    assert tracked.init(params, batch).inner.root_sum.shape == (2, 4)
+    smoothed = imtl_jax.mtl_step(encoder, losses, Method("cr_excess", method.scaling,
+                                                         cr_mogm_weighting("excess_mtl")))
+    assert smoothed.init(params, batch).inner.root_sum.shape == (2, 4)
+    # Methods without per-coordinate state ignore the batch.
+    assert imtl_jax.mtl_step(encoder, losses, "famo").init(params, batch).logits.shape == (2,)
+    # aggregate(): F is the parameters' size.
+    tx = imtl_jax.aggregate("excess_mtl", 2)
+    assert tx.init({"a": jnp.zeros((3, 2)), "b": jnp.zeros(5)}).method_state.root_sum.shape == (2, 11)
+    with pytest.raises(ValueError, match=r"tx\.init\(params\)"):
+        tx.init(None)
+    # NNX: the shared module's output size (representation) or parameter count.
+    from flax import nnx
+    from imtl_jax.nnx import make_train_step
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.encoder = nnx.Sequential(nnx.Linear(3, 6, rngs=rngs), nnx.Dropout(0.5, rngs=rngs))
+            self.heads = nnx.List([nnx.Linear(6, 1, rngs=rngs) for _ in range(2)])
+
+    def loss(head, z, b, t):
+        return jnp.mean((head(z)[:, 0] - b["y"][:, t]) ** 2)
+
+    model = Net(nnx.Rngs(0, dropout=1))
+    train_step = make_train_step(loss, "excess_mtl", loss_scales=None)
+    with pytest.raises(ValueError, match=r"train_step\.init\(model, batch\).*feature_dim=F"):
+        train_step.init(model)
+    assert train_step.init(model, batch).root_sum.shape == (2, 6)
+    assert train_step.init(model, feature_dim=6).root_sum.shape == (2, 6)
+    exact_step = make_train_step(loss, method._replace(level="parameters"), loss_scales=None)
+    assert exact_step.init(model).root_sum.shape == (2, 3 * 6 + 6)
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    with pytest.raises(ValueError, match=r"F = 6.*train_step\.init\(model, batch\)"):
+        jax.eval_shape(lambda: train_step(model, optimizer, batch, train_step.init(model, feature_dim=5)))
 
 
 @pytest.mark.slow
@@ -163,12 +257,14 @@ def test_masked_steps_equal_the_present_task_steps():
 
 
 @pytest.mark.slow
-def test_masked_training_step_equals_the_present_task_step():
-    """The registry's masked-step property (tests/test_task_mask.py) on an ExcessMTL Method at the
-    representation level (F = 5, the encoder's width): all 15 masks, jitted once."""
+@pytest.mark.parametrize("fixed", [False, True])
+def test_masked_parameter_level_step_equals_the_present_task_step(fixed):
+    """The registry's masked-step property (tests/test_task_mask.py, which runs the registered
+    method at the representation level) at the parameter level (F = 15 shared parameters), for
+    the registered weighting and the factory built for that F: all 15 masks, jitted once."""
     from test_task_mask import MASKS, _check_step_property
-    method = Method("excess_mtl", get_method("equal").scaling, excess_mtl_weighting(5))
-    _check_step_property(method, MASKS)
+    weighting = excess_mtl_weighting(15) if fixed else get_method("excess_mtl").weighting
+    _check_step_property(Method("excess_mtl", get_method("equal").scaling, weighting, level="parameters"), MASKS)
 
 
 def _problem():
@@ -193,8 +289,7 @@ def test_trains_through_the_step_and_the_aggregator(level):
     def head_loss(v, z, b, t):
         return jnp.mean((z @ v - b["y"][:, t]) ** 2)
 
-    dim = 4 if level == "representation" else 12
-    method = Method("excess_mtl", get_method("equal").scaling, excess_mtl_weighting(dim), level=level)
+    method = get_method("excess_mtl")._replace(level=level)
     step = imtl_jax.mtl_step(encoder, imtl_jax.stacked_task_losses(head_loss), method)
     opt = optax.adam(2e-2)
     traces = []
@@ -211,7 +306,8 @@ def test_trains_through_the_step_and_the_aggregator(level):
         return jnp.stack([head_loss(p.heads[t], z, batch, t) for t in range(2)])
 
     before = losses(params)
-    p, o, s = params, opt.init(params), step.init(params)
+    p, o, s = params, opt.init(params), step.init(params, batch)
+    assert s.root_sum.shape == (2, 4 if level == "representation" else 12)
     for i in range(40):
         p_old = p
         p, o, s, aux, grads = train(p, o, s)
@@ -224,7 +320,7 @@ def test_trains_through_the_step_and_the_aggregator(level):
     assert float(jnp.sum(losses(p))) < 0.9 * float(jnp.sum(before))   # the registry's bar
     np.testing.assert_allclose(float(jnp.sum(aux.weights)), 1.0, rtol=1e-6)
 
-    tx = optax.chain(imtl_jax.aggregate(excess_mtl_weighting(12), num_tasks=2), optax.sgd(5e-2))
+    tx = optax.chain(imtl_jax.aggregate("excess_mtl", num_tasks=2), optax.sgd(5e-2))
     flat = {"w": params.shared}
 
     def task_losses(q):
@@ -238,3 +334,42 @@ def test_trains_through_the_step_and_the_aggregator(level):
         updates, state = update(flat, state)
         flat = optax.apply_updates(flat, updates)
     assert float(jnp.sum(task_losses(flat))) < start
+
+
+@pytest.mark.slow
+def test_linen_encoder_with_batch_statistics():
+    """A Flax Linen encoder with BatchNorm (imtl_jax.linen.encoder, has_state=True): init gets F
+    from the batch and the encoder's state, two jitted steps compile once and move the state."""
+    import flax.linen as nn
+    import imtl_jax.linen
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = True):
+            return nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Dense(6)(x)))
+
+    params, batch = _problem()
+    net = Net()
+    variables = net.init(jax.random.key(0), batch["x"], train=False)
+    enc_state = {"batch_stats": variables["batch_stats"]}
+    params = params._replace(shared=variables["params"], heads=0.5 * jax.random.normal(jax.random.key(1), (2, 6)))
+
+    def head_loss(v, z, b, t):
+        return jnp.mean((z @ v - b["y"][:, t]) ** 2)
+
+    step = imtl_jax.mtl_step(imtl_jax.linen.encoder(net, train=True), imtl_jax.stacked_task_losses(head_loss),
+                             "excess_mtl", has_state=True)
+    state = step.init(params, batch, encoder_state=enc_state)
+    assert state.root_sum.shape == (2, 6)
+    traces = []
+
+    @jit
+    def run(s, st, b):
+        traces.append(1)
+        return step(params, s, b, encoder_state=st)
+
+    for i in range(2):
+        _, state, enc_state, aux = run(state, enc_state, jax.tree_util.tree_map(lambda x, i=i: x * (1 + i), batch))
+        assert bool(aux.all_finite)
+    assert len(traces) == 1 and np.all(np.asarray(state.count) == 2)
+    assert np.any(np.asarray(state.root_sum) > 0)

@@ -48,7 +48,7 @@ def run(method, grads, losses, steps=2):
     w = method.weighting
     grads = jnp.asarray(grads)
     losses = jnp.asarray(losses, grads.dtype)
-    state = w.init(grads.shape[0], grads.dtype)
+    state = w.init_state(grads.shape[0], grads.dtype, dim=grads.shape[1])
     fn = weigh_jit(method)
     outs = []
     for i in range(steps):
@@ -108,7 +108,7 @@ def test_non_finite_inputs_do_not_poison_the_state(method):
     grads = jnp.asarray(rng.standard_normal((3, 8)), jnp.float32)
     losses = jnp.asarray([1.0, 2.0, 0.5], jnp.float32)
     fn = weigh_jit(method)
-    state = fn(grads, losses, w.init(3, jnp.float32), jax.random.key(0)).state
+    state = fn(grads, losses, w.init_state(3, jnp.float32, dim=8), jax.random.key(0)).state
     bad = fn(grads.at[1, 2].set(jnp.nan), losses.at[0].set(jnp.nan), state, jax.random.key(1))
     for leaf in jax.tree_util.tree_leaves(bad.state):
         assert np.all(np.isfinite(np.asarray(leaf))), method.name
@@ -126,7 +126,7 @@ def test_dtype_in_equals_dtype_out(method, fdtype):
     for out in outs:
         assert out.weights.dtype == fdtype
         assert np.all(np.isfinite(np.asarray(out.weights)))
-    state0 = method.weighting.init(3, jnp.dtype(fdtype))
+    state0 = method.weighting.init_state(3, jnp.dtype(fdtype), dim=8)
     for new, old in zip(jax.tree_util.tree_leaves(outs[-1].state), jax.tree_util.tree_leaves(state0)):
         assert new.dtype == old.dtype and new.shape == old.shape
 
@@ -147,7 +147,7 @@ def test_bad_inputs_raise_naming_the_argument(method):
     w = method.weighting
     grads = jnp.ones((3, 4))
     losses = jnp.ones((3,))
-    state = w.init(3, jnp.float32)
+    state = w.init_state(3, jnp.float32, dim=4)
     key = jax.random.key(0)
     with pytest.raises(ValueError, match="losses"):
         w.weigh(grads if w.needs_grads else None, jnp.ones((3, 2)), state, key, None)
@@ -164,7 +164,7 @@ def test_bad_inputs_raise_naming_the_argument(method):
         with pytest.raises(ValueError, match="losses"):
             w.weigh(grads, jnp.ones((2,)), state, key, None)
     if jax.tree_util.tree_leaves(state) and any(jnp.ndim(x) for x in jax.tree_util.tree_leaves(state)):
-        wrong = w.init(4, jnp.float32)
+        wrong = w.init_state(4, jnp.float32, dim=4)
         with pytest.raises(ValueError, match="state"):
             w.weigh(grads if w.needs_grads else None, losses, wrong, key, None)
     # Also under jit (trace-time checks).
@@ -223,7 +223,7 @@ def test_trains_tiny_problem_with_one_compilation(method):
     step = imtl_jax.mtl_step(encoder, imtl_jax.stacked_task_losses(head_loss), method)
     opt = optax.adam(2e-2)
     opt_state = opt.init(params)
-    state = step.init(params)
+    state = step.init(params, batch)   # the batch gives F to a method with per-coordinate state
     traces = []
 
     @jit

@@ -334,7 +334,7 @@ def test_nnx_every_method_two_steps_one_compilation(method):
         traces.append(1)
         return train_step(model, optimizer, batch, state, key=key)
 
-    state = train_step.init(model)
+    state = train_step.init(model, batch)   # the batch: F for excess_mtl
     structure = jax.tree_util.tree_structure(state)
     for i in range(2):
         state, aux = step(model, optimizer, batch, state, jax.random.key(i))
@@ -342,7 +342,7 @@ def test_nnx_every_method_two_steps_one_compilation(method):
     assert len(traces) == 1
     assert jax.tree_util.tree_structure(state) == structure
     assert _rng_count(model) == 2
-    init_leaves = jax.tree_util.tree_leaves(train_step.init(model))
+    init_leaves = jax.tree_util.tree_leaves(train_step.init(model, batch))
     if init_leaves:  # a stateful method's state is threaded through and moves
         assert any(not np.array_equal(a, b) for a, b in zip(init_leaves, jax.tree_util.tree_leaves(state)))
 

@@ -27,8 +27,8 @@ from marks import slow_unless_core
 
 T, B, DIN, F = 3, 8, 3, 4
 METHODS = imtl_jax.methods.method_names()
-STATEFUL = tuple(n for n in METHODS
-                 if jax.tree_util.tree_leaves(imtl_jax.methods.get_method(n).weighting.init(T, jnp.float32)))
+STATEFUL = tuple(n for n in METHODS if jax.tree_util.tree_leaves(
+    imtl_jax.methods.get_method(n).weighting.init_state(T, jnp.float32, dim=F)))
 
 
 def encoder(w, batch):
@@ -92,8 +92,8 @@ def trainers(method):
         return (optax.apply_updates(params, updates), opt_state, mstate), aux
 
     params = make_params()
-    carry0 = (params, opt.init(params), step.init(params))
-    scarry0 = (params, sopt.init(params), sstep.init(params))
+    carry0 = (params, opt.init(params), step.init(params, good_batch(0)))
+    scarry0 = (params, sopt.init(params), sstep.init(params, good_batch(0)))
     return (jax.jit(train), jax.jit(imtl_jax.skip_nonfinite(train)), jax.jit(safe_train),
             carry0, scarry0)
 

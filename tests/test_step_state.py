@@ -129,12 +129,12 @@ def test_state_advances_exactly_once_for_every_method_and_form(method, form):
     step = imtl_jax.mtl_step(encoder, losses, method, has_state=True)
     stats = dict(stats, count=jnp.asarray(41, jnp.int32))
     _, want = encoder(params.shared, stats, batch, key)
-    grads, method_state, got, aux = jax.jit(step)(params, step.init(params), batch,
-                                                  encoder_state=stats, key=key)
+    state0 = step.init(params, batch, encoder_state=stats)   # the batch: F for excess_mtl
+    grads, method_state, got, aux = jax.jit(step)(params, state0, batch, encoder_state=stats, key=key)
     assert int(got["count"]) == 42, "the encoder ran more than once (or not at all)"
     _close(got, want, 1e-6, 1e-7)
     assert bool(aux.all_finite)
-    assert jax.tree_util.tree_structure(method_state) == jax.tree_util.tree_structure(step.init(params))
+    assert jax.tree_util.tree_structure(method_state) == jax.tree_util.tree_structure(state0)
     assert get_method(method).level in ("representation", "parameters")
 
 

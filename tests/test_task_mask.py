@@ -54,8 +54,9 @@ def _problem(seed, num_tasks=T, batch_size=8, dim=5):
 
 def _task_axes(weighting):
     """For each state leaf, the axes that are task axes: those whose size changes with T."""
-    full = jax.tree_util.tree_leaves(jax.eval_shape(lambda: weighting.init(T, jnp.float64)))
-    less = jax.tree_util.tree_leaves(jax.eval_shape(lambda: weighting.init(T - 1, jnp.float64)))
+    # (F, the gradient width of a needs_dim weighting's state, is the same in both.)
+    full = jax.tree_util.tree_leaves(jax.eval_shape(lambda: weighting.init_state(T, jnp.float64, dim=7)))
+    less = jax.tree_util.tree_leaves(jax.eval_shape(lambda: weighting.init_state(T - 1, jnp.float64, dim=7)))
     return [tuple(i for i, (a, b) in enumerate(zip(f.shape, s.shape)) if a != b)
             for f, s in zip(full, less)]
 
@@ -111,7 +112,7 @@ def _check_step_property(name, masks, use_jit=True):
         key = jax.random.key(7)
         plain = jax.jit(lambda p, s, b: step(p, s, b, key=key))
         # Warm the state with two unmasked steps, so stateful methods have non-trivial state.
-        state = step.init(params)
+        state = step.init(params, batches[0])
         for b in batches[:2]:
             _, state, _ = plain(params, state, b)
         traces = []
@@ -163,7 +164,7 @@ def test_masked_step_without_jit(name):
 def test_supported_methods_cover_the_brief():
     """Every registered method supports masks (so the property test above covers them all)."""
     assert set(SUPPORTED) == set(methods.method_names())
-    assert len(SUPPORTED) == 32
+    assert len(SUPPORTED) == 33
 
 
 def test_cr_mogm_supports_masks_when_its_inner_weighting_does():
@@ -435,7 +436,7 @@ def test_pcgrad_masked_weights_are_the_paper_algorithm_on_present_tasks():
 def _mask_weigh(weighting, grads, mask, key, state=None, losses=None):
     from imtl_jax.methods._mask import weigh
     num_tasks = grads.shape[0]
-    state = weighting.init(num_tasks, grads.dtype) if state is None else state
+    state = weighting.init_state(num_tasks, grads.dtype, dim=grads.shape[1]) if state is None else state
     losses = jnp.ones(num_tasks, grads.dtype) if losses is None else losses
     return weigh(weighting, grads, losses, state, key, None, mask, weighting.name)
 

@@ -12,6 +12,7 @@ import pytest
 from oracles import x64
 
 import inputs
+from imtl_jax.methods import get_method
 from imtl_jax.methods.config import CONFIG
 from imtl_jax.methods.cr_mogm import cr_mogm_weighting
 from imtl_jax.methods.dualproj import DUALPROJ
@@ -310,11 +311,15 @@ def _excess_sequence(seed, num_tasks, dim, scale, steps=6):
 
 
 def _excess_ours(seq, step_size, warmup):
-    w = excess_mtl_weighting(seq[0].shape[1], step_size=step_size, warmup_steps=warmup)
+    # The registered form (needs_dim: F from init_state) with these settings; the default
+    # settings are the registered "excess_mtl" itself.
+    w = (get_method("excess_mtl").weighting if (step_size, warmup) == (1.0, 0)
+         else excess_mtl_weighting(step_size=step_size, warmup_steps=warmup))
+    assert w.needs_dim
     weights, infos = [], []
     with x64():
         run = jax.jit(lambda g, s: w.weigh(g, jnp.zeros(g.shape[0]), s, None, None))
-        state = w.init(seq[0].shape[0], jnp.float64)
+        state = w.init_state(seq[0].shape[0], jnp.float64, dim=seq[0].shape[1])
         for g in seq:
             out = run(jnp.asarray(g), state)
             state = out.state

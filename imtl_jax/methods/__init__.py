@@ -73,5 +73,6 @@ from imtl_jax.methods import sdmgrad as _sdmgrad  # noqa: E402,F401
 from imtl_jax.methods import modo as _modo  # noqa: E402,F401
 from imtl_jax.methods import cr_mogm as _cr_mogm  # noqa: E402,F401
 from imtl_jax.methods import preference as _preference  # noqa: E402,F401
+from imtl_jax.methods import excess_mtl as _excess_mtl  # noqa: E402,F401
 
 from imtl_jax.methods.loss_weighting import single_task as single_task  # noqa: E402  (a factory, not registered)

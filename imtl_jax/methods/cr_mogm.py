@@ -31,13 +31,13 @@ class CRMOGMState(NamedTuple):
     started: jax.Array
 
 
-def _init(inner, initial, num_tasks, dtype=None):
+def _init(inner, initial, num_tasks, dtype=None, dim=None):
     dtype = jnp.float32 if dtype is None else dtype
     if initial is not None and len(initial) != num_tasks:
         raise ValueError(f"`initial_weights` has {len(initial)} entries for {num_tasks} tasks; "
                          "pass one weight per task.")
     weights = jnp.zeros((num_tasks,), dtype) if initial is None else jnp.asarray(initial, dtype)
-    return CRMOGMState(inner.init(num_tasks, dtype), weights, jnp.asarray(initial is not None))
+    return CRMOGMState(inner.init_state(num_tasks, dtype, dim=dim), weights, jnp.asarray(initial is not None))
 
 
 def _weigh(grads, losses, state, key, priorities, *, inner, alpha, initial, task_mask=None):
@@ -49,7 +49,8 @@ def _weigh(grads, losses, state, key, priorities, *, inner, alpha, initial, task
     else:  # the wrapped method's own masked step (its state kept as it keeps it)
         out = inner.weigh(grads, losses, state.inner, key, priorities, task_mask=task_mask)
     hat = out.weights if task_mask is None else _mask.entries(out.weights, task_mask)
-    check_state(state, _init(inner, initial, hat.shape[0], hat.dtype), "cr_mogm")
+    check_state(state, _init(inner, initial, hat.shape[0], hat.dtype,
+                             dim=jnp.shape(grads)[1] if inner.needs_dim else None), "cr_mogm")
     prev = jnp.where(state.started, state.weights.astype(hat.dtype), hat)
     weights = alpha * prev + (1.0 - alpha) * hat
     if task_mask is not None:
@@ -124,7 +125,7 @@ def cr_mogm_weighting(inner: Union[str, Weighting] = "mgda", *, alpha: float = 0
                      init=functools.partial(_init, inner, initial),
                      weigh=functools.partial(_weigh, inner=inner, alpha=alpha, initial=initial),
                      needs_grads=inner.needs_grads, weights_heads=inner.weights_heads,
-                     supports_task_mask=inner.supports_task_mask)
+                     supports_task_mask=inner.supports_task_mask, needs_dim=inner.needs_dim)
 
 
 CR_MOGM = cr_mogm_weighting(MGDA)

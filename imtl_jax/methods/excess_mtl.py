@@ -1,26 +1,28 @@
 """ExcessMTL, excess-risk task weighting (He, Zhou, Zhang, Yun, Xu, Zeng, Chilimbi & Zhao, "Robust
 Multi-Task Learning with Excess Risks", ICML 2024).
 
-Not registered: its state holds a per-coordinate AdaGrad accumulator of shape (T, F), and
-``Weighting.init(num_tasks, dtype)`` is not told F (the size of the shared feature or of the
-shared parameters). The factory :func:`excess_mtl_weighting` takes F as ``dim`` and gives a
-:class:`~imtl_jax.Weighting` with a state of fixed shape, usable in
-:func:`imtl_jax.mtl_step` (through an :class:`imtl_jax.Method`) and :func:`imtl_jax.aggregate`.
-What registration would need: docs/methods_table.md ("Not registered").
+Registered as ``"excess_mtl"`` (representation level; ``level="parameters"`` for the paper's
+setting). Its state holds a per-coordinate AdaGrad accumulator of shape (T, F), F the number of
+columns of the per-task gradient matrix, so its weighting has ``needs_dim``: the state is made
+by ``Weighting.init_state(T, dtype, dim=F)``, which the training step, the aggregator and the
+NNX helper call with the F they know (see :meth:`imtl_jax.MTLStep.init`).
+:func:`excess_mtl_weighting` builds the same weighting with other settings, or for one fixed F
+(``dim=``: then ``init(num_tasks, dtype)`` as any weighting).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
-from imtl_jax._method import Weighting, WeightingOutput
-from imtl_jax.methods import _mask
+from imtl_jax._method import Method, Weighting, WeightingOutput, check_dim
+from imtl_jax.methods import _mask, register
 from imtl_jax.methods._common import (cast_like, check_grads, check_state, compute_dtype,
                                       keep_state_if_not_finite, nan_if_not_finite)
+from imtl_jax.methods.equal import IDENTITY
 
 
 class ExcessMTLState(NamedTuple):
@@ -53,12 +55,19 @@ def _weigh(grads, losses, state, key, priorities, *, dim, step_size, warmup_step
     del key
     grads, losses = check_grads(grads, losses, priorities, "excess_mtl")
     num_tasks, size = grads.shape
-    if size != dim:
+    if dim is not None and size != dim:
         raise ValueError(
             f"`grads` has F = {size} columns but the excess_mtl weighting was built with dim={dim}: "
             "dim is the size of the shared feature per example (representation level) or the "
             "number of shared parameters (level='parameters', aggregate()).")
-    check_state(state, _init(num_tasks, grads.dtype, dim=dim), "excess_mtl")
+    root_shape = jnp.shape(state.root_sum) if isinstance(state, ExcessMTLState) else ()
+    if len(root_shape) == 2 and root_shape[1] != size:
+        raise ValueError(
+            f"`state` of the 'excess_mtl' weighting has an accumulator of {root_shape[1]} columns "
+            f"but `grads` has F = {size}: the state was made for another gradient size; make it "
+            f"with the weighting's init_state(num_tasks, dtype, dim={size}) (the training step's "
+            "init(params, batch) does).")
+    check_state(state, _init(num_tasks, grads.dtype, dim=size), "excess_mtl")
     cdt = compute_dtype(grads.dtype)
     mask = task_mask
     g = grads.astype(cdt)
@@ -103,9 +112,10 @@ def _weigh(grads, losses, state, key, priorities, *, dim, step_size, warmup_step
     return WeightingOutput(weights.astype(grads.dtype), new_state, info)
 
 
-def excess_mtl_weighting(dim: int, *, step_size: float = 1.0, warmup_steps: int = 0) -> Weighting:
-    r"""ExcessMTL (He et al., ICML 2024) as a stateful :class:`~imtl_jax.Weighting`, for gradients
-    of ``dim`` columns.
+def excess_mtl_weighting(dim: Optional[int] = None, *, step_size: float = 1.0,
+                         warmup_steps: int = 0) -> Weighting:
+    r"""ExcessMTL (He et al., ICML 2024) as a stateful :class:`~imtl_jax.Weighting` (the
+    registered ``"excess_mtl"`` is ``excess_mtl_weighting()``).
 
     Each step, for each task with gradient ``g_t`` (a row of the (T, F) matrix):
 
@@ -128,13 +138,17 @@ def excess_mtl_weighting(dim: int, *, step_size: float = 1.0, warmup_steps: int 
     at the next step), weights on the simplex (TorchJD, the paper; LibMTL scales them to sum to
     T).
 
-    ``dim`` is F: the size of the shared feature per example at the representation level
-    (``prod(z.shape[1:])``), the number of shared parameters at ``level="parameters"``, or the
-    size of the stacked updates for :func:`imtl_jax.aggregate`. The state is (T, F) floats (as
-    TorchJD's and LibMTL's): at the parameter level that is T copies of the shared parameters.
+    F is the number of columns of the gradient matrix: the size of the shared feature per
+    example at the representation level (``prod(z.shape[1:])``), the number of shared
+    parameters at ``level="parameters"``, or the size of the stacked updates for
+    :func:`imtl_jax.aggregate`. The state is (T, F) floats (as TorchJD's and LibMTL's): at the
+    parameter level that is T copies of the shared parameters. With ``dim=None`` (default) the
+    weighting has ``needs_dim`` and its state is made for the F of the caller
+    (``init_state(T, dtype, dim=F)``; the step, the aggregator and the NNX helper pass it); with
+    ``dim`` given it serves that F only and ``init(num_tasks, dtype)`` needs no F.
 
     Args:
-      dim: F, the number of columns of the per-task gradient matrix.
+      dim: None, or F, the number of columns of the per-task gradient matrix, fixed.
       step_size: ``eta``, the robust step size (1.0: TorchJD's default; LibMTL's is a required
         argument).
       warmup_steps: steps that only collect the baseline (0: the official code, LibMTL and
@@ -148,8 +162,8 @@ def excess_mtl_weighting(dim: int, *, step_size: float = 1.0, warmup_steps: int 
     Example:
       >>> import jax.numpy as jnp
       >>> from imtl_jax.methods.excess_mtl import excess_mtl_weighting
-      >>> w = excess_mtl_weighting(dim=2)
-      >>> s = w.init(2)
+      >>> w = excess_mtl_weighting()
+      >>> s = w.init_state(2, dim=2)
       >>> out = w.weigh(jnp.array([[1.0, 0.0], [0.0, 2.0]]), jnp.zeros(2), s, None, None)
       >>> out.weights.tolist()     # the first step sets the baseline
       [0.5, 0.5]
@@ -157,14 +171,20 @@ def excess_mtl_weighting(dim: int, *, step_size: float = 1.0, warmup_steps: int 
       >>> [round(v, 4) for v in out.weights.tolist()]   # task 0 is further from convergence
       [0.6676, 0.3324]
     """
-    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-        raise ValueError(f"`dim` must be an int >= 1 (F, the gradient size), got {dim!r}.")
+    if dim is not None:
+        dim = check_dim(dim, "excess_mtl")
     step_size = float(step_size)
     if not step_size > 0 or step_size == float("inf"):
         raise ValueError(f"`step_size` must be finite and > 0, got {step_size!r}.")
     if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
         raise ValueError(f"`warmup_steps` must be an int >= 0, got {warmup_steps!r}.")
-    return Weighting(name="excess_mtl", init=functools.partial(_init, dim=dim),
+    return Weighting(name="excess_mtl", init=_init if dim is None else functools.partial(_init, dim=dim),
                      weigh=functools.partial(_weigh, dim=dim, step_size=step_size,
                                              warmup_steps=warmup_steps),
-                     needs_grads=True, weights_heads=True, supports_task_mask=True)
+                     needs_grads=True, weights_heads=True, supports_task_mask=True,
+                     needs_dim=dim is None)
+
+
+EXCESS_MTL = excess_mtl_weighting()
+
+register(Method("excess_mtl", IDENTITY, EXCESS_MTL))
