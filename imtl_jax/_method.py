@@ -91,9 +91,9 @@ class Weighting(NamedTuple):
     def init_state(self, num_tasks: int, dtype: Any = None, *, dim: Optional[int] = None) -> PyTree:
         """The initial state for ``num_tasks`` tasks and gradients of ``dim`` columns.
 
-        ``init(num_tasks, dtype)``, or with ``needs_dim`` ``init(num_tasks, dtype, dim=dim)``;
-        ``dim`` is ignored by a weighting that does not need it, so callers that know F pass it
-        for every weighting.
+        ``init(num_tasks, dtype)``, or with ``needs_dim`` ``init(num_tasks, dtype, dim=dim)``
+        (``dtype=None``: ``init(num_tasks)``, the weighting's own default); ``dim`` is ignored by
+        a weighting that does not need it, so callers that know F pass it for every weighting.
 
         Raises:
           ValueError: ``needs_dim`` and ``dim`` missing or not a positive int.
@@ -106,9 +106,10 @@ class Weighting(NamedTuple):
           >>> imtl_jax.methods.get_method("famo").weighting.init_state(2, dim=3).logits.shape
           (2,)
         """
+        args = (num_tasks,) if dtype is None else (num_tasks, dtype)  # None: init's own default
         if not self.needs_dim:
-            return self.init(num_tasks, dtype)
-        return self.init(num_tasks, dtype, dim=check_dim(dim, self.name))
+            return self.init(*args)
+        return self.init(*args, dim=check_dim(dim, self.name))
 
 
 class LossScaling(NamedTuple):
@@ -144,19 +145,24 @@ class Method(NamedTuple):
     level: str = "representation"
 
 
-def check_dim(dim: Any, name: str) -> int:
-    """``dim`` (F, the number of gradient columns) as an int >= 1, else a ValueError naming it."""
+def check_dim(dim: Any, name: str, arg: str = "dim") -> int:
+    """``dim`` (F, the number of gradient columns) as an int >= 1, else a ValueError naming it
+    (as ``arg``: ``"feature_dim"`` where the caller's argument has that name)."""
     if dim is None:
         raise ValueError(
             f"the {name!r} weighting keeps per-coordinate state (needs_dim): its state needs F, the "
             "number of columns of the per-task gradient matrix; pass dim=F to init_state (F = the "
             "per-example size of the shared feature at the representation level, the number of "
             "shared parameters at level='parameters', the parameters' size for aggregate()).")
+    bad = ValueError(f"`{arg}` (F, the number of gradient columns) must be an int >= 1, got {dim!r}.")
     if isinstance(dim, bool) or not hasattr(dim, "__index__"):
-        raise ValueError(f"`dim` (F, the gradient size) must be an int >= 1, got {dim!r}.")
-    dim = operator.index(dim)
+        raise bad
+    try:
+        dim = operator.index(dim)
+    except TypeError:  # an array with __index__ but not a scalar
+        raise bad from None
     if dim < 1:
-        raise ValueError(f"`dim` (F, the gradient size) must be an int >= 1, got {dim!r}.")
+        raise bad
     return dim
 
 

@@ -197,6 +197,13 @@ class _NoState:
 _NO_STATE: Any = _NoState()
 
 
+def _add_note(err: BaseException, text: str) -> None:
+    """Adds ``text`` to the exception's notes (shown under the message; Python >= 3.11)."""
+    add = getattr(err, "add_note", None)
+    if add is not None:
+        add(text)
+
+
 def _stateful_output(out):
     if not (isinstance(out, tuple) and len(out) == 2):
         raise TypeError("with has_state=True the encoder must return a pair (z, new_encoder_state), "
@@ -277,16 +284,25 @@ class MTLStep:
         ``level="parameters"`` that is the number of shared parameters (from ``params``); at
         the representation level it is the per-example size of the encoder's output,
         ``prod(z.shape[1:])``, which ``params`` alone does not tell: give an example ``batch``
-        (the encoder is traced abstractly on it, ``jax.eval_shape``: no computation; with
-        ``has_state=True`` also ``encoder_state=``) or the size as ``feature_dim=``. Other
-        methods ignore ``batch``, ``encoder_state`` and ``feature_dim``.
+        (the encoder is traced abstractly on it, ``jax.eval_shape``: no computation, nothing
+        changed, no encoder state or key consumed; with ``has_state=True`` also
+        ``encoder_state=``) or the size as ``feature_dim=``. F excludes the batch axis, so one
+        device's batch, the global batch or a micro-batch give the same F; with ``axis_name``
+        the encoder's collectives are bound for the trace (call ``init`` outside ``shard_map``).
+        Other methods ignore ``batch`` and ``encoder_state`` (a ``feature_dim`` given is
+        checked all the same).
 
         Raises:
           ValueError: a ``needs_dim`` method at the representation level without ``batch`` or
-            ``feature_dim``; a ``feature_dim`` that disagrees with ``batch`` or ``params``.
+            ``feature_dim``; a ``feature_dim`` that is not an int >= 1 or disagrees with
+            ``batch`` or ``params``.
+          TypeError: with ``has_state=True``, a ``batch`` without ``encoder_state=`` (as
+            ``step(...)`` itself).
         """
         log_scales = self._check_params(params)
         weighting = self.method.weighting
+        if feature_dim is not None:  # checked for every method: a bad value is a bug either way
+            feature_dim = check_dim(feature_dim, self.method.name, "feature_dim")
         if not weighting.needs_dim:
             return weighting.init(log_scales.shape[0], log_scales.dtype)
         return weighting.init_state(log_scales.shape[0], log_scales.dtype,
@@ -294,10 +310,8 @@ class MTLStep:
 
     def _feature_dim(self, params: MTLParams, batch: Any, encoder_state: Any,
                      feature_dim: Optional[int]) -> int:
-        """F for :meth:`init`: see there."""
+        """F for :meth:`init` (``feature_dim`` already checked): see there."""
         name = self.method.name
-        if feature_dim is not None:
-            feature_dim = check_dim(feature_dim, name)
         if self.method.level == "parameters":
             dim = shared_size(params.shared)
             if feature_dim is not None and feature_dim != dim:
@@ -319,14 +333,33 @@ class MTLStep:
                 raise TypeError("this step was built with has_state=True: pass the encoder's state "
                                 "too, step.init(params, batch, encoder_state=...) (or feature_dim=F "
                                 "instead of the batch).")
-            z = jax.eval_shape(lambda: _stateful_output(self.encoder(
-                params.shared, encoder_state, batch, jax.random.key(0)))[0])
+
+            def forward():
+                return _stateful_output(self.encoder(params.shared, encoder_state, batch,
+                                                     jax.random.key(0)))[0]
         else:
             if encoder_state is not _NO_STATE:
                 raise TypeError("`encoder_state=` was given but the step was built without state "
                                 "(mtl_step(..., has_state=True)).")
-            z = jax.eval_shape(lambda: self.encoder(params.shared, batch))
-        shape = jnp.shape(z)
+
+            def forward():
+                return self.encoder(params.shared, batch)
+        # init runs outside shard_map/pmap, but an encoder built for the data-parallel step may
+        # use collectives over axis_name (a synchronized BatchNorm): bind the name(s) with a
+        # size-1 vmap so the abstract trace sees the per-example shape it will see per device.
+        names = () if self.axis_name is None else (
+            (self.axis_name,) if isinstance(self.axis_name, str) else tuple(self.axis_name))
+        for axis in names:
+            forward = jax.vmap(forward, axis_name=axis, axis_size=1)
+        try:
+            z = jax.eval_shape(forward)
+        except Exception as err:
+            _add_note(err, "imtl_jax: raised by the encoder, traced abstractly on the example batch "
+                           f"to find F for method {name!r}'s state in step.init(params, batch); "
+                           "give the size instead, step.init(params, feature_dim=F), F = "
+                           "prod(z.shape[1:]).")
+            raise
+        shape = tuple(jnp.shape(z))[len(names):]
         if len(shape) < 1 or shape[0] < 1:
             raise ValueError(f"`encoder` output must have a non-empty leading batch axis, got shape "
                              f"{shape}; give init a non-empty example batch.")

@@ -267,23 +267,32 @@ class NNXTrainStep:
         A method with per-coordinate state (``weighting.needs_dim``: ``"excess_mtl"``) needs F:
         at ``level="parameters"`` the shared module's parameter count (from ``model``); at the
         representation level the per-example size of the shared module's output, from an
-        example ``batch`` (the module runs abstractly on ``inputs(batch)``: ``jax.eval_shape``,
-        the model is not changed) or given as ``feature_dim=``. Other methods ignore both.
+        example ``batch`` (the module runs abstractly on ``inputs(batch)``: ``jax.eval_shape``
+        on a copy; the model's parameters, batch statistics and RNG streams are not changed) or
+        given as ``feature_dim=``. Other methods ignore ``batch`` (a ``feature_dim`` given is
+        checked all the same).
+
+        Raises:
+          ValueError: a ``needs_dim`` method at the representation level without ``batch`` or
+            ``feature_dim``; a ``feature_dim`` that is not an int >= 1 or disagrees with
+            ``batch`` or the model.
         """
         _, _, _, num_tasks, scales = self._layout(model)
         dtype = jnp.float32 if scales is None else jax.tree_util.tree_leaves(
             nnx.state(scales, nnx.Param))[0].dtype
         weighting = self.method.weighting
+        if feature_dim is not None:  # checked for every method: a bad value is a bug either way
+            feature_dim = check_dim(feature_dim, self.method.name, "feature_dim")
         if not weighting.needs_dim:
             return weighting.init(num_tasks, dtype)
         return weighting.init_state(num_tasks, dtype, dim=self._feature_dim(model, batch, feature_dim))
 
-    def _feature_dim(self, model: nnx.Module, batch: Any, feature_dim: Optional[int]) -> int:
-        """F of a ``needs_dim`` method (see :meth:`init`)."""
+    def _feature_dim(self, model: nnx.Module, batch: Any, feature_dim: Optional[int],
+                     in_init: bool = True) -> int:
+        """F of a ``needs_dim`` method (see :meth:`init`; ``feature_dim`` already checked);
+        ``in_init`` False: the state check of ``__call__`` (its errors say so)."""
         name = self.method.name
         _, encoder = _resolve(model, self.shared, "shared")
-        if feature_dim is not None:
-            feature_dim = check_dim(feature_dim, name)
         if self.method.level == "parameters":
             dim = shared_size(nnx.state(encoder, nnx.Param))
             if feature_dim is not None and feature_dim != dim:
@@ -300,8 +309,17 @@ class NNXTrainStep:
                     "train_step.init(model, feature_dim=F).")
             return feature_dim
         graphdef, state = nnx.split(encoder)
-        x = self.inputs(batch)
-        shape = jax.eval_shape(lambda st: nnx.merge(graphdef, st, copy=True)(x), state).shape
+        try:
+            x = self.inputs(batch)
+            shape = jax.eval_shape(lambda st: nnx.merge(graphdef, st, copy=True)(x), state).shape
+        except Exception as err:
+            _note(err, (f"imtl_jax.nnx: raised by the shared module `shared={self.shared!r}`, run "
+                        f"abstractly on inputs(batch) to find F for method {name!r}'s state in "
+                        "train_step.init(model, batch); give the size instead, "
+                        "train_step.init(model, feature_dim=F).") if in_init else
+                  (f"imtl_jax.nnx: raised by the shared module `shared={self.shared!r}` on "
+                   "inputs(batch); check the batch's input (its shape and dtype) or inputs=."))
+            raise
         if len(shape) < 1 or shape[0] < 1:
             raise ValueError(f"the shared module {self.shared!r} returned shape {shape} on inputs(batch); "
                              "it needs a non-empty leading batch axis.")
@@ -320,11 +338,12 @@ class NNXTrainStep:
             raise TypeError("`optimizer` must be an nnx.Optimizer(model, tx, wrt=nnx.Param), got "
                             f"{type(optimizer).__name__}.")
         weighting = self.method.weighting
-        dim = self._feature_dim(model, batch, None) if weighting.needs_dim else None
+        dim = self._feature_dim(model, batch, None, in_init=False) if weighting.needs_dim else None
         expected = jax.eval_shape(lambda: weighting.init_state(num_tasks, jnp.float32, dim=dim))
         if not _same_structure(method_state, expected):
             raise TypeError(f"`method_state` does not match method {self.method.name!r}'s state; start "
-                            "from train_step.init(model) and pass back the state each call returns.")
+                            "from train_step.init(model" + (", batch)" if dim is not None else ")")
+                            + " and pass back the state each call returns.")
         for got, want in zip(jax.tree_util.tree_leaves(method_state), jax.tree_util.tree_leaves(expected)):
             if jnp.shape(got) != want.shape:
                 raise ValueError(

@@ -373,3 +373,168 @@ def test_linen_encoder_with_batch_statistics():
         assert bool(aux.all_finite)
     assert len(traces) == 1 and np.all(np.asarray(state.count) == 2)
     assert np.any(np.asarray(state.root_sum) > 0)
+
+
+def _step_parts():
+    def encoder(w, b):
+        return jnp.tanh(b["x"] @ w)
+
+    def head_loss(v, z, b, t):
+        return jnp.mean((z @ v - b["y"][:, t]) ** 2)
+
+    return encoder, imtl_jax.stacked_task_losses(head_loss)
+
+
+def test_init_traces_the_encoder_abstractly_and_binds_the_data_parallel_axis():
+    """step.init(params, batch) runs nothing (a debug callback in the encoder never fires) and
+    changes nothing; an encoder with collectives over axis_name (a synchronized BatchNorm) is
+    traced with the axis bound; one device's batch, the global batch and a micro-batch give the
+    same F (it excludes the batch axis), and the state serves the shard_map step; an error raised
+    by the encoder's trace carries a note naming feature_dim=."""
+    import flax.linen as nn
+    import imtl_jax.linen
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    params, batch = _problem()
+    encoder, losses = _step_parts()
+    calls = []
+
+    def watched(w, b):
+        z = encoder(w, b)
+        jax.debug.callback(lambda: calls.append(1))
+        return z - jax.lax.pmean(jnp.mean(z, axis=0), "data")   # a collective over axis_name
+
+    step = imtl_jax.mtl_step(watched, losses, "excess_mtl", axis_name="data")
+    shapes = {step.init(params, jax.tree_util.tree_map(lambda x, n=n: x[:n], batch)).root_sum.shape
+              for n in (1, 8, 32)}
+    assert shapes == {(2, 4)} and calls == []
+    assert imtl_jax.accumulate_step(step, 4).init(params, batch).root_sum.shape == (2, 4)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    sharded = jax.jit(jax.shard_map(lambda p, s, b: step(p, s, b)[1], mesh=mesh,
+                                    in_specs=(P(), P(), P("data")), out_specs=P()))
+    state = sharded(params, step.init(params, batch), batch)
+    assert state.root_sum.shape == (2, 4) and np.all(np.asarray(state.count) == 1)
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = True):
+            return nn.BatchNorm(use_running_average=not train, axis_name="data")(nn.Dense(6)(x))
+
+    variables = Net().init(jax.random.key(0), batch["x"], train=False)
+    enc_state = {"batch_stats": variables["batch_stats"]}
+    before = jax.tree_util.tree_map(np.array, enc_state)
+    bn_step = imtl_jax.mtl_step(imtl_jax.linen.encoder(Net(), train=True), losses, "excess_mtl",
+                                has_state=True, axis_name="data")
+    params6 = params._replace(shared=variables["params"], heads=jnp.ones((2, 6)))
+    assert bn_step.init(params6, batch, encoder_state=enc_state).root_sum.shape == (2, 6)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, enc_state, before)
+    # An encoder whose trace fails (here a collective over an axis the step does not bind).
+    other = imtl_jax.mtl_step(lambda w, b: jax.lax.pmean(encoder(w, b), "model"), losses, "excess_mtl")
+    with pytest.raises(NameError) as info:
+        other.init(params, batch)
+    if hasattr(info.value, "__notes__"):  # Python >= 3.11
+        assert "step.init(params, feature_dim=F)" in "".join(info.value.__notes__)
+    assert other.init(params, feature_dim=4).root_sum.shape == (2, 4)
+
+
+def test_nnx_init_leaves_the_model_as_it_was():
+    """train_step.init(model, batch) runs the shared module (BatchNorm in training mode, Dropout)
+    abstractly on a copy: parameters, batch statistics and RNG counts stay bit for bit."""
+    from flax import nnx
+    from imtl_jax.nnx import make_train_step
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.encoder = nnx.Sequential(nnx.Linear(3, 6, rngs=rngs), nnx.BatchNorm(6, rngs=rngs),
+                                          nnx.Dropout(0.5, rngs=rngs))
+            self.heads = nnx.List([nnx.Linear(6, 1, rngs=rngs) for _ in range(2)])
+
+    def loss(head, z, b, t):
+        return jnp.mean((head(z)[:, 0] - b["y"][:, t]) ** 2)
+
+    def arrays(model):
+        return [np.asarray(jax.random.key_data(x)) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+                else np.array(x) for x in jax.tree_util.tree_leaves(nnx.state(model))]
+
+    _, batch = _problem()
+    batch = {"x": 3.0 * batch["x"] + 1.0, "y": batch["y"]}
+    model = Net(nnx.Rngs(0, dropout=1))
+    before = arrays(model)
+    assert make_train_step(loss, "excess_mtl", loss_scales=None).init(model, batch).root_sum.shape == (2, 6)
+    for old, new in zip(before, arrays(model), strict=True):
+        np.testing.assert_array_equal(old, new)
+
+
+def test_bad_or_missing_dims_raise_value_errors_that_name_the_fix():
+    """Every way to make excess_mtl's state without a usable F, and every bad feature_dim (for
+    any method: a bad value is a bug either way), is a ValueError naming the argument or call."""
+    from flax import nnx
+    from imtl_jax.nnx import make_train_step
+
+    params, batch = _problem()
+    encoder, losses = _step_parts()
+    reg = get_method("excess_mtl").weighting
+    with pytest.raises(ValueError, match=r"init_state\(num_tasks, dtype, dim=F\)"):
+        reg.init(2, jnp.float32)                # the old call on the registered weighting
+    with pytest.raises(ValueError, match=r"dim=F"):
+        imtl_jax.with_affinity("excess_mtl").weighting.init(2)
+    for method in ("excess_mtl", "famo", "imtl_h"):
+        step = imtl_jax.mtl_step(encoder, losses, method)
+        for bad in (0, -1, 2.5, "4", True, np.ones(2, np.int32)):
+            with pytest.raises(ValueError, match=r"`feature_dim` \(F.*must be an int >= 1"):
+                step.init(params, feature_dim=bad)
+    for wrapped in (imtl_jax.accumulate_step(imtl_jax.mtl_step(encoder, losses, "excess_mtl"), 2),
+                    imtl_jax.safe_step(imtl_jax.mtl_step(encoder, losses, "excess_mtl"))):
+        with pytest.raises(ValueError, match=r"step\.init\(params, batch\).*feature_dim=F"):
+            wrapped.init(params)
+    assert imtl_jax.mtl_step(encoder, losses, "excess_mtl").init(
+        params, feature_dim=np.int64(4)).root_sum.shape == (2, 4)
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.encoder = nnx.Linear(3, 6, rngs=rngs)
+            self.heads = nnx.List([nnx.Linear(6, 1, rngs=rngs) for _ in range(2)])
+
+    model = Net(nnx.Rngs(0))
+    for method in ("excess_mtl", "famo"):
+        with pytest.raises(ValueError, match=r"`feature_dim` \(F.*must be an int >= 1"):
+            make_train_step(lambda h, z, b, t: jnp.mean(h(z)), method, loss_scales=None).init(
+                model, feature_dim=0)
+    with pytest.raises(ValueError, match=r"feature_dim=5.*F = 6"):
+        make_train_step(lambda h, z, b, t: jnp.mean(h(z)), "excess_mtl", loss_scales=None).init(
+            model, batch, feature_dim=5)
+
+
+def test_weightings_without_needs_dim_keep_the_old_interface():
+    """A custom weighting written before needs_dim (positional construction, init(num_tasks, dtype)
+    with no keyword, as in docs/custom_method.md) works unchanged wherever state is made, with or
+    without the new arguments; init_state(T) without a dtype uses init's own default."""
+    from imtl_jax.methods.cr_mogm import cr_mogm_weighting
+
+    seen = []
+
+    def init(num_tasks, dtype=jnp.float16):     # no dim: must never be passed one
+        seen.append(dtype)
+        return jnp.zeros((num_tasks,), dtype)
+
+    def weigh(grads, losses, state, key, priorities):
+        return imtl_jax.WeightingOutput(jnp.full(grads.shape[:1], 0.5, grads.dtype), state + 1, {})
+
+    custom = imtl_jax.Weighting("old_custom", init, weigh, True, False)   # positional, as before
+    assert not custom.needs_dim and custom.init_state(2).dtype == jnp.float16
+    assert custom.init_state(2, jnp.float32, dim=7).shape == (2,)
+    params, batch = _problem()
+    encoder, losses = _step_parts()
+    identity = get_method("equal").scaling
+    for weighting in (custom, imtl_jax.with_affinity(Method("c", identity, custom)).weighting,
+                      cr_mogm_weighting(custom)):
+        assert not weighting.needs_dim
+        step = imtl_jax.mtl_step(encoder, losses, Method("c", identity, weighting))
+        states = [step.init(params), step.init(params, batch), step.init(params, feature_dim=3),
+                  imtl_jax.accumulate_step(step, 2).init(params), imtl_jax.safe_step(step).init(params),
+                  imtl_jax.aggregate(weighting, 2).init({"w": jnp.zeros(3)}).method_state,
+                  imtl_jax.aggregate(weighting, 2).init(None).method_state]
+        for s in states[1:]:
+            jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), s, states[0])
+        _, new, _ = step(params, states[0], batch)
+        assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(states[0])

@@ -68,3 +68,24 @@ def test_one_loop_step_equals_a_plain_nnx_step(bench):
     # the statistics moved (the check is not vacuous) and evaluation uses them
     s0 = jax.tree_util.tree_leaves(state0["encoder_state"])
     assert any(not np.allclose(a, b) for a, b in zip(s0, jax.tree_util.tree_leaves(got_stats)))
+
+
+def test_excess_mtl_state_gets_F_from_an_example_batch_and_is_stable(bench):
+    """The runner makes excess_mtl's (T, F) state from an example training batch (F = the U-Net
+    feature's size per example, whatever the batch size) without touching the BatchNorm state, and
+    makes the same state every time (the resume template); at the parameter level F is the shared
+    parameters' count."""
+    import math
+    prog = Program(bench, "excess_mtl", RunConfig(steps=1, batch_size=2, lr=1e-2), with_priorities=False)
+    first, again = prog.init_state(0), prog.init_state(0)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, first, again)
+    pure = bench.pure_model(bench.make_model(0))
+    batch = BatchIterator(bench.train, 3, seed=1).batch_at(0)
+    z, _ = jax.eval_shape(lambda: pure.encoder(pure.params0.shared, pure.encoder_state0, batch, jax.random.key(0)))
+    root = first["method_state"].root_sum
+    assert root.shape == (bench.num_tasks, math.prod(z.shape[1:]))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)),
+                           first["encoder_state"], pure.encoder_state0)
+    exact = Program(bench, "excess_mtl@params", RunConfig(steps=1, batch_size=2, lr=1e-2), with_priorities=False)
+    size = sum(x.size for x in jax.tree_util.tree_leaves(pure.params0.shared))
+    assert exact.init_state(0)["method_state"].root_sum.shape == (bench.num_tasks, size)
