@@ -36,9 +36,9 @@ PROBE="--methods equal --seeds 0 1 2 3 4 --schedule plateau --plateau-patience 5
 # under Adam (mirror trajectories; the tables merge them) and are run both only to show it.
 METHODS_Z="equal rlw si imtl_h imtl_g imtl_l uncertainty gls famo dwa mgda pcgrad cagrad nash_mtl aligned_mtl upgrad
  gradnorm gradnorm_gamma0 mgda_closed_form imtl_g_averaged config dualproj db_mtl stch gradvac fairgrad sdmgrad
- modo cr_mogm pbi cosmos"
+ modo cr_mogm pbi cosmos excess_mtl"
 PARAMS_MF="imtl_g_exact nash_mtl@params mgda@params pcgrad@params cagrad@params aligned_mtl@params upgrad@params
- config@params dualproj@params gradvac@params"
+ config@params dualproj@params gradvac@params excess_mtl@params"
 JOBS=()
 # The MultiFashion probe first (3 seeds: LeNet seeds train one after another on a CPU), then QM9
 # (its budget is set), then MultiFashion.
