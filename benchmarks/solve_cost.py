@@ -3,8 +3,9 @@
 ``solve_op_counts(T, D)`` compiles ``imtl_g_solve`` for a (T, D) float32 input on the default
 backend and counts, in the optimized HLO module, the top-level instructions of every
 computation that launch work: fusions, custom calls (Cholesky/eigh/triangular-solve kernels),
-dots, whiles and conditionals; ``eigh`` calls are reported separately with the branch they sit
-in (inside the ``conditional``'s fallback branch = run only when Cholesky fails its test).
+dots, whiles and conditionals; per path: a regular input's (the cheapest branch of every
+``conditional``: the lean route's own answer, Cholesky) and the slowest (the lean route handing
+over to the float64 Gram route, then its eigh fallback).
 
     python -m benchmarks.solve_cost [--tasks 2 10 40] [--dim 4096]
 """
@@ -25,26 +26,34 @@ _KERNEL_OPS = ("fusion", "custom-call", "dot", "while", "conditional", "sort", "
 
 
 def solve_op_counts(num_tasks: int, dim: int, dtype=jnp.float32, route: str = "auto") -> dict:
-    """Kernel-launching HLO instructions in the compiled solve: ``kernels`` over the whole module
-    (fusions and other computations called from fusions are not descended into), ``fallback``
-    those inside the branch of the ``conditional`` that holds the eigendecomposition (run only
-    when the Cholesky route fails its conditioning test), ``taken`` = ``kernels - fallback``
-    (the well-conditioned path), and the eigh custom calls."""
+    """Kernel-launching HLO instructions in the compiled solve.
+
+    ``kernels``: over the whole module (fusions and the computations called from fusions are not
+    descended into); ``taken``: on the path a regular (well-conditioned, full-rank) input runs,
+    i.e. the entry computation plus, at every ``conditional``, its cheapest branch (the lean
+    route's answer; the Cholesky inverse instead of the eigh fallback), with a ``while`` loop's
+    body and condition counted once; ``loop_step``: the kernels of one pass of the loops (one
+    refinement step of the lean route; a regular input takes two); ``slowest``: the most
+    expensive branch everywhere (the lean route handing over to the float64 Gram route, which
+    then needs the eigendecomposition); ``fallback = kernels - taken``; and whether every eigh
+    custom call sits off the taken path."""
     from imtl_jax import _imtl_g
 
-    def traced(grads):  # route: "auto", "wide" (float64 Gram matrix) or "compensated" (TPU)
+    def traced(grads):  # route: "auto", "lean", "wide" (float64 Gram matrix) or "compensated"
         old, _imtl_g._FLOAT32_ROUTE = _imtl_g._FLOAT32_ROUTE, route
         try:
             return imtl_jax.imtl_g_solve(grads)
         finally:
             _imtl_g._FLOAT32_ROUTE = old
     hlo = jax.jit(traced).lower(jax.ShapeDtypeStruct((num_tasks, dim), dtype)).compile().as_text()
-    per_comp = collections.defaultdict(collections.Counter)
-    eigh_comps, fused, called, current = set(), set(), {}, None
+    own = collections.defaultdict(collections.Counter)   # kernel ops per computation
+    children = collections.defaultdict(list)             # per computation: branch lists
+    eigh_comps, fused, entry, current, loops = set(), set(), None, None, []
     for line in hlo.splitlines():
-        head = re.match(r"(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        head = re.match(r"(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
         if head and not line.startswith(" "):
-            current = head.group(1)
+            current = head.group(2)
+            entry = current if head.group(1) else entry
             continue
         m = re.search(r"=\s*\S.*?\s([a-z][a-z\-]*)\(", line)
         if not m or current is None:
@@ -53,21 +62,41 @@ def solve_op_counts(num_tasks: int, dim: int, dtype=jnp.float32, route: str = "a
         for target in re.findall(r"calls=%?([\w.\-]+)", line):
             fused.add(target)
         if op == "conditional":
-            called[current] = re.findall(r"%([\w.\-]+)", line.split("branch_computations=")[1])
+            children[current].append(re.findall(r"%([\w.\-]+)", line.split("branch_computations=")[1]))
+        elif op == "while":   # body and condition, counted once (one refinement step)
+            loops.append(re.findall(r"(?:body|condition)=%?([\w.\-]+)", line))
+            children[current].append(["+".join(loops[-1])])
         if op in _KERNEL_OPS:
-            per_comp[current][op] += 1
+            own[current][op] += 1
         if op == "custom-call" and re.search(r"syevd|eigh|heevd", line):
             eigh_comps.add(current)
+
+    def path(comp, pick):
+        if "+" in comp:
+            return sum(path(c, pick) for c in comp.split("+"))
+        total = sum(own[comp].values())
+        for branches in children[comp]:
+            total += pick(path(b, pick) for b in branches)
+        return total
+
+    def on_taken_path(comp):
+        if "+" in comp:
+            return set().union(*(on_taken_path(c) for c in comp.split("+")))
+        reached = {comp}
+        for branches in children[comp]:
+            cheapest = min(branches, key=lambda b: path(b, min))
+            reached |= on_taken_path(cheapest)
+        return reached
+
     counts = collections.Counter()
-    for comp, c in per_comp.items():
+    for comp, c in own.items():
         if comp not in fused:
             counts.update(c)
-    fallback = sum(sum(per_comp[b].values()) for branches in called.values() for b in branches
-                   if b in eigh_comps)
     total = sum(counts.values())
-    return {"kernels": total, "taken": total - fallback, "fallback": fallback,
-            "by_op": dict(counts), "eigh_in_fallback_only": bool(eigh_comps) and all(
-                any(e in branches for branches in called.values()) for e in eigh_comps),
+    taken = path(entry, min)
+    return {"kernels": total, "taken": taken, "slowest": path(entry, max), "fallback": total - taken,
+            "loop_step": sum(path("+".join(lp), min) for lp in loops), "by_op": dict(counts),
+            "eigh_in_fallback_only": bool(eigh_comps) and not (eigh_comps & on_taken_path(entry)),
             "backend": jax.default_backend()}
 
 
@@ -76,13 +105,13 @@ def main(argv=None):
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 10, 40])
     parser.add_argument("--dim", type=int, default=4096)
     args = parser.parse_args(argv)
-    for t, route in [(t, r) for t in args.tasks for r in ("wide", "compensated")]:
+    for t, route in [(t, r) for t in args.tasks for r in ("lean", "wide", "compensated")]:
         c = solve_op_counts(t, args.dim, route=route)
         print(f"T={t:3d} D={args.dim} float32, {route} route: {c['taken']} kernel-launching HLO ops "
-              "on the Cholesky path "
-              f"({c['kernels']} in the module, {c['fallback']} in the eigh fallback branch; "
-              f"eigh only in the fallback: {c['eigh_in_fallback_only']}); {c['by_op']}; "
-              f"backend {c['backend']}")
+              f"on the path of a regular input (a loop step counted once: {c['loop_step']}), "
+              f"{c['slowest']} on the slowest path "
+              f"({c['kernels']} in the module; eigh only off the regular path: "
+              f"{c['eigh_in_fallback_only']}); {c['by_op']}; backend {c['backend']}")
 
 
 if __name__ == "__main__":

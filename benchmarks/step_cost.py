@@ -214,8 +214,9 @@ def projection_spread(J: np.ndarray, alpha: np.ndarray) -> float:
 
 
 def _route_solver(route: str):
-    """imtl_g_weights jitted on one float32 route ("wide": the float64 Gram matrix, the default
-    off TPU; "compensated": the (T, D) error-free route TPUs take)."""
+    """imtl_g_weights jitted on one float32 route ("lean": the float32 Gram matrix refined in
+    float64, the default off TPU from 4 tasks on; "wide": the float64 Gram matrix, its fallback;
+    "compensated": the (T, D) error-free route TPUs take)."""
     from imtl_jax import _imtl_g
 
     def traced(J):
@@ -252,10 +253,12 @@ def _measure_solve(num_tasks: int, dim: int, reps: int, norm_spread: float):
     J *= np.logspace(0, np.log10(norm_spread), num_tasks, dtype=np.float32)[:, None]
     Jj = jnp.asarray(J)
     ours = jax.jit(imtl_jax.imtl_g_weights)
+    wide = _route_solver("wide")
     compensated = _route_solver("compensated")
     pinv = jax.jit(gramian_pinv)
     impls = {
         "imtl_jax.imtl_g_weights (jit)": (lambda: ours(Jj), lambda: np.asarray(ours(Jj))),
+        "  its float64 Gram route (the fallback)": (lambda: wide(Jj), lambda: np.asarray(wide(Jj))),
         "  its compensated (T, D) route (TPU)": (lambda: compensated(Jj), lambda: np.asarray(compensated(Jj))),
         "numpy paper D/U system (Eq. 2)": (lambda: paper_du_numpy(J), lambda: paper_du_numpy(J)),
         "jnp.linalg.pinv(J J^T) (jit)": (lambda: pinv(Jj), lambda: np.asarray(pinv(Jj))),

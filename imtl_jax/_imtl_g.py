@@ -13,21 +13,27 @@ row-difference matrices of Eq. 2), but its conditioning depends on the angles be
 gradients only, not on their norms: solving the paper's D/U system or the raw Gramian
 ``J J^T`` directly loses float32 accuracy when the norms differ by orders of magnitude.
 
-Accuracy and cost. float32 (and 16-bit) inputs: the Gram matrix of the rows is formed once in
-float64 (one matmul: products of float32 numbers are exact in float64, the sums round at
-~2^-53), and everything after it is T x T work in float64 (norms, ``K``, its inverse, one
-refinement step, alpha, ``C`` and the projections), with alpha rounded to float32 once. The
-(T, D) data is read three times (power-of-two scale, Gram product, aggregate). The physical floor
-of a float32 answer is the projection spread of the exact alpha rounded to float32; on 200
-random float32 Jacobians with cond(U) <= 10 and norms over 1e-3..1e3 ours equalled it on every
-draw (``python -m benchmarks.accuracy --cases 200``; tests/test_imtl_g.py asserts <= 2x the
-floor). TPUs, whose float64 is emulated, take the compensated route below instead (same floor,
-tested too). float64 inputs: ``K^-1`` is formed once (Cholesky) and used for the solve and one
-refinement step whose residual is evaluated on the data in about twice the working precision
-(error-free transformations); alpha is formed from the (beta, correction) pairs by compensated
-division and summation and rounded once (measured spread 6.1e-15 on the same 200 draws). For
-matrices above 2^20 entries that refinement is skipped for speed; the spread is then that of the
-Cholesky solve alone.
+Accuracy and cost. float32 (and 16-bit) inputs, from 4 tasks on (the *lean* route): the Gram
+matrix of the rows is formed once in float32 (one matmul at float32 speed) and serves only as a
+preconditioner: the cosine matrix built from it with float64 norms is factored once (Cholesky),
+and ``beta`` is refined until the residual of the equal-projection conditions, evaluated in
+float64 on the data (two matrix-vector products per step; two steps on well-conditioned input),
+certifies it far below float32's rounding; alpha is formed in float64 and rounded to float32
+once. Whenever that certificate, a conditioning test or a range test fails (and for NaN/inf,
+rank deficiency, extreme scales), ``lax.cond`` hands the input to the *wide* route, which is
+also the route for 1 to 3 tasks: the Gram matrix formed once in float64 (products of float32
+numbers are exact in float64, the sums round at ~2^-53) and everything after it T x T work in
+float64 (norms, ``K``, its inverse, one refinement step, alpha, ``C``), with alpha rounded to
+float32 once. The physical floor of a float32 answer is the projection spread of the exact alpha
+rounded to float32; on 200 random float32 Jacobians with cond(U) <= 10 and norms over
+1e-3..1e3 ours equalled it on every draw (``python -m benchmarks.accuracy --cases 200``;
+tests/test_imtl_g.py asserts <= 2x the floor, for each route). TPUs, whose float64 is emulated,
+take the compensated route below instead (same floor, tested too). float64 inputs: ``K^-1`` is
+formed once (Cholesky) and used for the solve and one refinement step whose residual is
+evaluated on the data in about twice the working precision (error-free transformations); alpha
+is formed from the (beta, correction) pairs by compensated division and summation and rounded
+once (measured spread 6.1e-15 on the same 200 draws). For matrices above 2^20 entries that
+refinement is skipped for speed; the spread is then that of the Cholesky solve alone.
 
 Degenerate inputs (all scale-relative, never an absolute epsilon):
 
@@ -309,21 +315,37 @@ def _imtl_g_impl(grads: jax.Array, priorities: Optional[jax.Array],
     return _finish(weights, aggregate, common, jnp.all(jnp.isfinite(grads)), priorities, nonconflicting)
 
 
-# Which route float32 (and 16-bit) inputs take: "auto" (the wide Gram matrix where the backend
-# has float64 arithmetic, i.e. not on TPU), "wide" or "compensated" (tests compare the two).
+# Which route float32 (and 16-bit) inputs take: "auto" (where the backend has float64 arithmetic,
+# i.e. not on TPU: the lean route from _LEAN_MIN_TASKS tasks on, the wide route below, where the
+# float64 Gram matrix of 2 or 3 rows costs less than the lean route's extra passes; the
+# compensated route on TPU), "lean", "wide" (the float64 Gram matrix, also the lean route's
+# fallback) or "compensated" (tests compare them).
 _FLOAT32_ROUTE = "auto"
 
 
-def _wide_route(dtype) -> bool:
+def _float32_route(dtype, num_tasks: int) -> str:
     if jnp.dtype(dtype) != jnp.float32:
-        return False
+        return "compensated"
     if _FLOAT32_ROUTE != "auto":
-        return _FLOAT32_ROUTE == "wide"
-    return jax.default_backend() != "tpu"  # TPUs emulate float64 slowly
+        return _FLOAT32_ROUTE
+    if jax.default_backend() == "tpu":  # TPUs emulate float64 slowly
+        return "compensated"
+    return "lean" if num_tasks >= _LEAN_MIN_TASKS else "wide"
 
 
 def _imtl_g_wide(grads: jax.Array, priorities: Optional[jax.Array], nonconflicting: bool,
                  task_mask: Optional[jax.Array] = None) -> ImtlGResult:
+    """The float32 route with the float64 Gram matrix (see :func:`_wide_parts`)."""
+    if task_mask is not None:  # as in _imtl_g_impl: absent rows are 0 (NaN dropped), not valid
+        grads = jnp.where(task_mask[:, None], grads, jnp.zeros((), grads.dtype))
+        if priorities is not None:
+            priorities = jnp.where(task_mask, priorities, jnp.ones((), priorities.dtype))
+    weights, aggregate, common, finite = _wide_parts(grads, priorities, task_mask)
+    return _finish(weights, aggregate, common, finite, priorities, nonconflicting)
+
+
+def _wide_parts(grads: jax.Array, priorities: Optional[jax.Array],
+                task_mask: Optional[jax.Array] = None):
     """The float32 route: the rows converted exactly to float64 and their Gram matrix ``g g^T``
     formed once (one matmul; products of float32 numbers are exact in float64 and the sum's
     rounding is ~2^-53 relative), then everything on T x T quantities in float64: norms, the
@@ -333,14 +355,12 @@ def _imtl_g_wide(grads: jax.Array, priorities: Optional[jax.Array], nonconflicti
     product, the aggregate) instead of ~30.
     Thresholds (zero rows, conditioning, solvability) use float32's eps, as the compensated
     route does, so both routes take the same decisions on the same data.
+    ``grads`` and ``priorities`` come with masked rows already set to 0 and 1. Returns
+    ``(weights, aggregate, common, finite)`` before :func:`_finish`.
     """
     num_tasks = grads.shape[0]
     dtype = grads.dtype
     eps = float(jnp.finfo(dtype).eps)
-    if task_mask is not None:  # as in _imtl_g_impl: absent rows are 0 (NaN dropped), not valid
-        grads = jnp.where(task_mask[:, None], grads, jnp.zeros((), dtype))
-        if priorities is not None:
-            priorities = jnp.where(task_mask, priorities, jnp.ones((), priorities.dtype))
     # float32 -> float64 exactly, subnormals included (XLA's CPU backend reads float32 subnormals
     # as zero in arithmetic, conversions too, so they are rebuilt from their bits: mantissa *
     # 2^-149, a normal float64). In float64 no float32 input can overflow or underflow the Gram
@@ -393,8 +413,130 @@ def _imtl_g_wide(grads: jax.Array, priorities: Optional[jax.Array], nonconflicti
         common = jnp.where(solvable & consistent, 1.0 / jnp.where(solvable, total, 1.0), mean_ratio)
         common = common.astype(dtype)
         aggregate = jnp.matmul(weights32.astype(wide), g64, precision=_HIGHEST).astype(dtype)
-    weights = weights32
-    return _finish(weights, aggregate, common, finite, priorities, nonconflicting)
+    return weights32, aggregate, common, finite
+
+
+# The lean route's limits. The float32 Gram matrix is a preconditioner only: every residual is
+# evaluated in float64 on the data, and the answer is taken only when the residuals certify
+# convergence far below float32's rounding (_LEAN_RESIDUAL relative to the target) within
+# _LEAN_MAX_STEPS steps, when K is well away from the wide route's conditioning cutoff
+# (_LEAN_COND_MARGIN) and when no decision (zero rows, solvability) sits near its threshold
+# (_LEAN_MARGIN); otherwise the wide route runs. "auto" takes it from _LEAN_MIN_TASKS tasks on.
+_LEAN_MAX_STEPS = 8
+_LEAN_MIN_TASKS = 4
+_LEAN_RESIDUAL = 2.0 ** -40
+_LEAN_COND_MARGIN = 16.0
+_LEAN_MARGIN = 2.0 ** -20
+
+
+def _imtl_g_lean(grads: jax.Array, priorities: Optional[jax.Array], nonconflicting: bool,
+                 task_mask: Optional[jax.Array] = None) -> ImtlGResult:
+    """The float32 route off TPU: the Gram matrix in float32 (one matmul at float32 speed) as a
+    preconditioner, the norms and every residual in float64 on the data.
+
+    The cosine matrix ``K~ = G32 / (n n^T)`` (float64 norms ``n``, unit diagonal) is factored
+    once (Cholesky, then ``K~^-1 = L^-T L^-1``); ``beta = K~^-1 p`` is refined with the residual
+    ``r = p - (u_t . sum_tau beta_tau u_tau)_t`` of the equal-projection conditions evaluated in
+    float64 on the data (two matrix-vector products per step, ``O(T D)``; products of float32
+    numbers with float64 ones round at ~2^-53), ``beta += K~^-1 r``. Each step multiplies the
+    error by about ``cond(K) |K~ - K|`` (~1e-5 on well-conditioned inputs: two steps), and the
+    loop (``lax.while_loop``, at most ``_LEAN_MAX_STEPS``) stops once the residuals certify the
+    answer: the last ``|r|`` at most 1/16 of the one before (or below the goal) and the next one,
+    extrapolated geometrically, below ``2^-40 |p|``. alpha, formed in float64 and rounded to
+    float32 once, then reaches the rounding floor as the wide route does. The (T, D) data is read
+    by the float32 Gram product, one conversion to float64, the norms, two matrix-vector products
+    per step and the aggregate; the rest is T x T work kept to few kernels (XLA's CPU backend
+    spends ~2 us per kernel, as much as a pass over small data).
+
+    ``lax.cond`` hands the input to the wide route (:func:`_wide_parts`: the float64 Gram matrix,
+    eigh fallback included) whenever this one cannot vouch for its answer: non-finite input;
+    rows so small that the backend's flushing of float32 subnormals (in the float64 conversion)
+    could matter (largest row norm below ``2^67 sqrt(D) 2^-126``, a non-zero row below
+    ``2^40 sqrt(D) 2^-126``); a zero-row decision within ``2^-20`` of its threshold;
+    ``cond_1(K~)`` (or a failed Cholesky) above 1/16 of the wide route's Cholesky cutoff (then no
+    refinement step runs); no certificate within ``_LEAN_MAX_STEPS`` steps; or the solvability
+    test within a factor 16 of its threshold. So the weights are those of the wide route up to its
+    rounding, and the degenerate-input behaviour (zero, parallel and duplicate rows, rank
+    deficiency, T > D, NaN, extreme scales) is the wide route's, decided by its own tests. Under
+    ``vmap`` both branches run (as for any ``lax.cond``) and the loop runs until every member is
+    certified: the same values, a higher cost.
+    """
+    num_tasks, dim = grads.shape
+    dtype = grads.dtype
+    eps = float(jnp.finfo(dtype).eps)
+    if task_mask is not None:  # as in _imtl_g_impl: absent rows are 0 (NaN dropped), not valid
+        grads = jnp.where(task_mask[:, None], grads, jnp.zeros((), dtype))
+        if priorities is not None:
+            priorities = jnp.where(task_mask, priorities, jnp.ones((), priorities.dtype))
+    gram32 = jnp.matmul(grads, grads.T, precision=_HIGHEST)
+    with jax.enable_x64(True):
+        wide = jnp.float64
+        g64 = grads.astype(wide)  # subnormals may read as 0 here: see the range test below
+        norms = jnp.sqrt(jnp.sum(g64 * g64, axis=1))  # finite float32 rows cannot overflow
+        max_norm = jnp.max(norms)                     # NaN or inf when any entry is
+        threshold = (eps * eps) * max_norm
+        valid = norms > threshold
+        if task_mask is not None:
+            valid = valid & task_mask
+        flush = float(np.sqrt(dim)) * 2.0 ** -126     # the most a row's norm can lose to flushing
+        bad_rows = (jnp.abs(norms - threshold) <= _LEAN_MARGIN * threshold) | (
+            valid & (norms < 2.0 ** 40 * flush))
+        usable = jnp.isfinite(max_norm) & (max_norm >= 2.0 ** 67 * flush) & ~jnp.any(bad_rows)
+        safe_norms = jnp.where(valid, norms, 1.0)
+        eye = jnp.eye(num_tasks, dtype=wide)
+        cosines = jnp.where(valid[:, None] & valid[None, :] & (eye == 0),
+                            gram32.astype(wide) / (safe_norms[:, None] * safe_norms[None, :]), eye)
+        target = (jnp.ones((num_tasks,), wide) if priorities is None else priorities.astype(wide))
+        target = jnp.where(valid, target, 0.0)
+
+        # K~^-1 = M^T M with M = L^-1 (NaN when the factorization fails, and then cond1 is NaN).
+        factor = jnp.linalg.cholesky(cosines)
+        m = jax.scipy.linalg.solve_triangular(factor, eye, lower=True)
+        inverse = lax.dot_general(m, m, (((0,), (0,)), ((), ())), precision=_HIGHEST)
+        col_sums = jnp.sum(jnp.abs(jnp.stack([cosines, inverse])), axis=1)   # (2, T)
+        norm1 = jnp.max(col_sums, axis=1)
+        well_conditioned = norm1[0] * norm1[1] <= 1.0 / (_LEAN_COND_MARGIN * 10.0 * num_tasks * eps)
+
+        small = (_LEAN_RESIDUAL ** 2) * jnp.sum(target * target)
+
+        def certified(before, last):
+            """The last squared residual converged and the next one, extrapolated, is below
+            2^-40 |p| (NaN, before two residuals exist, certifies nothing)."""
+            return ((last <= before / 256.0) | (last <= small)) & (
+                last * jnp.minimum(last, before) <= small * before)
+
+        def refine(carry):
+            steps, beta, _, last = carry
+            coef = jnp.where(valid, beta / safe_norms, 0.0)
+            combo = jnp.matmul(coef, g64, precision=_HIGHEST)
+            r = jnp.where(valid, target - jnp.matmul(g64, combo, precision=_HIGHEST) / safe_norms, 0.0)
+            return steps + 1, beta + jnp.matmul(inverse, r, precision=_HIGHEST), last, jnp.sum(r * r)
+
+        def more(carry):
+            steps, _, before, last = carry
+            return (steps < _LEAN_MAX_STEPS) & usable & well_conditioned & ~certified(before, last)
+
+        nan = jnp.asarray(jnp.nan, wide)
+        start = (jnp.zeros((), jnp.int32), jnp.matmul(inverse, target, precision=_HIGHEST), nan, nan)
+        _, beta, before, last = lax.while_loop(more, refine, start)
+        raw = jnp.where(valid, beta / safe_norms, 0.0)
+        sums = jnp.sum(jnp.stack([raw, jnp.abs(raw)]), axis=1)
+        total, abs_total = sums[0], sums[1]
+        solvable = jnp.abs(total) > _LEAN_COND_MARGIN * 10.0 * num_tasks * eps * abs_total
+        lean = usable & well_conditioned & certified(before, last) & solvable
+
+        def lean_parts():
+            with jax.enable_x64(True):
+                weights32 = (raw / total).astype(dtype)
+                aggregate = jnp.matmul(weights32.astype(wide), g64, precision=_HIGHEST).astype(dtype)
+                return weights32, aggregate, (1.0 / total).astype(dtype), jnp.ones((), bool)
+
+        def wide_parts():
+            with jax.enable_x64(True):
+                return _wide_parts(grads, priorities, task_mask)
+
+        weights, aggregate, common, ok = lax.cond(lean, lean_parts, wide_parts)
+    return _finish(weights, aggregate, common, ok, priorities, nonconflicting)
 
 
 def imtl_g_solve(grads: jax.Array, *, priorities: Optional[jax.Array] = None,
@@ -457,7 +599,8 @@ def imtl_g_solve(grads: jax.Array, *, priorities: Optional[jax.Array] = None,
         from imtl_jax.methods._mask import check_task_mask
         task_mask = check_task_mask(task_mask, num_tasks)
     compute_dtype = jnp.promote_types(grads.dtype, jnp.float32)  # eigh has no 16-bit kernels
-    impl = _imtl_g_wide if _wide_route(compute_dtype) else _imtl_g_impl
+    impl = {"lean": _imtl_g_lean, "wide": _imtl_g_wide,
+            "compensated": _imtl_g_impl}[_float32_route(compute_dtype, num_tasks)]
     res = impl(grads.astype(compute_dtype), p, bool(nonconflicting), task_mask)
     return ImtlGResult(*(x.astype(grads.dtype) for x in res))
 

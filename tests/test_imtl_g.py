@@ -515,12 +515,13 @@ def _route_cases():
     return cases
 
 
-@pytest.mark.slow  # ~20 distinct shapes compiled twice; the default suite tests the wide route
-@pytest.mark.parametrize("route", ["wide", "compensated"])
+@pytest.mark.slow  # ~20 distinct shapes compiled three times; the default suite tests the lean route
+@pytest.mark.parametrize("route", ["lean", "wide", "compensated"])
 def test_both_float32_routes_reach_the_rounding_floor(route):
-    """The float32 routes (the float64 Gram matrix; the compensated (T, D) route, which TPUs take)
-    each reach the floor: the projection spread of the exact alpha rounded to float32, within 2x
-    (on full-rank cases), and agree with the exact alpha elsewhere (least squares, zero rows)."""
+    """The float32 routes (the lean route, the default off TPU; the float64 Gram matrix, its
+    fallback; the compensated (T, D) route, which TPUs take) each reach the floor: the
+    projection spread of the exact alpha rounded to float32, within 2x (on full-rank cases), and
+    agree with the exact alpha elsewhere (least squares, zero rows)."""
     solve_route = _float32_route(route)
     for grads in _route_cases():
         alpha = np.asarray(solve_route(jnp.asarray(grads)).weights, np.float64)
@@ -541,3 +542,137 @@ def test_both_float32_routes_reach_the_rounding_floor(route):
             assert alpha[~nonzero].tolist() == [0.0] * int((~nonzero).sum())
             sub = grads[nonzero]
             np.testing.assert_allclose(alpha[nonzero], paper_alpha(sub), rtol=1e-5)
+
+
+# The lean float32 route (the default off TPU): a float32 Gram matrix as preconditioner, residuals
+# in float64 on the data, the wide route behind lax.cond wherever it cannot vouch for its answer.
+
+
+def _lean_cases():
+    """(name, grads, kwargs, lean expected) for the lean route's routing decisions."""
+    rng = np.random.default_rng(25)
+    cases = [(f"random {t}x{d}", _random_jacobian(s, t, d).astype(np.float32), {}, True)
+             for s, (t, d) in enumerate(SHAPES)]
+    wide = (random_directions(rng, 40, 512) * np.geomspace(1e-3, 1e3, 40)[:, None]).astype(np.float32)
+    cases.append(("random 40x512", wide, {}, True))
+    base = _random_jacobian(3, 4, 16).astype(np.float32)
+    cases.append(("zero row", np.concatenate([base, np.zeros((1, 16), np.float32)]), {}, True))
+    cases.append(("priorities", base, {"priorities": jnp.array([1.0, 2.0, 0.5, 3.0])}, True))
+    masked = base.copy()
+    masked[2] = np.nan
+    cases.append(("task mask", masked, {"task_mask": jnp.array([True, True, False, True])}, True))
+    cases.append(("scale 1e-12", (base.astype(np.float64) * 1e-12).astype(np.float32), {}, True))
+    cases.append(("scale 1e15", (base.astype(np.float64) * 1e15).astype(np.float32), {}, True))
+    # Inputs it hands to the wide route.
+    cases.append(("parallel rows", np.concatenate([base, 2.5 * base[:1]]), {}, False))
+    cases.append(("duplicate rows", np.concatenate([base, base[1:2]]), {}, False))
+    cases.append(("T > D", rng.standard_normal((6, 4)).astype(np.float32), {}, False))
+    cases.append(("all zero", np.zeros((3, 5), np.float32), {}, False))
+    cases.append(("NaN", _with(base, (1, 1), np.nan), {}, False))
+    cases.append(("inf", _with(base, (0, 3), np.inf), {}, False))
+    cases.append(("scale 1e-30", (base.astype(np.float64) * 1e-30).astype(np.float32), {}, False))
+    cases.append(("scale 1e33", (base.astype(np.float64) * 1e33).astype(np.float32), {}, False))
+    cases.append(("subnormal", (base.astype(np.float64) / np.abs(base).max() * 2.0 ** -140).astype(np.float32),
+                  {}, False))
+    # A row whose norm is within float64 rounding of the zero-row threshold eps^2 max|g_t|.
+    near = base.copy()
+    eps = float(np.finfo(np.float32).eps)
+    top = np.linalg.norm(base.astype(np.float64), axis=1).max()
+    near[2] = (base[2].astype(np.float64) / np.linalg.norm(base[2].astype(np.float64)) * eps * eps * top
+               * (1 + 1e-9)).astype(np.float32)
+    cases.append(("row at the zero threshold", near, {}, False))
+    return cases
+
+
+def _with(a, index, value):
+    a = a.copy()
+    a[index] = value
+    return a
+
+
+def _jit_route(route):
+    """imtl_g_solve jitted on one float32 route, traced once per shape (and argument structure)."""
+    from imtl_jax import _imtl_g
+
+    def traced(grads, priorities, task_mask):
+        old, _imtl_g._FLOAT32_ROUTE = _imtl_g._FLOAT32_ROUTE, route
+        try:
+            return imtl_jax.imtl_g_solve(grads, priorities=priorities, task_mask=task_mask)
+        finally:
+            _imtl_g._FLOAT32_ROUTE = old
+    jitted = jax.jit(traced)
+    return lambda grads, priorities=None, task_mask=None: jitted(jnp.asarray(grads), priorities, task_mask)
+
+
+# The default suite runs these (few shapes, few compilations); the slow step runs every case.
+_LEAN_DEFAULT = ("random 8x64", "zero row", "priorities", "task mask", "parallel rows", "T > D", "NaN",
+                 "scale 1e33", "subnormal", "row at the zero threshold")
+
+
+@pytest.mark.parametrize("every_case", [False, slow(True)])
+def test_lean_route_vouches_for_regular_inputs_only(monkeypatch, every_case):
+    """The lean route answers itself on regular inputs (zero rows, priorities, masks and moderate
+    scales included) and hands degenerate ones (parallel or duplicate rows, T > D, all zero,
+    NaN/inf, scales where float32 products overflow or subnormals could be flushed, a row at the
+    zero-row threshold) to the wide route: seen by replacing the wide route with NaN weights.
+    Where it answers, it equals the wide route to float32 rounding and reaches the rounding
+    floor; where it does not, its result is the wide route's, bit for bit."""
+    from imtl_jax import _imtl_g
+
+    cases = [c for c in _lean_cases() if every_case or c[0] in _LEAN_DEFAULT]
+    wide, lean = _jit_route("wide"), _jit_route("lean")
+    refs = {name: wide(grads, **kwargs) for name, grads, kwargs, _ in cases}   # before the patch
+    for name, grads, kwargs, _ in cases:
+        if name in ("parallel rows", "NaN"):
+            for x, y in zip(lean(grads, **kwargs), refs[name]):
+                np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
+    real = _imtl_g._wide_parts
+
+    def marked(*args):
+        weights, aggregate, common, finite = real(*args)
+        return jnp.full_like(weights, jnp.nan), aggregate, common, finite
+
+    monkeypatch.setattr(_imtl_g, "_wide_parts", marked)
+    lean_marked = _jit_route("lean")
+    for name, grads, kwargs, expect in cases:
+        got = lean_marked(grads, **kwargs)
+        took_lean = bool(np.all(np.isfinite(np.asarray(got.weights))))
+        assert took_lean == expect, name
+        if not expect:
+            continue
+        ref = refs[name]
+        a, b = np.asarray(got.weights, np.float64), np.asarray(ref.weights, np.float64)
+        np.testing.assert_allclose(a, b, rtol=2e-7, atol=2e-7 * np.abs(b).max(), err_msg=name)
+        np.testing.assert_allclose(float(got.common_projection), float(ref.common_projection),
+                                   rtol=1e-6, err_msg=name)
+        g = grads.astype(np.float64)
+        if not kwargs and np.all(np.linalg.norm(g, axis=1) > 0):   # full rank: the rounding floor
+            floor = relative_spread(projections(g, paper_alpha(g).astype(np.float32)))
+            assert relative_spread(projections(g, a)) <= 2 * floor + 1e-12, name
+
+
+def test_auto_route_by_number_of_tasks():
+    """Off TPU, float32 takes the lean route from 4 tasks on and the float64 Gram route below (its
+    2 x 2 or 3 x 3 Gram product costs less than the lean route's extra passes); 16-bit inputs are
+    solved in float32, float64 inputs on the compensated route."""
+    from imtl_jax import _imtl_g
+
+    if jax.default_backend() == "tpu":
+        pytest.skip("TPUs take the compensated route")
+    assert [_imtl_g._float32_route(jnp.float32, t) for t in (1, 2, 3, 4, 40)] == ["wide"] * 3 + ["lean"] * 2
+    assert _imtl_g._float32_route(jnp.float64, 40) == "compensated"
+
+
+def test_lean_route_under_vmap():
+    """Under vmap the cond becomes a select (both routes run): the same weights as one by one,
+    for a batch holding an input the lean route answers and one it hands to the wide route."""
+    base = _random_jacobian(5, 4, 16).astype(np.float32)
+    batch = np.stack([base, np.concatenate([base[:3], 2.0 * base[:1]])])
+    lean = _jit_route("lean")
+    together = jax.vmap(lambda g: imtl_jax.imtl_g_solve(g))(jnp.asarray(batch))
+    for i in range(2):
+        one = lean(batch[i])
+        # (batched matmuls may sum in another order: the weights agree to float32 rounding)
+        np.testing.assert_allclose(np.asarray(together.weights[i]), np.asarray(one.weights), rtol=2e-7, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(together.aggregate[i]), np.asarray(one.aggregate), rtol=1e-6,
+                                   atol=1e-6 * np.abs(np.asarray(one.aggregate)).max())
