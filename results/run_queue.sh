@@ -93,6 +93,7 @@ if ! (cd "$CODE" && "$PYTHON" -c "import jax, imtl_jax, experiments.suites") >/d
   exit 2
 fi
 
+DOCS="README.md docs/does_imtl_help.md docs/results.md docs/budgets.md docs/performance.md"
 [ -f "$LOG" ] || printf "job\tstatus\twall_s\tload_before\tload_after\tended\tcommand\n" > "$LOG"
 n=0
 for job in "${JOBS[@]}"; do
@@ -108,7 +109,14 @@ for job in "${JOBS[@]}"; do
   printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$n" "$status" "$((t1 - t0))" "$before" "$after" "$(date -u +%FT%TZ)" \
     "python -m experiments ${job//$HERE\//}" >> "$LOG"
   (cd "$CODE" && "$PYTHON" -m experiments.curves "$out" >/dev/null 2>&1) || true
-  commit "queue job $n/${#JOBS[@]} ($folder): python -m experiments ${job//$HERE\//}" "$folder" results/queue_log.tsv
+  # The docs' table blocks follow the results in the same commit (else the committed tables go stale
+  # and the test that checks them fails on main); a docs file with someone's uncommitted edits is
+  # regenerated but left for them to commit.
+  clean=()
+  for f in $DOCS; do (cd "$HERE" && git diff --quiet HEAD -- "$f" 2>/dev/null) && clean+=("$f"); done
+  (cd "$HERE" && "$PYTHON" -m experiments.tables >/dev/null 2>&1) || true
+  commit "queue job $n/${#JOBS[@]} ($folder): python -m experiments ${job//$HERE\//}" "$folder" results/queue_log.tsv \
+    ${clean[@]+"${clean[@]}"}
   # A job that fails within a minute failed to start (bad flag, broken environment): stop, since the
   # next jobs would fail the same way; a job that failed later is logged and the queue goes on.
   if [ "$status" != 0 ] && [ "$((t1 - t0))" -lt 60 ]; then
