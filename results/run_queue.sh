@@ -113,7 +113,9 @@ for job in "${JOBS[@]}"; do
   # and the test that checks them fails on main); a docs file with someone's uncommitted edits is
   # regenerated but left for them to commit.
   clean=()
-  for f in $DOCS; do (cd "$HERE" && git diff --quiet HEAD -- "$f" 2>/dev/null) && clean+=("$f"); done
+  for f in $DOCS; do
+    [ -f "$HERE/$f" ] && (cd "$HERE" && git diff --quiet HEAD -- "$f" 2>/dev/null) && clean+=("$f")
+  done
   (cd "$HERE" && "$PYTHON" -m experiments.tables >/dev/null 2>&1) || true
   commit "queue job $n/${#JOBS[@]} ($folder): python -m experiments ${job//$HERE\//}" "$folder" results/queue_log.tsv \
     ${clean[@]+"${clean[@]}"}
