@@ -48,6 +48,16 @@ PERF = {"step_cost": RESULTS / "benchmarks" / "step_cost.txt",
 _BLOCK = re.compile(r"<!-- table:(?P<name>[\w:@.\-/]+) -->\n(?P<body>.*?)<!-- /table:(?P=name) -->", re.S)
 
 
+def _relative_paths(command: str) -> str:
+    """A recorded command with its absolute ``.../results/...`` paths made repository-relative, so
+    a table does not depend on where the checkout that ran it lived.
+
+    >>> _relative_paths("python -m experiments qm9 --out /work/main/results/qm9_converged")
+    'python -m experiments qm9 --out results/qm9_converged'
+    """
+    return re.sub(r"(?<!\S)/\S*?/(results/)", r"\1", command)
+
+
 class RecordedBenchmark:
     """The parts of a :class:`experiments.suites.Benchmark` a report needs, read from a results.json."""
 
@@ -166,7 +176,7 @@ def provenance(folder: Path) -> str:
     loads = [r.get("machine", {}).get("load_1min") for r in runs if r.get("machine", {}).get("load_1min") is not None]
     cpu_s = sum(r.get("wall_time_s") or 0.0 for r in runs)
     methods = [m for m in summary["order"]]
-    out = [f"- command (last call; `results/` holds the script that made every call): `{payload.get('command', '')}`",
+    out = [f"- command (last call; `results/` holds the script that made every call): `{_relative_paths(payload.get('command', ''))}`",
            f"- {len(runs)} runs: {len(methods)} methods (single-task counted once) x seeds {', '.join(map(str, seeds))}",
            f"- training: {cfg.get('steps')} steps, batch {cfg.get('batch_size')}, Adam lr {cfg.get('lr')}, "
            f"{cfg.get('schedule')} schedule, weight decay {cfg.get('weight_decay')}, evaluated every "
