@@ -39,31 +39,21 @@ METHODS_Z="equal rlw si imtl_h imtl_g imtl_l uncertainty gls famo dwa mgda pcgra
  modo cr_mogm pbi cosmos excess_mtl"
 PARAMS_MF="imtl_g_exact nash_mtl@params mgda@params pcgrad@params cagrad@params aligned_mtl@params upgrad@params
  config@params dualproj@params gradvac@params excess_mtl@params"
+# The order puts what decides the headline question first: on each benchmark the single-task
+# networks, EW, the skeptics' baselines (RLW, SI) and IMTL at both levels, then the tuning of those
+# (the tuned tables decide), then every other method, the studies and the diagnosis.
+CORE="equal rlw si imtl_h imtl_g imtl_l uncertainty"
+REST_Z=""
+for m in $METHODS_Z; do case " $CORE " in *" $m "*) ;; *) REST_Z="$REST_Z $m" ;; esac; done
 JOBS=()
-# The MultiFashion probe first (3 seeds: LeNet seeds train one after another on a CPU), then QM9
-# (its budget is set), then MultiFashion.
+# The budget probes first (MultiFashion: 3 seeds, LeNet seeds train one after another on a CPU).
 JOBS+=("multifashion ${PROBE/--seeds 0 1 2 3 4/--seeds 0 1 2} --epochs 40 --batch-size 256 --eval-every 93 \
  --out $HERE/results/budget_probe/multifashion")
 JOBS+=("qm9 $PROBE --epochs 100 --batch-size 512 --eval-every 216 --out $HERE/results/budget_probe/qm9")
 JOBS+=("$QM9 --methods single_task")
-for m in $METHODS_Z; do JOBS+=("$QM9 --methods single_task $m"); done
-JOBS+=("$QM9 --methods single_task imtl_g_exact" "$QM9 --methods single_task nash_mtl@params")
+for m in $CORE imtl_g_exact; do JOBS+=("$QM9 --methods single_task $m"); done
 JOBS+=("$MF --methods single_task")
-for m in $METHODS_Z; do JOBS+=("$MF --methods single_task $m"); done
-# Why the representation level trails on QM9: IMTL-G at z and at theta, and the alpha-averaging
-# remedy, 3 seeds, with the z-vs-theta probes (cosine-matrix eigenvalues, gradient-norm spread).
-JOBS+=("ablation_z_vs_theta --benchmark qm9 --methods imtl_g imtl_g_exact imtl_g_averaged --seeds 0 1 2 \
- --epochs 100 --batch-size 512 --eval-every 216 --schedule plateau --plateau-patience 5 --probe-every 432 --resume \
- --no-tensorboard --quiet --out $HERE/results/z_diagnosis_qm9")
-for m in $PARAMS_MF; do JOBS+=("$MF --methods single_task $m"); done
-# The studies run earlier at one seed, under this protocol with 3 seeds (MultiFashion budget):
-# the static-scalarization sweep w in {0.1, ..., 0.9} (ratios w/(1-w), beside IMTL-H with the same
-# priorities), the x10 loss-rescale robustness test and the z-vs-theta ablation.
-MF_STUDY="--benchmark multifashion --seeds 0 1 2 --epochs ${MF_EPOCHS:-40} --batch-size 256 --eval-every 93 \
- --schedule plateau --plateau-patience 5 --resume --no-tensorboard --quiet"
-JOBS+=("priorities $MF_STUDY --ratios 1/9 1/4 3/7 2/3 1 3/2 7/3 4 9 --out $HERE/results/scalarization_sweep")
-JOBS+=("robustness $MF_STUDY --methods equal imtl_l imtl_g imtl_h rlw si --out $HERE/results/robustness")
-JOBS+=("ablation_z_vs_theta $MF_STUDY --out $HERE/results/ablation_z_vs_theta")
+for m in $CORE imtl_g_exact; do JOBS+=("$MF --methods single_task $m"); done
 # Tuning parity: the same grid and tuning seed for every tuned method (one call per method so
 # that each finishes and is committed alone; the last call, all finished, writes the joint table).
 # The two best other methods of the untuned tables join TUNED once those tables exist.
@@ -72,6 +62,25 @@ for m in $TUNED; do JOBS+=("$MF_TUNE --methods single_task $m"); done
 JOBS+=("$MF_TUNE --methods single_task $TUNED")
 for m in $TUNED; do JOBS+=("$QM9_TUNE --methods single_task $m"); done
 JOBS+=("$QM9_TUNE --methods single_task $TUNED")
+# Every other method, untuned.
+for m in $REST_Z nash_mtl@params; do JOBS+=("$QM9 --methods single_task $m"); done
+for m in $REST_Z; do JOBS+=("$MF --methods single_task $m"); done
+# Why the representation level trails on QM9: IMTL-G at z and at theta, and the alpha-averaging
+# remedy, 3 seeds, with the z-vs-theta probes (cosine-matrix eigenvalues, gradient-norm spread).
+JOBS+=("ablation_z_vs_theta --benchmark qm9 --methods imtl_g imtl_g_exact imtl_g_averaged --seeds 0 1 2 \
+ --epochs 100 --batch-size 512 --eval-every 216 --schedule plateau --plateau-patience 5 --probe-every 432 --resume \
+ --no-tensorboard --quiet --out $HERE/results/z_diagnosis_qm9")
+for m in $PARAMS_MF; do [ "$m" = imtl_g_exact ] || JOBS+=("$MF --methods single_task $m"); done
+# The studies run earlier at one seed, under this protocol with 3 seeds (MultiFashion budget):
+# the static-scalarization sweep w in {0.1, ..., 0.9} (ratios w/(1-w), beside IMTL-H with the same
+# priorities), the x10 loss-rescale robustness test and the z-vs-theta ablation.
+MF_STUDY="--benchmark multifashion --seeds 0 1 2 --epochs ${MF_EPOCHS:-40} --batch-size 256 --eval-every 93 \
+ --schedule plateau --plateau-patience 5 --resume --no-tensorboard --quiet"
+JOBS+=("priorities $MF_STUDY --ratios 1/9 1/4 3/7 2/3 1 3/2 7/3 4 9 --out $HERE/results/scalarization_sweep")
+JOBS+=("robustness $MF_STUDY --methods equal imtl_l imtl_g imtl_h rlw si --out $HERE/results/robustness")
+JOBS+=("ablation_z_vs_theta $MF_STUDY --out $HERE/results/ablation_z_vs_theta")
+# QUEUE_LIST=1 prints the job list and exits (to check an edit of it).
+if [ "${QUEUE_LIST:-0}" = 1 ]; then n=0; for j in "${JOBS[@]}"; do n=$((n+1)); echo "$n ${j//$HERE\//}" | cut -c1-160; done; exit 0; fi
 
 commit() {  # commit only the results of this queue (retry while another git command holds the index)
   [ "${QUEUE_NO_COMMIT:-0}" = 1 ] && return 0
