@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from imtl_jax._method import LossScaling, Method, PyTree, Weighting, WeightingOutput
+from imtl_jax._method import (LossScaling, Method, PyTree, Weighting, WeightingOutput,
+                              coordinate_weights_of)
 from imtl_jax._step import MTLParams, MTLStep, _NO_STATE
 
 #: Pass 1's scaling: the raw losses (their gradients are scaled once, on the whole batch).
@@ -111,19 +112,22 @@ class AccumulatedStep:
         state, ``"excess_mtl"``)."""
         return self.step.init(params, batch, **kwargs)
 
-    def _fixed(self, w, raw):
+    def _fixed(self, w, raw, coords=None):
         """Pass 2's step: fixed weights ``w`` and the loss scaling linearized at the whole
         batch's mean losses ``raw`` (``scale(raw) + J (L - raw)``): it is affine in the
         micro-batch losses, so the micro-batches' gradients average to the whole batch's
         gradient of ``sum_t w_t scale(L)_t``, log-scales included, for any scaling (the same
-        scaling when it is linear, as IMTL-L's)."""
+        scaling when it is linear, as IMTL-L's). With per-coordinate weights ``coords`` (T, F)
+        (GradDrop) the fixed ``C`` is replayed instead: the encoder's cotangent
+        ``sum_t C_t * dL~_t/dz_b`` is linear in the micro-batch gradients, so exact too."""
         method = self.step.method
         scaling = method.scaling
         raw = lax.stop_gradient(raw)
+        per_coordinate = coords is not None
 
         def weigh(grads, losses, state, key, priorities):
             del grads, losses, key, priorities
-            return WeightingOutput(w.astype(w.dtype), state, {})
+            return WeightingOutput(w.astype(w.dtype), state, {}, coords)
 
         def linearized(losses, log_scales):
             base, tangent = jax.jvp(lambda x: scaling.scale(x, log_scales), (raw,),
@@ -131,9 +135,10 @@ class AccumulatedStep:
             return base + tangent
 
         fixed = Method(method.name, LossScaling(scaling.name, linearized, scaling.trainable),
-                       Weighting("fixed", method.weighting.init, weigh, False,
+                       Weighting("fixed", method.weighting.init, weigh, per_coordinate,
                                  method.weighting.weights_heads,
-                                 needs_dim=method.weighting.needs_dim))
+                                 needs_dim=method.weighting.needs_dim,
+                                 per_coordinate=per_coordinate))
         return MTLStep(self.step.encoder, self.step.task_losses, fixed, reduction=self.step.reduction,
                        axis_name=self.step.axis_name, has_state=self.step.has_state)
 
@@ -202,9 +207,12 @@ class AccumulatedStep:
             lax.stop_gradient(matrix) if step.method.weighting.needs_grads else None,
             lax.stop_gradient(scaled), state, method_key, priorities)
         w = lax.stop_gradient(out.weights).astype(scaled.dtype)
+        coords = None
+        if step.method.weighting.per_coordinate:  # GradDrop: C of the whole batch, replayed
+            coords = lax.stop_gradient(coordinate_weights_of(out, matrix.shape, step.method.name))
 
         # Pass 2: the gradients of sum_t w_t L~_t, micro-batch by micro-batch.
-        fixed = self._fixed(w, raw)
+        fixed = self._fixed(w, raw, coords)
 
         def pass2(carry, xs):
             enc_state, acc = carry

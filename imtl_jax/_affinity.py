@@ -369,10 +369,11 @@ def with_affinity(method: Union[str, Method], *, lookahead_lr: Optional[float] =
         aff = tracker.update(grads, state.affinity, losses if tracker.lookahead_lr is not None else None)
         info = dict(out.info)
         info["cosines"] = cosine_matrix(grads).astype(out.weights.dtype)
-        return WeightingOutput(out.weights, TrackedState(out.state, aff), info)
+        return out._replace(state=TrackedState(out.state, aff), info=info)
 
     weighting = Weighting(name=f"{w.name}+affinity", init=init, weigh=weigh, needs_grads=True,
-                          weights_heads=w.weights_heads, needs_dim=w.needs_dim)
+                          weights_heads=w.weights_heads, needs_dim=w.needs_dim,
+                          per_coordinate=w.per_coordinate, returns_direction=w.returns_direction)
     return Method(name=f"{inner.name}+affinity", scaling=inner.scaling, weighting=weighting,
                   level=inner.level)
 

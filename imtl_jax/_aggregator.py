@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from imtl_jax._method import LossScaling, Method, PyTree, Weighting
+from imtl_jax._method import (LossScaling, Method, PyTree, Weighting, check_update_form,
+                              coordinate_weights_of, direction_of, unflatten_like)
 from imtl_jax._validation import check_float_array
 from imtl_jax.methods import _mask, get_method
 
@@ -118,9 +119,15 @@ def aggregate(method: Union[str, Method, Weighting], num_tasks: int, *,
     them ``update`` raises a ``ValueError`` (the log-scales are parameters the aggregator does
     not hold; :func:`imtl_jax.mtl_step` trains them).
 
-    A method whose state is per coordinate (``weighting.needs_dim``: ``"excess_mtl"``) makes it
-    for F = the parameters' total size: ``tx.init(params)`` must get the parameters (a
-    ``ValueError`` says so for ``tx.init(None)``).
+    A method whose state is per coordinate (``weighting.needs_dim``: ``"excess_mtl"``,
+    ``"moco"``) makes it for F = the parameters' total size: ``tx.init(params)`` must get the
+    parameters (a ``ValueError`` says so for ``tx.init(None)``).
+
+    Two update forms besides ``sum_t w_t updates[t]``: a ``per_coordinate`` weighting
+    (``"graddrop"``) returns weights ``C`` (T, F) and the update is ``sum_t C_t * updates[t]``,
+    ``C`` split over the leaves as the (T, F) matrix was concatenated (``key=`` draws its
+    randomness); a ``returns_direction`` weighting (``"moco"``) returns the (F,) update itself,
+    unflattened the same way (it needs ``losses=``).
 
     Args:
       method: a registered name, a :class:`imtl_jax.Method` (its weighting is used) or a
@@ -149,6 +156,7 @@ def aggregate(method: Union[str, Method, Weighting], num_tasks: int, *,
         method_name = resolved.name
     if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
         raise ValueError(f"`num_tasks` must be a positive int, got {num_tasks!r}.")
+    check_update_form(weighting, method_name or weighting.name)
     dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
 
     def _size(params):
@@ -201,6 +209,10 @@ def aggregate(method: Union[str, Method, Weighting], num_tasks: int, *,
                 lambda x: x * factor.astype(x.dtype).reshape((-1,) + (1,) * (jnp.ndim(x) - 1)), updates)
             matrix = matrix * factor.astype(matrix.dtype)[:, None]
         if losses is None:
+            if weighting.returns_direction:  # MoCo tracks L_t g_t / |g_t|: zeros would stall it
+                raise ValueError(f"weighting {weighting.name!r} updates along tracked estimates of "
+                                 "the loss-scaled gradients (returns_direction): pass `losses=` "
+                                 f"(shape ({num_tasks},)) to update().")
             if not weighting.needs_grads:
                 raise ValueError(f"weighting {weighting.name!r} weighs losses: pass `losses=` "
                                  f"(shape ({num_tasks},)) to update().")
@@ -214,8 +226,18 @@ def aggregate(method: Union[str, Method, Weighting], num_tasks: int, *,
                           losses.astype(matrix.dtype), state.method_state, key, priorities, mask,
                           method_name or weighting.name)
         w = out.weights
-        new_updates = jax.tree_util.tree_map(
-            lambda x: jnp.tensordot(w.astype(x.dtype), x, axes=1), updates)
+        if weighting.per_coordinate:  # sum_t C_t * updates_t, C split over the leaves
+            coords = coordinate_weights_of(out, matrix.shape, method_name or weighting.name)
+            new_updates = jax.tree_util.tree_map(
+                lambda c, x: jnp.sum(c.astype(x.dtype) * x, axis=0),
+                unflatten_like(coords, updates, leading=1), updates)
+        elif weighting.returns_direction:  # the update itself (MoCo), unflattened
+            direction = direction_of(out, matrix.shape[1], method_name or weighting.name)
+            new_updates = jax.tree_util.tree_map(
+                lambda d, x: d.astype(x.dtype), unflatten_like(direction, updates, leading=1), updates)
+        else:
+            new_updates = jax.tree_util.tree_map(
+                lambda x: jnp.tensordot(w.astype(x.dtype), x, axes=1), updates)
         info = jax.tree_util.tree_map(lambda new, old: new.astype(old.dtype), out.info, state.info)
         return new_updates, AggregatorState(w.astype(state.weights.dtype), info, out.state)
 

@@ -46,7 +46,8 @@ from jax import lax
 
 from imtl_jax._linalg import spd_inverse
 from imtl_jax._imtl_g import _REFINE_MAX_SIZE, _check_priorities
-from imtl_jax._method import PyTree, Weighting, WeightingOutput
+from imtl_jax._method import (PyTree, Weighting, WeightingOutput, coordinate_weights_of,
+                              direction_of, unflatten_like)
 from imtl_jax.methods import _mask
 from imtl_jax.methods import imtl as _imtl_methods
 
@@ -296,6 +297,21 @@ def parameter_level(encoder_vjp: Callable, z_grads: jax.Array, weighting: Weight
         matrix = pmean(jnp.concatenate([_leaf_rows(x, num_tasks) for x in leaves], axis=1))
         out = _mask.weigh(weighting, lax.stop_gradient(matrix), lax.stop_gradient(scaled), state,
                           key, priorities, task_mask, name or weighting.name)
+    size_p = size // num_tasks
+    if getattr(weighting, "per_coordinate", False):
+        # Per-coordinate weights C (T, P), split over the leaves as the matrix was concatenated:
+        # sum_t C_t * J_t leaf by leaf.
+        coords = lax.stop_gradient(coordinate_weights_of(out, (num_tasks, size_p), name or weighting.name))
+        pieces = unflatten_like(coords, jacobian, leading=1)
+        shared = jax.tree_util.tree_map(lambda c, x: jnp.sum(c.astype(x.dtype) * x, axis=0),
+                                        pieces, jacobian)
+        return shared, out
+    if getattr(weighting, "returns_direction", False):
+        # A direction of its own (MoCo): the (P,) update, unflattened as the matrix was.
+        direction = lax.stop_gradient(direction_of(out, size_p, name or weighting.name))
+        shared = jax.tree_util.tree_map(lambda d, x: d.astype(x.dtype),
+                                        unflatten_like(direction, jacobian, leading=1), jacobian)
+        return shared, out
     w = lax.stop_gradient(out.weights)
     shared = jax.tree_util.tree_map(lambda x: jnp.tensordot(w.astype(x.dtype), x, axes=1), jacobian)
     return shared, out

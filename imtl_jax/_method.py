@@ -11,6 +11,11 @@ A *method* is a pair:
   A weighting whose state has per-coordinate entries (ExcessMTL's (T, F) accumulator) sets
   ``needs_dim``: its state is made by :meth:`Weighting.init_state` with ``dim=F``, which every
   caller that makes method state passes (see :meth:`imtl_jax.MTLStep.init`).
+  Two other update forms, each announced by a static flag so that every caller knows before
+  tracing: ``per_coordinate`` (GradDrop: per-coordinate weights ``C`` (T, F), the update
+  ``sum_t C_t * grad_t``; every path) and ``returns_direction`` (MoCo: the update is a vector
+  ``d`` (F,) of its own, not a combination of the current rows; the parameter level of
+  :func:`imtl_jax.mtl_step` and :func:`imtl_jax.aggregate` only).
 
 The same :class:`Weighting` is called by the representation-level training step
 (:func:`imtl_jax.mtl_step`) and by the optax aggregator over stacked per-task updates
@@ -35,11 +40,22 @@ class WeightingOutput(NamedTuple):
       state: the new method state (same pytree structure and shapes as the input state).
       info: a dict of method-specific diagnostics (e.g. IMTL's common projection ``C``).
         Its structure must not depend on traced values.
+      coordinate_weights: ``None``, or with :attr:`Weighting.per_coordinate` a (T, F) array ``C``
+        of per-coordinate weights: the shared update is ``sum_t C_t * grads_t`` (elementwise),
+        not ``weights @ grads`` (``weights`` is then for logs, e.g. ``C``'s mean over
+        coordinates). At the representation level ``C`` multiplies every example's gradient
+        ``dL_t/dz_b``; at the parameter level and in :func:`imtl_jax.aggregate` it is split
+        over the parameter leaves as the flattened gradient is.
+      direction: ``None``, or with :attr:`Weighting.returns_direction` the (F,) shared update
+        itself (``weights`` again for logs). Only defined where the rows are the gradient
+        itself: the parameter level and :func:`imtl_jax.aggregate`.
     """
 
     weights: jax.Array
     state: PyTree
     info: dict
+    coordinate_weights: Optional[jax.Array] = None
+    direction: Optional[jax.Array] = None
 
 
 class Weighting(NamedTuple):
@@ -78,6 +94,19 @@ class Weighting(NamedTuple):
         encoder's output, from an example batch, ``step.init(params, batch)``, or given as
         ``feature_dim=``) and the NNX helper's ``train_step.init(model, batch)``. Default False:
         ``init(num_tasks, dtype)`` as before.
+      per_coordinate: True when ``weigh`` returns ``coordinate_weights`` (T, F) (GradDrop): the
+        shared update is ``sum_t C_t * grad_t``. Works on every path: at the representation
+        level the step then forms the per-example per-task z-gradients (T, B, F) and sends
+        ``sum_t C_t * dL_t/dz_b`` to the encoder (the weighted path of other methods is
+        unchanged); the parameter level and :func:`imtl_jax.aggregate` contract ``C`` with the
+        Jacobian leaf by leaf; :func:`imtl_jax.accumulate_step` replays the fixed ``C`` in its
+        second pass. Requires ``needs_grads`` and ``weights_heads=False``.
+      returns_direction: True when ``weigh`` returns ``direction`` (F,), the shared update
+        itself (MoCo: a combination of tracked gradient estimates, not of the current rows).
+        Defined at the parameter level of :func:`imtl_jax.mtl_step` (and so the NNX and Linen
+        helpers with such a method) and in :func:`imtl_jax.aggregate`; the representation
+        level (and so :func:`imtl_jax.accumulate_step`) raises a ``ValueError`` naming
+        ``level="parameters"``. Requires ``needs_grads`` and ``weights_heads=False``.
     """
 
     name: str
@@ -87,6 +116,8 @@ class Weighting(NamedTuple):
     weights_heads: bool = False
     supports_task_mask: bool = False
     needs_dim: bool = False
+    per_coordinate: bool = False
+    returns_direction: bool = False
 
     def init_state(self, num_tasks: int, dtype: Any = None, *, dim: Optional[int] = None) -> PyTree:
         """The initial state for ``num_tasks`` tasks and gradients of ``dim`` columns.
@@ -145,6 +176,39 @@ class Method(NamedTuple):
     level: str = "representation"
 
 
+def parameters_only(method: Any) -> bool:
+    """True for a method (or weighting) whose update is a ``direction`` of its own (MoCo): it is
+    defined at ``level="parameters"`` and in :func:`imtl_jax.aggregate` only (registered at
+    that level; ``<name>@params`` in the experiment runner, never at the representation).
+
+    Example:
+      >>> import imtl_jax
+      >>> from imtl_jax._method import parameters_only
+      >>> parameters_only(imtl_jax.methods.get_method("moco")), parameters_only("imtl_h")
+      (True, False)
+    """
+    if isinstance(method, str):
+        from imtl_jax.methods import get_method
+        method = get_method(method)
+    weighting = method.weighting if isinstance(method, Method) else method
+    return bool(getattr(weighting, "returns_direction", False))
+
+
+def check_update_form(weighting: "Weighting", name: str) -> None:
+    """Static consistency of the update-form flags (``per_coordinate``/``returns_direction``)."""
+    per_coordinate = bool(getattr(weighting, "per_coordinate", False))
+    direction = bool(getattr(weighting, "returns_direction", False))
+    if not (per_coordinate or direction):
+        return
+    if per_coordinate and direction:
+        raise ValueError(f"weighting {name!r} sets both per_coordinate and returns_direction; "
+                         "set one.")
+    flag = "per_coordinate" if per_coordinate else "returns_direction"
+    if not weighting.needs_grads or weighting.weights_heads:
+        raise ValueError(f"weighting {name!r} sets {flag}, which needs needs_grads=True and "
+                         "weights_heads=False (its update acts on the shared part only).")
+
+
 def check_dim(dim: Any, name: str, arg: str = "dim") -> int:
     """``dim`` (F, the number of gradient columns) as an int >= 1, else a ValueError naming it
     (as ``arg``: ``"feature_dim"`` where the caller's argument has that name)."""
@@ -173,3 +237,41 @@ def stateless_init(num_tasks: int, dtype: Any = None) -> tuple:
 
 
 Priorities = Optional[jax.Array]
+
+
+def coordinate_weights_of(out: WeightingOutput, shape: tuple, name: str) -> jax.Array:
+    """``out.coordinate_weights`` of a ``per_coordinate`` weighting, checked to be ``shape``
+    (T, F) (static: a ValueError naming the weighting otherwise)."""
+    coords = out.coordinate_weights
+    if coords is None or tuple(jax.numpy.shape(coords)) != tuple(shape):
+        got = None if coords is None else tuple(jax.numpy.shape(coords))
+        raise ValueError(f"weighting {name!r} has per_coordinate=True, so its output needs "
+                         f"coordinate_weights of shape {tuple(shape)} (T, F), got {got}.")
+    return coords
+
+
+def direction_of(out: WeightingOutput, size: int, name: str) -> jax.Array:
+    """``out.direction`` of a ``returns_direction`` weighting, checked to be (F,) = (size,)."""
+    direction = out.direction
+    if direction is None or tuple(jax.numpy.shape(direction)) != (size,):
+        got = None if direction is None else tuple(jax.numpy.shape(direction))
+        raise ValueError(f"weighting {name!r} has returns_direction=True, so its output needs a "
+                         f"direction of shape ({size},) (F,), got {got}.")
+    return direction
+
+
+def unflatten_like(flat: jax.Array, tree: PyTree, leading: int = 0) -> PyTree:
+    """Splits the last axis of ``flat`` over the leaves of ``tree`` in ``tree_leaves`` order
+    (the order in which the (T, P) matrix was concatenated), each piece reshaped to the leaf's
+    shape without its first ``leading`` axes (``flat`` keeps its own leading axes)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    pieces, start = [], 0
+    head = tuple(jax.numpy.shape(flat)[:-1])
+    for leaf in leaves:
+        shape = tuple(jax.numpy.shape(leaf))[leading:]
+        size = 1
+        for n in shape:
+            size *= int(n)
+        pieces.append(flat[..., start:start + size].reshape(head + shape))
+        start += size
+    return jax.tree_util.tree_unflatten(treedef, pieces)

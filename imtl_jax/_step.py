@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from imtl_jax._exact import parameter_level
-from imtl_jax._method import Method, PyTree, check_dim
+from imtl_jax._method import (Method, PyTree, check_dim, check_update_form,
+                              coordinate_weights_of)
 from imtl_jax._validation import check_array, check_float_array, check_step_task_reads
 from imtl_jax.methods import get_method
 from imtl_jax.methods import _mask
@@ -187,6 +188,34 @@ def _gated_task(scaling, loss_of, present):
     return scaled
 
 
+def check_method_level(method: Method) -> None:
+    """Static checks of a method's update form against its level: a weighting that returns a
+    ``direction`` of its own (MoCo) is defined at ``level="parameters"`` (and in
+    :func:`imtl_jax.aggregate`) only; a ValueError naming both otherwise."""
+    weighting = method.weighting
+    check_update_form(weighting, method.name)
+    if getattr(weighting, "returns_direction", False) and method.level != "parameters":
+        raise ValueError(
+            f"method {method.name!r} updates along a direction of its own (returns_direction: "
+            "e.g. MoCo's tracked-gradient combination), which exists only where the per-task rows "
+            "are the gradients themselves: use it at level=\"parameters\" "
+            f"(imtl_jax.methods.get_method({method.name!r})._replace(level=\"parameters\"), the "
+            "registered default) or through imtl_jax.aggregate(); the representation level has no "
+            "per-example cotangent for it (nor accumulate_step, the NNX/Linen helpers at the "
+            "representation).")
+
+
+def parameter_level_dim(shared: PyTree, feature_dim: Optional[int], name: str,
+                        what: str = "the number of shared parameters") -> int:
+    """F of a ``needs_dim`` method at ``level="parameters"``: the shared parameters' count;
+    a given ``feature_dim`` (already checked to be an int >= 1) must equal it."""
+    dim = shared_size(shared)
+    if feature_dim is not None and feature_dim != dim:
+        raise ValueError(f"`feature_dim={feature_dim}` but method {name!r} works at the parameter "
+                         f"level, where F is {what}, {dim}; leave feature_dim out.")
+    return dim
+
+
 class _NoState:
     """Sentinel: no encoder state given (``None`` and ``()`` are valid states)."""
 
@@ -245,6 +274,7 @@ class MTLStep:
         self.method = get_method(method)
         if self.method.level not in ("representation", "parameters"):
             raise ValueError(f"method {self.method.name!r} has unknown level {self.method.level!r}.")
+        check_method_level(self.method)
         self.reduction = reduction
         self.axis_name = axis_name
         self.has_state = has_state
@@ -313,12 +343,7 @@ class MTLStep:
         """F for :meth:`init` (``feature_dim`` already checked): see there."""
         name = self.method.name
         if self.method.level == "parameters":
-            dim = shared_size(params.shared)
-            if feature_dim is not None and feature_dim != dim:
-                raise ValueError(f"`feature_dim={feature_dim}` but method {name!r} works at the parameter "
-                                 f"level, where F is the number of shared parameters, {dim}; leave "
-                                 "feature_dim out.")
-            return dim
+            return parameter_level_dim(params.shared, feature_dim, name)
         if batch is None:
             if feature_dim is None:
                 raise ValueError(
@@ -627,8 +652,17 @@ class MTLStep:
             out = _mask.weigh(weighting, lax.stop_gradient(matrix), lax.stop_gradient(scaled), state,
                               key, priorities, mask, method.name)
             w = lax.stop_gradient(out.weights).astype(scaled.dtype)
-            (shared_grads,) = encoder_vjp(self._varying(self._weighted_z_cotangent(
-                params.heads, z, batch, params.log_scales, w, gh, mask).astype(z.dtype)))
+            if weighting.per_coordinate:
+                # Per-coordinate weights C (T, F): every example's cotangent is
+                # sum_t C_t * dL~_t/dz_b, from the per-example per-task gradients (formed only
+                # for these methods; the weighted path below never materializes them).
+                coords = lax.stop_gradient(coordinate_weights_of(out, matrix.shape, method.name))
+                cotangent = jnp.sum(per_example.astype(acc) * coords.astype(acc)[:, None, :], axis=0)
+                cotangent = cotangent.reshape(z.shape)
+            else:
+                cotangent = self._weighted_z_cotangent(params.heads, z, batch, params.log_scales, w,
+                                                       gh, mask)
+            (shared_grads,) = encoder_vjp(self._varying(cotangent.astype(z.dtype)))
 
         head_w = w if weighting.weights_heads else jnp.ones_like(w)
         if mask is not None:

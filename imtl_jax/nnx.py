@@ -48,8 +48,8 @@ from flax import nnx
 
 from imtl_jax._method import Method, PyTree, check_dim
 from imtl_jax._safety import _select, _tree_finite
-from imtl_jax._step import (MTLParams, StepAux, _stacked_num_tasks, mtl_step, shared_size,
-                            stacked_task_losses)
+from imtl_jax._step import (MTLParams, StepAux, _stacked_num_tasks, check_method_level, mtl_step,
+                            parameter_level_dim, stacked_task_losses)
 from imtl_jax.methods import get_method
 
 Path = tuple
@@ -182,6 +182,7 @@ class NNXTrainStep:
         self.skip_nonfinite = skip_nonfinite
         self.loss = loss
         self.method = get_method(method)
+        check_method_level(self.method)  # MoCo: level="parameters" only, said before tracing
         self.shared, self.heads, self.loss_scales = shared, heads, loss_scales
         self.inputs, self.reduction = inputs, reduction
 
@@ -294,12 +295,8 @@ class NNXTrainStep:
         name = self.method.name
         _, encoder = _resolve(model, self.shared, "shared")
         if self.method.level == "parameters":
-            dim = shared_size(nnx.state(encoder, nnx.Param))
-            if feature_dim is not None and feature_dim != dim:
-                raise ValueError(f"`feature_dim={feature_dim}` but method {name!r} works at the parameter "
-                                 f"level, where F is the shared module's parameter count, {dim}; leave "
-                                 "feature_dim out.")
-            return dim
+            return parameter_level_dim(nnx.state(encoder, nnx.Param), feature_dim, name,
+                                       "the shared module's parameter count")
         if batch is None:
             if feature_dim is None:
                 raise ValueError(

@@ -288,7 +288,8 @@ def test_works_through_the_optax_aggregator(method):
         traces.append(1)
         losses = _task_losses(params, a, b)
         per_task = jax.jacrev(_task_losses)(params, a, b)   # leaves (2, ...)
-        kwargs = {"losses": losses} if needs_losses or method.weighting.weights_heads else {}
+        kwargs = {"losses": losses} if (needs_losses or method.weighting.weights_heads
+                                        or method.weighting.returns_direction) else {}
         if method.scaling.trainable:  # a loss scaling needs the losses and its log-scales
             kwargs.update(losses=losses, log_scales=jnp.zeros(2))
         elif method.scaling.name != "identity":

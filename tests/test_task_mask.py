@@ -169,7 +169,7 @@ def test_masked_step_without_jit(name):
 def test_supported_methods_cover_the_brief():
     """Every registered method supports masks (so the property test above covers them all)."""
     assert set(SUPPORTED) == set(methods.method_names())
-    assert len(SUPPORTED) == 33
+    assert len(SUPPORTED) == 35
 
 
 def test_cr_mogm_supports_masks_when_its_inner_weighting_does():

@@ -1,6 +1,7 @@
 """Agreement with TorchJD 0.18 on the same float64 inputs for the methods TorchJD also has:
 ConFIG, DualProj, GradVac (T = 2, where the task order is fixed, over a sequence of steps) and the
-STCH, PBI and COSMOS scalarizers and ExcessMTL (over recorded sequences). Slow step only; skipped
+STCH, PBI and COSMOS scalarizers and ExcessMTL (over recorded sequences), and GradDrop (its
+uniform draws fixed: TorchJD's ``torch.rand`` returns the U our key drew). Slow step only; skipped
 when torch/torchjd are not installed."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from imtl_jax.methods.cr_mogm import cr_mogm_weighting
 from imtl_jax.methods.dualproj import DUALPROJ
 from imtl_jax.methods.excess_mtl import excess_mtl_weighting
 from imtl_jax.methods.fairgrad import fairgrad_weighting
+from imtl_jax.methods.graddrop import graddrop_uniforms, graddrop_weighting
 from imtl_jax.methods.gradvac import gradvac_weighting
 from imtl_jax.methods.modo import MODO
 from imtl_jax.methods.preference import cosmos_weighting, pbi_weighting
@@ -366,3 +368,30 @@ def test_excess_mtl_without_warm_up_differs_from_torchjd_by_design():
     for a, b in zip(ours_scaled, ours):
         np.testing.assert_allclose(a, b, rtol=1e-12)
     assert np.max(np.abs(theirs_scaled[0] - theirs[0])) > 1e-2
+
+
+@pytest.mark.parametrize("variant", ["default", "leak", "f"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_graddrop_agrees_with_torchjd(case, variant, monkeypatch):
+    """The same U on both sides (TorchJD's one ``torch.rand(F)`` is replaced by the U our key
+    draws); some zero columns (TorchJD's 0/0 purity is NaN, so nothing passes there: ours sets
+    P = 1/2 and nothing passes either, since every entry is 0). Same vector to round-off."""
+    g = _draw(*case)
+    g[:, ::5] = 0.0
+    num_tasks, dim = g.shape
+    key = jax.random.key(case[1])
+    with x64():
+        u = np.asarray(graddrop_uniforms(key, dim, jnp.float64))
+    leak = tuple(np.linspace(0.0, 0.5, num_tasks)) if variant == "leak" else None
+    f_jax = (lambda p: p ** 3) if variant == "f" else None
+    f_torch = (lambda p: p ** 3) if variant == "f" else (lambda p: p)
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor(u, dtype=torch.float64))
+    agg = aggregation.GradDrop(f=f_torch, leak=None if leak is None else torch.tensor(leak, dtype=torch.float64))
+    theirs = agg(torch.tensor(g, dtype=torch.float64)).numpy()
+    with x64():
+        w = graddrop_weighting(leak=leak, purity_fn=f_jax)
+        out = w.weigh(jnp.asarray(g), jnp.zeros(num_tasks), w.init(num_tasks), key, None)
+        ours = np.asarray(jnp.sum(out.coordinate_weights * jnp.asarray(g), axis=0))
+    scale = np.abs(g).sum(axis=0)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-14 * np.max(scale))
+    assert np.all(ours[::5] == 0.0)

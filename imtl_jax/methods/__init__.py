@@ -1,7 +1,8 @@
 """The registry of balancing methods: name -> :class:`imtl_jax.Method`.
 
-Every registered method works in :func:`imtl_jax.mtl_step` (representation or parameter level)
-and, through its :class:`imtl_jax.Weighting`, in the optax aggregator
+Every registered method works in :func:`imtl_jax.mtl_step` (representation or parameter level;
+those of :func:`parameters_only_methods`, MoCo, at the parameter level only, where they are
+registered) and, through its :class:`imtl_jax.Weighting`, in the optax aggregator
 :func:`imtl_jax.aggregate`. Tests loop over :func:`method_names`, so a new method cannot be
 added without passing them.
 
@@ -33,6 +34,20 @@ def register(method: Method) -> Method:
 def method_names() -> tuple[str, ...]:
     """All registered method names, in registration order."""
     return tuple(_REGISTRY)
+
+
+def parameters_only_methods() -> tuple[str, ...]:
+    """The registered methods defined at ``level="parameters"`` only (their weighting returns a
+    ``direction`` of its own: MoCo). They are registered at that level; a runner that offers
+    ``<name>@params`` variants offers these only so (``moco@params``), never at the
+    representation.
+
+    Example:
+      >>> import imtl_jax
+      >>> imtl_jax.methods.parameters_only_methods()
+      ('moco',)
+    """
+    return tuple(n for n, m in _REGISTRY.items() if m.weighting.returns_direction)
 
 
 def get_method(method: Union[str, Method]) -> Method:
@@ -74,5 +89,7 @@ from imtl_jax.methods import modo as _modo  # noqa: E402,F401
 from imtl_jax.methods import cr_mogm as _cr_mogm  # noqa: E402,F401
 from imtl_jax.methods import preference as _preference  # noqa: E402,F401
 from imtl_jax.methods import excess_mtl as _excess_mtl  # noqa: E402,F401
+from imtl_jax.methods import graddrop as _graddrop  # noqa: E402,F401
+from imtl_jax.methods import moco as _moco  # noqa: E402,F401
 
 from imtl_jax.methods.loss_weighting import single_task as single_task  # noqa: E402  (a factory, not registered)

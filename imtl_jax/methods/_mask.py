@@ -87,7 +87,12 @@ def weigh(weighting: Weighting, grads, losses, state, key, priorities,
     present = jnp.any(task_mask)
     weights = jnp.where(task_mask & present, out.weights, jnp.zeros_like(out.weights))
     new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(present, n, o), out.state, state)
-    return WeightingOutput(weights, new_state, out.info)
+    coords, direction = out.coordinate_weights, out.direction
+    if coords is not None:  # per-coordinate weights: masked rows exactly 0
+        coords = jnp.where((task_mask & present)[:, None], coords, jnp.zeros((), coords.dtype))
+    if direction is not None:  # no task present: no update
+        direction = jnp.where(present, direction, jnp.zeros((), direction.dtype))
+    return WeightingOutput(weights, new_state, out.info, coords, direction)
 
 
 # --- pieces of masked math -----------------------------------------------------------------

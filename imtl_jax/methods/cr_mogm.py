@@ -117,6 +117,10 @@ def cr_mogm_weighting(inner: Union[str, Weighting] = "mgda", *, alpha: float = 0
         name = inner.name
     else:
         raise ValueError(f"`inner` must be a registered method name or an imtl_jax.Weighting, got {inner!r}.")
+    if inner.per_coordinate or inner.returns_direction:
+        raise ValueError(f"cr_mogm_weighting smooths task weights (T,) across steps; {name!r} "
+                         "updates with per-coordinate weights or a direction of its own, which it "
+                         "cannot wrap. Wrap a weighting whose update is weights @ grads.")
     alpha = float(alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}.")
