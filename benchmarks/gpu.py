@@ -14,9 +14,12 @@ batch in bfloat16 (the trunk at T = 3, 40; LeNet at T = 2):
    ratio to EW (median of per-round ratios), throughput (examples/s), and the number of traces;
 2. peak memory of each compiled step (``memory_analysis()``: arguments + outputs + temporaries)
    and, where the backend reports it, the device's peak bytes in use after the row;
-3. the weight solve alone: ``imtl_g_weights`` on a (T, 512) matrix (what IMTL-H solves) and the
-   exact route's T x T Gramian solve, median ms, with the number of kernels (fusions, custom
-   calls and library calls in the compiled HLO);
+3. the weight solve alone: ``imtl_g_weights`` on a (T, 512) matrix (what IMTL-H solves), the
+   exact route's T x T Gramian solve and the baselines' Gramian helper ``normalized_gramian``,
+   median ms, with the number of kernels (fusions, custom calls and library calls in every
+   computation of the compiled HLO that the regular path reaches, loop bodies and conditional
+   branches included: ``benchmarks.solve_cost.hlo_op_counts``), and the IMTL-G solve's kernels
+   per float32 route (lean, wide, compensated) at T = 2, 10, 40;
 4. with the ``[compare]`` extra installed (torch + torchjd): TorchJD's IMTLG step and torch's EW
    step on the same device (``cuda`` when JAX runs on a GPU and torch sees one, else CPU).
 
@@ -28,7 +31,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -40,7 +42,9 @@ import numpy as np
 import imtl_jax
 from imtl_jax import _exact
 from benchmarks import _models
+from benchmarks.solve_cost import hlo_op_counts, solve_op_counts
 from benchmarks.step_cost import VARIANTS, build_step, peak_bytes, time_interleaved
+from imtl_jax.methods._common import normalized_gramian
 
 STEP_VARIANTS = ("ew", "imtl_h", "exact", "generic")
 BF16_VARIANTS = ("ew", "imtl_h")  # encoder, heads and batch in bfloat16; /EW is to bfloat16 EW
@@ -64,15 +68,13 @@ def _device_peak() -> float | None:
     return stats["peak_bytes_in_use"] / 2**20
 
 
-def kernel_count(fn, *args) -> int:
-    """Kernels of the compiled ``fn``: fusions, custom calls (cuSOLVER, cuBLAS, ...), dots,
-    convolutions and other top-level instructions that launch work, in the entry computation."""
-    text = jax.jit(fn).lower(*args).compile().as_text()
-    entry = text[text.index("ENTRY"):]
-    entry = entry[:entry.index("\n}")]
-    ops = re.findall(r"=\s*\S+\s+(fusion|custom-call|dot|convolution|conditional|while|sort|"
-                     r"all-reduce|copy|transpose|reduce|scatter|gather)\(", entry)
-    return len(ops)
+def kernel_count(fn, *args) -> dict:
+    """Kernels of the compiled ``fn`` (:func:`benchmarks.solve_cost.hlo_op_counts`): fusions,
+    custom calls (cuSOLVER, cuBLAS, ...), dots, reductions and other instructions that launch
+    work, counted in every computation reached from the entry (a ``while`` loop's body and
+    condition once, a ``conditional``'s cheapest branch on the regular path, its costliest on
+    the slowest), and the passes over the (T, D) data on the regular path."""
+    return hlo_op_counts(fn, *args)
 
 
 def measure_solves(num_tasks: int, dim: int, reps: int):
@@ -83,6 +85,7 @@ def measure_solves(num_tasks: int, dim: int, reps: int):
         f"imtl_g_weights on ({num_tasks}, {dim})": (imtl_jax.imtl_g_weights, (matrix,)),
         f"Gramian solve ({num_tasks} x {num_tasks}), exact route":
             (lambda g: _exact.imtl_g_from_gramian(g, jnp.int32(0))[0], (gram,)),
+        f"normalized_gramian on ({num_tasks}, {dim})": (normalized_gramian, (matrix,)),
     }
     rows = []
     for name, (fn, args) in solvers.items():
@@ -94,6 +97,15 @@ def measure_solves(num_tasks: int, dim: int, reps: int):
             jax.block_until_ready(jitted(*args))
             ts.append(time.perf_counter() - t0)
         rows.append((name, 1e3 * statistics.median(ts), kernel_count(fn, *args)))
+    return rows
+
+
+def route_counts(tasks, dim: int):
+    """The IMTL-G solve's kernels per float32 route (static: compiled, not run)."""
+    rows = []
+    for num_tasks in tasks:
+        for route in ("lean", "wide", "compensated"):
+            rows.append((num_tasks, route, solve_op_counts(num_tasks, dim, route=route)))
     return rows
 
 
@@ -176,12 +188,26 @@ def main(argv=None) -> int:
     print("  heads and batch in bfloat16 (z-gradients summed and weights solved in float32), /EW")
     print("  against bfloat16 EW.\n")
 
-    print(f"{'weight solve':<48} {'median ms':>10} {'kernels':>8}")
+    print(f"{'weight solve':<48} {'median ms':>10} {'kernels':>8} {'slowest':>8} {'TxD passes':>10}")
     for num_tasks in ((2, 10, 40) if not opts.tiny else (2, 3)):
         for name, ms, kernels in measure_solves(num_tasks, 32 if opts.tiny else 512, reps):
-            print(f"{name:<48} {ms:10.3f} {kernels:>8}")
-    print("  kernels: fusions, custom calls, dots and other launching instructions in the entry")
-    print("  computation of the compiled HLO (a conditional counts once; its branches not).\n")
+            passes = "-" if name.startswith("Gramian") else kernels["data_passes"]  # no (T, D) input
+            print(f"{name:<48} {ms:10.3f} {kernels['taken']:>8} {kernels['slowest']:>8} {passes:>10}")
+    print("  kernels: fusions, custom calls, dots, reductions and other launching instructions of the")
+    print("  compiled HLO in every computation reached (loop bodies once, the cheapest branch of each")
+    print("  conditional: a regular input's path); slowest: the costliest branch everywhere (the")
+    print("  fallbacks); TxD passes: kernels on the regular path that read or write the (T, D) data.")
+    print("  imtl_g_weights takes the wide route at T <= 3 and the lean route from T = 4 on;")
+    print("  normalized_gramian is the Gramian helper of MGDA, CAGrad, Nash-MTL, UPGrad, ...\n")
+
+    dim = 32 if opts.tiny else 512
+    print(f"{'IMTL-G solve route (float32, D = ' + str(dim) + ')':<40} {'kernels':>8} {'loop step':>9} "
+          f"{'slowest':>8} {'module':>7} {'TxD passes':>10}")
+    for num_tasks, route, c in route_counts((2, 3) if opts.tiny else (2, 10, 40), dim):
+        print(f"{'T = ' + str(num_tasks) + ', ' + route:<40} {c['taken']:>8} {c['loop_step']:>9} "
+              f"{c['slowest']:>8} {c['kernels']:>7} {c['data_passes']:>10}")
+    print("  (static counts of the compiled solve per route, forced; loop step: one refinement")
+    print("  step of the lean route, which a regular input runs twice)\n")
 
     if torch_rows:
         print(f"{'model':<8} {'T':>3} {'torch device':<12} {'torch EW ms':>12} {'TorchJD IMTLG ms':>17} {'/EW':>6}")

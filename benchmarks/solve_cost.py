@@ -18,6 +18,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import imtl_jax
 
@@ -26,26 +27,40 @@ _KERNEL_OPS = ("fusion", "custom-call", "dot", "while", "conditional", "sort", "
 
 
 def solve_op_counts(num_tasks: int, dim: int, dtype=jnp.float32, route: str = "auto") -> dict:
-    """Kernel-launching HLO instructions in the compiled solve.
-
-    ``kernels``: over the whole module (fusions and the computations called from fusions are not
-    descended into); ``taken``: on the path a regular (well-conditioned, full-rank) input runs,
-    i.e. the entry computation plus, at every ``conditional``, its cheapest branch (the lean
-    route's answer; the Cholesky inverse instead of the eigh fallback), with a ``while`` loop's
-    body and condition counted once; ``loop_step``: the kernels of one pass of the loops (one
-    refinement step of the lean route; a regular input takes two); ``slowest``: the most
-    expensive branch everywhere (the lean route handing over to the float64 Gram route, which
-    then needs the eigendecomposition); ``fallback = kernels - taken``; and whether every eigh
-    custom call sits off the taken path."""
+    """Kernel-launching HLO instructions in the compiled solve (:func:`hlo_op_counts` of
+    ``imtl_g_solve`` on a (T, D) input, the float32 ``route`` forced: "auto", "lean", "wide"
+    (float64 Gram matrix) or "compensated")."""
     from imtl_jax import _imtl_g
 
-    def traced(grads):  # route: "auto", "lean", "wide" (float64 Gram matrix) or "compensated"
+    def traced(grads):
         old, _imtl_g._FLOAT32_ROUTE = _imtl_g._FLOAT32_ROUTE, route
         try:
             return imtl_jax.imtl_g_solve(grads)
         finally:
             _imtl_g._FLOAT32_ROUTE = old
-    hlo = jax.jit(traced).lower(jax.ShapeDtypeStruct((num_tasks, dim), dtype)).compile().as_text()
+    return hlo_op_counts(traced, jax.ShapeDtypeStruct((num_tasks, dim), dtype))
+
+
+def hlo_op_counts(fn, *args) -> dict:
+    """Kernel-launching HLO instructions in the compiled ``jax.jit(fn)(*args)`` (``args``: arrays
+    or ``jax.ShapeDtypeStruct``), counted in every computation the entry reaches.
+
+    ``kernels``: over the whole module (fusions and the computations called from fusions are not
+    descended into); ``taken``: on the path a regular (well-conditioned, full-rank) input runs,
+    i.e. the entry computation plus, at every ``conditional``, its cheapest branch (for the
+    IMTL-G solve: the lean route's answer; the Cholesky inverse instead of the eigh fallback),
+    with a ``while`` loop's body and condition counted once; ``loop_step``: the kernels of one
+    pass of the loops (one refinement step of the lean route; a regular input takes two);
+    ``slowest``: the most expensive branch everywhere (the lean route handing over to the
+    float64 Gram route, which then needs the eigendecomposition); ``fallback = kernels -
+    taken``; ``data_passes``: the kernels on the regular path that read or write an array as
+    large as the largest argument (passes over the (T, D) data); ``entry``: the entry
+    computation's own (what a count of the entry alone sees: a loop or conditional once, its
+    body and branches not); and whether every eigh custom call sits off the taken path."""
+    hlo = jax.jit(fn).lower(*args).compile().as_text()
+    big = max(int(np.prod(a.shape)) for a in args)       # the data's size (T x D)
+    sizes = {}                                           # instruction -> elements
+    data = collections.Counter()                         # per computation: passes over the data
     own = collections.defaultdict(collections.Counter)   # kernel ops per computation
     children = collections.defaultdict(list)             # per computation: branch lists
     eigh_comps, fused, entry, current, loops = set(), set(), None, None, []
@@ -59,6 +74,16 @@ def solve_op_counts(num_tasks: int, dim: int, dtype=jnp.float32, route: str = "a
         if not m or current is None:
             continue
         op = m.group(1)
+        define = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s[a-z][a-z\-]*\(([^)]*)\)", line)
+        touched = 0
+        if define:
+            sizes[define.group(1)] = max([int(np.prod([int(d) for d in dims.split(",") if d]))
+                                          for dims in re.findall(r"[a-z]\w*\[([\d,]*)\]", define.group(2))]
+                                         or [0])
+            touched = max([sizes[define.group(1)]] + [sizes.get(o, 0) for o in
+                                                      re.findall(r"%([\w.\-]+)", define.group(3))])
+        if op in _KERNEL_OPS and op not in ("while", "conditional") and touched >= big:
+            data[current] += 1
         for target in re.findall(r"calls=%?([\w.\-]+)", line):
             fused.add(target)
         if op == "conditional":
@@ -79,6 +104,12 @@ def solve_op_counts(num_tasks: int, dim: int, dtype=jnp.float32, route: str = "a
             total += pick(path(b, pick) for b in branches)
         return total
 
+    def data_path(comp):   # passes over the data on the regular path (cheapest branches)
+        if "+" in comp:
+            return sum(data_path(c) for c in comp.split("+"))
+        return data[comp] + sum(data_path(min(branches, key=lambda b: path(b, min)))
+                                for branches in children[comp])
+
     def on_taken_path(comp):
         if "+" in comp:
             return set().union(*(on_taken_path(c) for c in comp.split("+")))
@@ -94,7 +125,9 @@ def solve_op_counts(num_tasks: int, dim: int, dtype=jnp.float32, route: str = "a
             counts.update(c)
     total = sum(counts.values())
     taken = path(entry, min)
-    return {"kernels": total, "taken": taken, "slowest": path(entry, max), "fallback": total - taken,
+    return {"kernels": total, "taken": taken, "entry": sum(own[entry].values()),
+            "data_passes": data_path(entry),
+            "slowest": path(entry, max), "fallback": total - taken,
             "loop_step": sum(path("+".join(lp), min) for lp in loops), "by_op": dict(counts),
             "eigh_in_fallback_only": bool(eigh_comps) and not (eigh_comps & on_taken_path(entry)),
             "backend": jax.default_backend()}
@@ -108,7 +141,8 @@ def main(argv=None):
     for t, route in [(t, r) for t in args.tasks for r in ("lean", "wide", "compensated")]:
         c = solve_op_counts(t, args.dim, route=route)
         print(f"T={t:3d} D={args.dim} float32, {route} route: {c['taken']} kernel-launching HLO ops "
-              f"on the path of a regular input (a loop step counted once: {c['loop_step']}), "
+              f"on the path of a regular input (a loop step counted once: {c['loop_step']}; "
+              f"{c['data_passes']} of them read or write the (T, D) data), "
               f"{c['slowest']} on the slowest path "
               f"({c['kernels']} in the module; eigh only off the regular path: "
               f"{c['eigh_in_fallback_only']}); {c['by_op']}; backend {c['backend']}")

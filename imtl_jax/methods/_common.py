@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 import jax.scipy.linalg
+import numpy as np
 
 from imtl_jax._linalg import ldexp, pow2_normalize
 from imtl_jax._validation import check_float_array, check_task_vector
@@ -90,15 +91,62 @@ def cast_like(new: Any, old: Any) -> Any:
 def normalized_gramian(grads: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(M, scale)`` with ``M = (G / scale)(G / scale)^T`` and ``scale = max|G|`` (1 if G = 0).
 
-    The rows are first rescaled by an exact power of two (:func:`imtl_jax._linalg.pow2_normalize`,
-    integer operations on the bit patterns, as IMTL-G does), so that the division by the maximum
-    sees normal numbers: subnormal gradients (which XLA's CPU backend otherwise reads as zero),
-    1e-30 and values up to the largest finite float give the same ``M`` as at scale 1. Every
-    baseline below is invariant to (or explicitly tracks) a uniform rescaling of G. ``scale`` is
-    ``max|G|`` rebuilt exactly by :func:`imtl_jax._linalg.ldexp` (a subnormal maximum may read as
-    0 on backends that flush denormals; 1 when G = 0). NaN/inf in ``grads`` propagates into ``M``
-    (loud).
+    Every baseline that uses it is invariant to (or explicitly tracks) a uniform rescaling of G.
+    Two routes, chosen by ``lax.cond`` on a test of T-sized quantities:
+
+    * the *lean* route (regular input): the per-row maxima ``r_t = max_j |G_tj|`` (one reduction
+      over the data) and the Gram matrix ``G G^T`` of the raw rows (one matmul); the division by
+      ``scale^2`` is T x T work. The (T, D) data is read twice and nothing of its size is
+      written. It is taken when ``scale`` is finite, ``D scale^2 <= max / 2^8`` (no overflow in
+      the product or its sums) and every non-zero row has ``r_t^2 >= D tiny 2^40 (1 + scale)``
+      (``tiny``: the dtype's smallest normal number). A backend that flushes subnormal inputs
+      and products (XLA's CPU backend does) then changes each entry by at most
+      ``D tiny (1 + scale) <= 2^-40 r_i r_j``: below ``2^-40`` relative to the product of the
+      two rows' norms, far under the rounding of the product itself;
+    * otherwise (zero, subnormal or huge scales, rows far below the largest, NaN/inf) the
+      *exact-scaling* route: the rows are rescaled by an exact power of two
+      (:func:`imtl_jax._linalg.pow2_normalize`, integer operations on the bit patterns, as
+      IMTL-G does) so that the division by the maximum sees normal numbers: subnormal
+      gradients, 1e-30 and values up to the largest finite float give the same ``M`` as at
+      scale 1; ``scale`` is ``max|G|`` rebuilt exactly by :func:`imtl_jax._linalg.ldexp` (a
+      subnormal maximum may read as 0 on backends that flush denormals; 1 when G = 0). NaN/inf
+      in ``grads`` propagates into ``M`` (loud).
+
+    Under ``vmap`` both routes run (as for any ``lax.cond``): the same values, a higher cost.
     """
+    dtype = grads.dtype
+    lean, scale = _lean_gramian_test(grads)
+
+    def lean_route():
+        m = jnp.matmul(grads, grads.T, precision=HIGHEST)
+        safe = jnp.where(lean, scale, jnp.ones((), dtype))   # keeps vmap's other lanes finite
+        m = (m / safe) / safe
+        return 0.5 * (m + m.T), scale
+
+    return lax.cond(lean, lean_route, lambda: _normalized_gramian_exact(grads))
+
+
+def _lean_gramian_test(grads: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(lean, max|G|)``: whether :func:`normalized_gramian` takes its lean route (one pass over
+    the data for the row maxima; the rest on T-sized quantities)."""
+    dim = grads.shape[1]
+    dtype = grads.dtype
+    info = jnp.finfo(dtype)
+    # One pass over the data: XLA would merge a max of the row maxima into a second full
+    # reduction (and then write |G| out for the two), so the row maxima pass a barrier.
+    row_max = lax.optimization_barrier(jnp.max(jnp.abs(grads), axis=1))   # NaN if a row holds NaN
+    # max|G| and the smallest non-zero row maximum in one reduction of T-sized data.
+    extremes = jnp.max(jnp.stack([row_max, jnp.where(row_max > 0, -row_max, -jnp.inf)]), axis=1)
+    scale, smallest = extremes[0], -extremes[1]
+    ceiling = float(np.sqrt(float(info.max) / 256.0 / dim))
+    floor = float(dim) * float(info.tiny) * 2.0 ** 40  # D tiny 2^40: normal for every D
+    lean = ((scale > 0) & (scale <= ceiling)
+            & (smallest * smallest >= floor * (1.0 + scale)))
+    return lean, scale
+
+
+def _normalized_gramian_exact(grads: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """:func:`normalized_gramian`'s exact-scaling route (every finite input, NaN/inf, zero)."""
     y, exponent = pow2_normalize(grads)
     absmax = jnp.max(jnp.abs(y))                                   # in [0.5, 1), or 0
     nonzero = absmax > 0
@@ -155,7 +203,7 @@ def certified_loop(step, finish, certificate, w0: jax.Array, *, block: int, max_
 
 
 def damped_newton(objective, gradient, scaled_hessian, certificate, w0: jax.Array, *,
-                  max_iterations: int, tol, steps: int = 30):
+                  max_iterations: int, tol, steps: int = 30, size=None):
     """Newton's method for a smooth strictly convex ``objective`` on the positive orthant (the
     solver of FairGrad's ``M w = w^{-1/alpha}``), under one ``lax.while_loop``.
 
@@ -169,10 +217,15 @@ def damped_newton(objective, gradient, scaled_hessian, certificate, w0: jax.Arra
     lowers the certificate nor predicts a decrease above round-off (decrement squared ``<= T
     eps``), or no step moves ``w`` (no progress left in the working precision: the certificate
     is then at its floor and reported), or after ``max_iterations``.
+    ``size``: the number of variables of the problem, ``T`` (the default, ``w0``'s length) or,
+    under a task mask, the number ``T'`` of present tasks (traced): the absent variables are
+    decoupled and stay at their start, contributing exact zeros to the decrement, so the
+    round-off threshold is the ``T'``-task problem's ``T' eps`` and the masked problem stops
+    where its sub-problem does.
     Returns ``(w, certificate, iterations)``.
     """
-    num_tasks = w0.shape[0]
     dtype = w0.dtype
+    num_tasks = jnp.asarray(w0.shape[0] if size is None else size).astype(dtype)
     eps = jnp.finfo(dtype).eps
     halvings = 0.5 ** jnp.arange(steps, dtype=dtype)
 

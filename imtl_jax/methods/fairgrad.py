@@ -53,7 +53,8 @@ def fairgrad_solve(gram: jax.Array, alpha: float, max_iterations: int,
     (:func:`imtl_jax.methods._mask.decouple`: identity rows and columns for the absent tasks,
     whose solution is ``w_t = 1``). The absent entries start at 1 and stay there exactly (the
     Newton system is block diagonal); the objective and the start's rescaling sum over the
-    present tasks, so the line search sees the T'-task problem's values.
+    present tasks, so the line search sees the T'-task problem's values, and the stopping
+    test's round-off threshold is the T'-task problem's ``T' eps``.
     """
     dtype = gram.dtype
     tol = default_tol(dtype) if tol is None else float(tol)
@@ -90,7 +91,8 @@ def fairgrad_solve(gram: jax.Array, alpha: float, max_iterations: int,
         w0 = jnp.where(task_mask, w0, 1.0)
     return damped_newton(objective, gradient, scaled_hessian,
                          lambda w: fairness_residual(gram, w, alpha), w0,
-                         max_iterations=max_iterations, tol=tol)
+                         max_iterations=max_iterations, tol=tol,
+                         size=None if task_mask is None else jnp.sum(task_mask))
 
 
 def _fairgrad_weights(grads, alpha, max_iterations, tol, task_mask=None):
