@@ -83,8 +83,11 @@ def measure(tasks, methods, *, tiny: bool, rounds: int) -> dict:
             tj()
             fns["torchjd_imtlg"] = (lambda *_, step=tj: step(), ())
         times: dict = {k: [] for k in fns}
-        for _ in range(rounds):
-            for k, (fn, args) in fns.items():
+        names = list(fns)
+        for r in range(rounds):
+            for i in np.random.default_rng(r).permutation(len(names)):  # a new order each round
+                k = names[i]
+                fn, args = fns[k]
                 t0 = time.perf_counter()
                 jax.block_until_ready(fn(*args))
                 times[k].append((time.perf_counter() - t0) * 1e3)

@@ -118,12 +118,12 @@ def time_interleaved(fns: dict, reps: dict, min_time: float) -> tuple[dict, dict
     """Median seconds per call of each ``fn(*args)``, and the median per-round ratios to "ew"
     of wall time and of process CPU time.
 
-    Calls are interleaved round by round (every variant once per round, back to back), so that
-    load from other processes hits all variants alike; the ratio of a variant to EW is the
-    median over rounds of ``t_variant / t_ew`` within the same round. ``reps[name]`` is the
-    minimum number of calls; cheap variants keep being sampled until ``min_time`` has passed.
-    The CPU-time ratio (all threads of this process) is less sensitive to other processes
-    competing for the cores than wall time, and is printed next to it.
+    Calls are interleaved round by round (every variant once per round, back to back, in a new
+    random order each round), so that load from other processes hits all variants alike; the ratio
+    of a variant to EW is the median over rounds of ``t_variant / t_ew`` within the same round.
+    ``reps[name]`` is the minimum number of calls; cheap variants keep being sampled until
+    ``min_time`` has passed. The CPU-time ratio (all threads of this process) is less sensitive to
+    other processes competing for the cores than wall time, and is printed next to it.
     """
     times = {k: {} for k in fns}  # variant -> {round: wall seconds}
     cpu = {k: {} for k in fns}  # variant -> {round: process CPU seconds}
@@ -137,7 +137,10 @@ def time_interleaved(fns: dict, reps: dict, min_time: float) -> tuple[dict, dict
             active = [k for k in fns if min(times[k].values()) < 0.2]
             if not active:
                 break
-        for k in active:
+        # A new order each round, so that no variant always follows the same neighbour (the call
+        # after a heavy one pays for its cache misses; a fixed order biases the ratios).
+        for i in np.random.default_rng(rnd).permutation(len(active)):
+            k = active[i]
             fn, args = fns[k]
             c0, t0 = time.process_time(), time.perf_counter()
             jax.block_until_ready(fn(*args))
