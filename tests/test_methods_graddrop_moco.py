@@ -556,8 +556,9 @@ def test_wrappers_keep_or_refuse_the_update_form():
                           imtl_jax.Method("bad", get_method("equal").scaling, bad))
 
 
-def test_skip_nonfinite_keeps_everything_for_both():
-    """A NaN batch: the wrapped training step keeps the parameters, optimizer and method state."""
+def test_skip_nonfinite_and_safe_step_keep_everything_for_both():
+    """A NaN batch: the wrapped training step keeps the parameters, optimizer and method state;
+    ``safe_step`` keeps the method state and flags the gradients."""
     params, batches = _problem(8)
     nan_batch = dict(batches[0], y=batches[0]["y"].at[0, 0].set(jnp.nan))
     for name in ("graddrop", "moco"):
@@ -575,3 +576,9 @@ def test_skip_nonfinite_keeps_everything_for_both():
         out, aux, finite = safe(carry, nan_batch)
         assert not bool(finite) and not bool(aux.all_finite), name
         _assert_tree_close(out, carry, rtol=0, atol=0)
+        # safe_step (for safe_optimizer): the method state is returned as it was, grads NaN
+        safe_step = imtl_jax.safe_step(step)
+        grads, state, aux = jit(lambda p, s, b, st=safe_step: st(
+            p, s, b, key=jax.random.key(0)))(params, carry[2], nan_batch)
+        _assert_tree_close(state, carry[2], rtol=0, atol=0)
+        assert np.all(np.isnan(np.asarray(grads.shared["w"]))), name
