@@ -32,13 +32,13 @@ MF_TUNE="tuning --benchmark multifashion --seeds 0 1 2 3 4 --epochs ${MF_EPOCHS:
  --schedule plateau --plateau-patience 5 $GRID --no-tensorboard --no-plots --quiet --out $HERE/results/multifashion_tuned"
 PROBE="--methods equal --seeds 0 1 2 3 4 --schedule plateau --plateau-patience 5 --resume --no-tensorboard --no-plots --quiet"
 
-# Representation level unless the name says otherwise; IMTL-L and uncertainty are one method
+# Representation level unless the name says otherwise (MoCo is defined at the parameter level only); IMTL-L and uncertainty are one method
 # under Adam (mirror trajectories; the tables merge them) and are run both only to show it.
 METHODS_Z="equal rlw si imtl_h imtl_g imtl_l uncertainty gls famo dwa mgda pcgrad cagrad nash_mtl aligned_mtl upgrad
  gradnorm gradnorm_gamma0 mgda_closed_form imtl_g_averaged config dualproj db_mtl stch gradvac fairgrad sdmgrad
- modo cr_mogm pbi cosmos excess_mtl"
+ modo cr_mogm pbi cosmos excess_mtl graddrop"
 PARAMS_MF="imtl_g_exact nash_mtl@params mgda@params pcgrad@params cagrad@params aligned_mtl@params upgrad@params
- config@params dualproj@params gradvac@params excess_mtl@params"
+ config@params dualproj@params gradvac@params excess_mtl@params moco@params"
 # The order puts what decides the headline question first: on each benchmark the single-task
 # networks, EW, the skeptics' baselines (RLW, SI) and IMTL at both levels, then the tuning of those
 # (the tuned tables decide), then every other method, the studies and the diagnosis.
