@@ -32,8 +32,8 @@ MF_TUNE="tuning --benchmark multifashion --seeds 0 1 2 3 4 --epochs ${MF_EPOCHS:
  --schedule plateau --plateau-patience 5 $GRID --no-tensorboard --no-plots --quiet --out $HERE/results/multifashion_tuned"
 PROBE="--methods equal --seeds 0 1 2 3 4 --schedule plateau --plateau-patience 5 --resume --no-tensorboard --no-plots --quiet"
 
-# Representation level unless the name says otherwise (MoCo is defined at the parameter level only); IMTL-L and uncertainty are one method
-# under Adam (mirror trajectories; the tables merge them) and are run both only to show it.
+# Representation level unless the name says otherwise (MoCo is defined at the parameter level
+# only); IMTL-L and uncertainty are one method under Adam (mirror trajectories; the tables merge them) and are run both only to show it.
 METHODS_Z="equal rlw si imtl_h imtl_g imtl_l uncertainty gls famo dwa mgda pcgrad cagrad nash_mtl aligned_mtl upgrad
  gradnorm gradnorm_gamma0 mgda_closed_form imtl_g_averaged config dualproj db_mtl stch gradvac fairgrad sdmgrad
  modo cr_mogm pbi cosmos excess_mtl graddrop"
@@ -80,7 +80,7 @@ JOBS+=("priorities $MF_STUDY --ratios 1/9 1/4 3/7 2/3 1 3/2 7/3 4 9 --out $HERE/
 JOBS+=("robustness $MF_STUDY --methods equal imtl_l imtl_g imtl_h rlw si --out $HERE/results/robustness")
 JOBS+=("ablation_z_vs_theta $MF_STUDY --out $HERE/results/ablation_z_vs_theta")
 # QUEUE_LIST=1 prints the job list and exits (to check an edit of it).
-if [ "${QUEUE_LIST:-0}" = 1 ]; then n=0; for j in "${JOBS[@]}"; do n=$((n+1)); echo "$n ${j//$HERE\//}" | cut -c1-160; done; exit 0; fi
+if [ "${QUEUE_LIST:-0}" = 1 ]; then n=0; for j in "${JOBS[@]}"; do n=$((n+1)); echo "$n ${j//$HERE\//}"; done; exit 0; fi
 
 commit() {  # commit only the results of this queue (retry while another git command holds the index)
   [ "${QUEUE_NO_COMMIT:-0}" = 1 ] && return 0
