@@ -33,7 +33,8 @@ MF_TUNE="tuning --benchmark multifashion --seeds 0 1 2 3 4 --epochs ${MF_EPOCHS:
 PROBE="--methods equal --seeds 0 1 2 3 4 --schedule plateau --plateau-patience 5 --resume --no-tensorboard --no-plots --quiet"
 
 # Representation level unless the name says otherwise (MoCo is defined at the parameter level
-# only); IMTL-L and uncertainty are one method under Adam (mirror trajectories; the tables merge them) and are run both only to show it.
+# only); IMTL-L and uncertainty are one method under Adam (mirror trajectories; the tables merge
+# them) and are run both only to show it.
 METHODS_Z="equal rlw si imtl_h imtl_g imtl_l uncertainty gls famo dwa mgda pcgrad cagrad nash_mtl aligned_mtl upgrad
  gradnorm gradnorm_gamma0 mgda_closed_form imtl_g_averaged config dualproj db_mtl stch gradvac fairgrad sdmgrad
  modo cr_mogm pbi cosmos excess_mtl graddrop"
