@@ -134,22 +134,19 @@ def _method_fns(name, grads):
         return jax.jit(lambda g: weighting.weigh(g, losses, state, key, None).weights)
     # The old helper is patched into the method's module while the second function traces and
     # compiles; the caches are cleared around it, so that jitted inner functions of the method
-    # (traced once per signature) are traced afresh with each helper.
+    # (traced once per signature) are traced afresh with each helper. The compiled executables
+    # are returned (a later cache clear cannot make either retrace with the other helper).
     module = importlib.import_module(_METHODS[name])
-    old = make()
     saved = module.normalized_gramian
     jax.clear_caches()
     module.normalized_gramian = OLD
     try:
-        old_text = old.lower(grads).compile().as_text()
-        jax.block_until_ready(old(grads))
+        old = make().lower(grads).compile()
     finally:
         module.normalized_gramian = saved
     jax.clear_caches()
-    new = make()
-    new_text = new.lower(grads).compile().as_text()
-    jax.block_until_ready(new(grads))
-    if old_text == new_text:
+    new = make().lower(grads).compile()
+    if old.as_text() == new.as_text():
         raise RuntimeError(f"{name}: the old helper was not traced in")
     return new, old
 

@@ -149,3 +149,20 @@ def test_damped_newton_masked_equals_sub_problem():
     # Jitted, with a traced size (as FairGrad passes the mask's count).
     run = jax.jit(lambda w, n: damped_newton(**masked, w0=w, max_iterations=6, tol=0.0, size=n))
     assert int(run(w0, jnp.sum(jnp.array([False, True, False])))[2]) == 6
+
+
+def test_gramian_cost_benchmark_runs(capsys):
+    """benchmarks/gramian_cost.py at tiny size, without its timing: the lean route makes fewer
+    passes over the data (XLA's CPU backend at small shapes writes |G| out: 3), and the method
+    pairs really compile the old helper in."""
+    from benchmarks import gramian_cost
+    assert gramian_cost.main(["--tasks", "2", "10", "--dim", "64", "--draws", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "lean (new)" in out and "Worst cos-rel" in out
+    from benchmarks.solve_cost import hlo_op_counts
+    arg = jax.ShapeDtypeStruct((40, 4096), jnp.float32)   # compiled only (2 vs 9 with jax 0.10.2)
+    assert hlo_op_counts(normalized_gramian, arg)["data_passes"] <= 3 < hlo_op_counts(
+        _normalized_gramian_exact, arg)["data_passes"]
+    g = jnp.asarray(np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32))
+    new, old = gramian_cost._method_fns("nash_mtl", g)   # raises if the old helper was not traced in
+    np.testing.assert_allclose(np.asarray(new(g)), np.asarray(old(g)), rtol=1e-5, atol=1e-6)

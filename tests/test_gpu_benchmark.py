@@ -36,9 +36,10 @@ def test_tiny_run_prints_every_table(capsys):
         assert 0 < int(taken) <= int(slowest), (name, taken, slowest)
         assert (passes == "-") == (name == "Gramian solve") and (passes == "-" or int(passes) > 0), name
     # The kernel counts descend into loop bodies and conditional branches: the Gramian helper's
-    # regular path reads the (T, D) data twice (row maxima, one matmul), its fallback is a branch.
+    # regular path reads the (T, D) data two or three times (row maxima, possibly |G| written
+    # out first at small shapes, one matmul), its fallback is a branch.
     helper = [s for s in solves if s[0] == "normalized_gramian on"]
-    assert all(int(p) == 2 and int(k) < int(w) for _, _, k, w, p in helper), helper
+    assert all(int(p) <= 3 and int(k) < int(w) for _, _, k, w, p in helper), helper
     routes = re.findall(r"^T = (\d+), (lean|wide|compensated)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)$", out, re.M)
     assert {(t, r) for t, r, *_ in routes} == {(t, r) for t in ("2", "3")
                                                for r in ("lean", "wide", "compensated")}, out
