@@ -29,7 +29,7 @@ import optax
 from jax import lax
 
 from imtl_jax._method import (LossScaling, Method, PyTree, Weighting, WeightingOutput,
-                              coordinate_weights_of)
+                              check_output_form, coordinate_weights_of)
 from imtl_jax._step import MTLParams, MTLStep, _NO_STATE
 
 #: Pass 1's scaling: the raw losses (their gradients are scaled once, on the whole batch).
@@ -64,6 +64,28 @@ def _split_batch(batch: Any, k: int) -> Any:
                          f"by num_micro_batches={k} and non-empty; got batch size {size}. Use a batch "
                          "size that is a positive multiple of num_micro_batches.")
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x).reshape((k, size // k) + jnp.shape(x)[1:]), batch)
+
+
+class _Linearized:
+    """A scaling linearized at the whole batch's mean losses ``raw`` (T,): ``scale(raw, s) + J (L -
+    raw)`` on the (T,) losses, and, for the step's per-task passes (a per-coordinate weighting's
+    pass 2 scales one task at a time, as the plain step does), ``scale_task(L_t, s_t, t)``: the
+    same for task ``t`` alone, linearized at ``raw[t]`` (``t`` an int or a traced index)."""
+
+    def __init__(self, scale, raw):
+        self.scale, self.raw = scale, raw
+
+    def __call__(self, losses, log_scales):
+        raw = self.raw
+        base, tangent = jax.jvp(lambda x: self.scale(x, log_scales), (raw,),
+                                (losses.astype(raw.dtype) - raw,))
+        return base + tangent
+
+    def scale_task(self, loss, log_scale, t):
+        raw_t = self.raw[t]
+        base, tangent = jax.jvp(lambda x: self.scale(x[None], log_scale[None])[0], (raw_t,),
+                                (loss.astype(raw_t.dtype) - raw_t,))
+        return base + tangent
 
 
 class AccumulatedStep:
@@ -119,7 +141,8 @@ class AccumulatedStep:
         gradient of ``sum_t w_t scale(L)_t``, log-scales included, for any scaling (the same
         scaling when it is linear, as IMTL-L's). With per-coordinate weights ``coords`` (T, F)
         (GradDrop) the fixed ``C`` is replayed instead: the encoder's cotangent
-        ``sum_t C_t * dL~_t/dz_b`` is linear in the micro-batch gradients, so exact too."""
+        ``sum_t C_t * dL~_t/dz_b`` is linear in the micro-batch gradients, so exact too; the step
+        then scales one task at a time, through :class:`_Linearized`'s per-task form."""
         method = self.step.method
         scaling = method.scaling
         raw = lax.stop_gradient(raw)
@@ -129,12 +152,8 @@ class AccumulatedStep:
             del grads, losses, key, priorities
             return WeightingOutput(w.astype(w.dtype), state, {}, coords)
 
-        def linearized(losses, log_scales):
-            base, tangent = jax.jvp(lambda x: scaling.scale(x, log_scales), (raw,),
-                                    (losses.astype(raw.dtype) - raw,))
-            return base + tangent
-
-        fixed = Method(method.name, LossScaling(scaling.name, linearized, scaling.trainable),
+        fixed = Method(method.name, LossScaling(scaling.name, _Linearized(scaling.scale, raw),
+                                                scaling.trainable),
                        Weighting("fixed", method.weighting.init, weigh, per_coordinate,
                                  method.weighting.weights_heads,
                                  needs_dim=method.weighting.needs_dim,
@@ -206,6 +225,7 @@ class AccumulatedStep:
         out = step.method.weighting.weigh(
             lax.stop_gradient(matrix) if step.method.weighting.needs_grads else None,
             lax.stop_gradient(scaled), state, method_key, priorities)
+        check_output_form(out, step.method.weighting, step.method.name)
         w = lax.stop_gradient(out.weights).astype(scaled.dtype)
         coords = None
         if step.method.weighting.per_coordinate:  # GradDrop: C of the whole batch, replayed

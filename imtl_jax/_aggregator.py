@@ -209,7 +209,9 @@ def aggregate(method: Union[str, Method, Weighting], num_tasks: int, *,
                 lambda x: x * factor.astype(x.dtype).reshape((-1,) + (1,) * (jnp.ndim(x) - 1)), updates)
             matrix = matrix * factor.astype(matrix.dtype)[:, None]
         if losses is None:
-            if weighting.returns_direction:  # MoCo tracks L_t g_t / |g_t|: zeros would stall it
+            # MoCo tracks L_t g_t / |g_t|: zeros would stall it (not with normalize=False, whose
+            # weigh says reads_losses=False).
+            if weighting.returns_direction and getattr(weighting.weigh, "reads_losses", True):
                 raise ValueError(f"weighting {weighting.name!r} updates along tracked estimates of "
                                  "the loss-scaled gradients (returns_direction): pass `losses=` "
                                  f"(shape ({num_tasks},)) to update().")

@@ -176,24 +176,6 @@ class Method(NamedTuple):
     level: str = "representation"
 
 
-def parameters_only(method: Any) -> bool:
-    """True for a method (or weighting) whose update is a ``direction`` of its own (MoCo): it is
-    defined at ``level="parameters"`` and in :func:`imtl_jax.aggregate` only (registered at
-    that level; ``<name>@params`` in the experiment runner, never at the representation).
-
-    Example:
-      >>> import imtl_jax
-      >>> from imtl_jax._method import parameters_only
-      >>> parameters_only(imtl_jax.methods.get_method("moco")), parameters_only("imtl_h")
-      (True, False)
-    """
-    if isinstance(method, str):
-        from imtl_jax.methods import get_method
-        method = get_method(method)
-    weighting = method.weighting if isinstance(method, Method) else method
-    return bool(getattr(weighting, "returns_direction", False))
-
-
 def check_update_form(weighting: "Weighting", name: str) -> None:
     """Static consistency of the update-form flags (``per_coordinate``/``returns_direction``)."""
     per_coordinate = bool(getattr(weighting, "per_coordinate", False))
@@ -207,6 +189,17 @@ def check_update_form(weighting: "Weighting", name: str) -> None:
     if not weighting.needs_grads or weighting.weights_heads:
         raise ValueError(f"weighting {name!r} sets {flag}, which needs needs_grads=True and "
                          "weights_heads=False (its update acts on the shared part only).")
+
+
+def check_output_form(out: WeightingOutput, weighting: "Weighting", name: str) -> None:
+    """A ValueError when ``out`` carries ``coordinate_weights`` or a ``direction`` that the
+    weighting's flags do not announce (static: whether a field is None is known at trace time);
+    without the flag such an output would be silently used as ``weights @ grads``."""
+    for field, flag in (("coordinate_weights", "per_coordinate"), ("direction", "returns_direction")):
+        if getattr(out, field, None) is not None and not getattr(weighting, flag, False):
+            raise ValueError(f"weighting {name!r} returned `{field}` but does not set {flag}=True: "
+                             f"build the Weighting with {flag}=True (the update is then formed from "
+                             f"`{field}`), or return {field}=None (the update is `weights @ grads`).")
 
 
 def check_dim(dim: Any, name: str, arg: str = "dim") -> int:

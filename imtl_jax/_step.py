@@ -164,8 +164,16 @@ def _scalar_loss(loss):
     return loss
 
 
-def _scale_one(scaling, loss, log_scale):
-    return scaling.scale(_scalar_loss(loss)[None], log_scale[None])[0]
+def _scale_one(scaling, loss, log_scale, t=None):
+    """Task ``t``'s scaled loss from its own raw loss and log-scale (the per-task passes; the
+    scalings are elementwise). A ``scale`` with a ``scale_task(loss, log_scale, t)`` attribute
+    (accumulate_step's scaling linearized at the whole batch's losses, which depends on the task
+    index) is called through it."""
+    loss = _scalar_loss(loss)
+    scale_task = getattr(scaling.scale, "scale_task", None)
+    if scale_task is not None and t is not None:
+        return scale_task(loss, log_scale, t)
+    return scaling.scale(loss[None], log_scale[None])[0]
 
 
 def _gate(present, tree):
@@ -176,14 +184,14 @@ def _gate(present, tree):
     return jax.tree_util.tree_map(lambda x: jnp.where(present, x, lax.stop_gradient(x)), tree)
 
 
-def _gated_task(scaling, loss_of, present):
+def _gated_task(scaling, loss_of, present, t=None):
     """``(z, head_t, s_t) -> (scaled, raw)`` for one task, gated by ``present`` (see
     :func:`_gate`): both are 0 for an absent task, and so is every gradient."""
     def scaled(z_, head_t, s_t):
         z_, head_t, s_t = _gate(present, (z_, head_t, s_t))
         raw = _scalar_loss(loss_of(head_t, z_))
         raw = jnp.where(present, raw, jnp.zeros((), raw.dtype))
-        ls = _scale_one(scaling, raw, s_t)
+        ls = _scale_one(scaling, raw, s_t, t)
         return jnp.where(present, ls, jnp.zeros((), ls.dtype)), raw
     return scaled
 
@@ -435,15 +443,15 @@ class MTLStep:
         scaling = self.method.scaling
         tl = self.task_losses
 
-        def one_task(loss_of):  # loss_of(head_t, z) -> raw scalar loss
+        def one_task(loss_of, t):  # loss_of(head_t, z) -> raw scalar loss
             def scaled(z_, head_t, s_t):
                 raw = loss_of(head_t, z_)
-                return _scale_one(scaling, raw, s_t), raw
+                return _scale_one(scaling, raw, s_t, t), raw
             return scaled
 
         if isinstance(tl, StackedTaskLosses):
             def per_task(head_t, s_t, t):
-                f = one_task(lambda h, z_: tl.loss_fn(h, z_, batch, t))
+                f = one_task(lambda h, z_: tl.loss_fn(h, z_, batch, t), t)
                 (ls, raw), grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(z, head_t, s_t)
                 return raw, ls, grads
             num_tasks = log_scales.shape[0]
@@ -453,7 +461,7 @@ class MTLStep:
         if isinstance(tl, tuple):
             outs = []
             for t, loss_fn in enumerate(tl):  # heterogeneous heads: unrolled at trace time
-                f = one_task(lambda h, z_, fn=loss_fn: fn(h, z_, batch))
+                f = one_task(lambda h, z_, fn=loss_fn: fn(h, z_, batch), t)
                 outs.append(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(
                     z, heads[t], log_scales[t]))
             raw = jnp.stack([o[0][1] for o in outs])
@@ -479,7 +487,7 @@ class MTLStep:
         tl = self.task_losses
         if isinstance(tl, StackedTaskLosses):
             def per_task(head_t, s_t, t, present):
-                f = _gated_task(scaling, lambda h, z_: tl.loss_fn(h, z_, batch, t), present)
+                f = _gated_task(scaling, lambda h, z_: tl.loss_fn(h, z_, batch, t), present, t)
                 (ls, raw), grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(z, head_t, s_t)
                 return raw, ls, grads
             num_tasks = log_scales.shape[0]
@@ -488,7 +496,7 @@ class MTLStep:
         if isinstance(tl, tuple):
             outs = []
             for t, loss_fn in enumerate(tl):
-                f = _gated_task(scaling, lambda h, z_, fn=loss_fn: fn(h, z_, batch), mask[t])
+                f = _gated_task(scaling, lambda h, z_, fn=loss_fn: fn(h, z_, batch), mask[t], t)
                 outs.append(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(
                     z, heads[t], log_scales[t]))
             raw = jnp.stack([o[0][1] for o in outs])
@@ -515,10 +523,12 @@ class MTLStep:
         num_tasks = log_scales.shape[0]
         if isinstance(tl, StackedTaskLosses):
             def per_task(head_t, s_t, t, present):
-                return _gated_task(scaling, lambda h, z_: tl.loss_fn(h, z_, batch, t), present)(z, head_t, s_t)
+                return _gated_task(scaling, lambda h, z_: tl.loss_fn(h, z_, batch, t), present,
+                                   t)(z, head_t, s_t)
             return jax.vmap(per_task)(heads, log_scales, jnp.arange(num_tasks), mask)
         if isinstance(tl, tuple):
-            outs = [_gated_task(scaling, lambda h, z_, fn=fn: fn(h, z_, batch), mask[t])(z, heads[t], log_scales[t])
+            outs = [_gated_task(scaling, lambda h, z_, fn=fn: fn(h, z_, batch), mask[t], t)(
+                        z, heads[t], log_scales[t])
                     for t, fn in enumerate(tl)]
             return jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])
         raw = self._call_losses(heads, z, batch, num_tasks)

@@ -237,8 +237,10 @@ def test_moco_mask_equals_the_present_tasks():
             idx = np.flatnonzero(mask)
             out = masked(jnp.asarray(np.where(mask[:, None], g, np.nan)),
                          jnp.asarray(np.where(mask, loss, np.nan)), jnp.asarray(mask))
+            sub_lam = np.asarray(state.weights)[idx]
+            mass = sub_lam.sum()
             lam, d, y = moco_numpy([g[idx]], [loss[idx]], y=np.asarray(state.tracked)[idx],
-                                   lam=np.asarray(state.weights)[idx], k0=int(state.count))[0]
+                                   lam=sub_lam / mass, k0=int(state.count))[0]
             np.testing.assert_allclose(np.asarray(out.weights)[idx], lam, rtol=1e-12, atol=1e-15)
             np.testing.assert_array_equal(np.asarray(out.weights)[~mask], 0.0)
             np.testing.assert_allclose(out.direction, d, rtol=1e-12, atol=1e-14)
@@ -247,6 +249,11 @@ def test_moco_mask_equals_the_present_tasks():
                                           np.asarray(state.tracked)[~mask])
             np.testing.assert_array_equal(np.asarray(out.state.weights)[~mask],
                                           np.asarray(state.weights)[~mask])
+            # the present entries: the sub-problem's lambda times their previous mass, so the
+            # stored lambda stays on the simplex
+            np.testing.assert_allclose(np.asarray(out.state.weights)[idx], mass * lam, rtol=1e-12,
+                                       atol=1e-15)
+            np.testing.assert_allclose(float(jnp.sum(out.state.weights)), 1.0, rtol=0, atol=1e-14)
             assert int(out.state.count) == int(state.count) + 1
 
 
@@ -454,6 +461,55 @@ def test_accumulate_step_graddrop_equals_the_whole_batch():
         assert int(state.count) == 1
 
 
+@pytest.mark.parametrize("losses_form", ["stacked", "tuple"])
+@pytest.mark.parametrize("scaling", ["imtl_l", "uncertainty"])
+def test_accumulate_step_graddrop_with_a_loss_scaling_equals_the_whole_batch(scaling, losses_form):
+    """A per-coordinate weighting with a non-identity loss scaling: pass 2 scales one task at a
+    time (the per-task pass), linearized at that task's whole-batch loss. The update equals the
+    whole-batch step's, and its shared part a hand-built one: rows ``s'(L_t) sum_b dL_t/dz_b``,
+    C from them and the key's U, cotangent ``sum_t C_t * s'(L_t) dL_t/dz_b`` (K = 3)."""
+    with x64():
+        params, batches = _problem(9, batch_size=6)
+        params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), params)
+        params = params._replace(log_scales=jnp.array([0.3, -0.2, 0.1]))
+        batch, key = batches[0], jax.random.key(4)
+        scale = get_method(scaling).scaling
+        method = imtl_jax.Method("graddrop+" + scaling, scale, GRADDROP)
+        if losses_form == "stacked":
+            losses = imtl_jax.stacked_task_losses(_head_loss)
+            run_params = params
+        else:
+            losses = tuple(functools.partial(lambda v, z, b, t: _head_loss(v, z, b, t), t=t)
+                           for t in range(3))
+            run_params = params._replace(heads=tuple(params.heads))
+        step = imtl_jax.mtl_step(_encoder, losses, method)
+        acc = imtl_jax.accumulate_step(step, 3)
+        grads, _, aux = jit(lambda p, s, b: acc(p, s, b, key=key))(run_params, acc.init(run_params),
+                                                                      batch)
+        whole, _, whole_aux = step(run_params, step.init(run_params), batch, key=key)
+        _assert_tree_close(grads, whole)
+        np.testing.assert_allclose(aux.weights, whole_aux.weights, rtol=1e-12)
+        # hand-built shared update
+        z, vjp = jax.vjp(lambda sp: _encoder(sp, batch), params.shared)
+        gz, slopes = [], []
+        for t in range(3):
+            loss_t = _head_loss(params.heads[t], z, batch, t)
+            slopes.append(float(jax.grad(lambda x, t=t: scale.scale(
+                x[None], params.log_scales[t][None])[0])(loss_t)))
+            gz.append(slopes[t] * np.asarray(jax.grad(
+                lambda z_, t=t: _head_loss(params.heads[t], z_, batch, t))(z)))
+        rows = np.stack([x.sum(axis=0) for x in gz])
+        c, _ = graddrop_numpy(rows, np.asarray(graddrop_uniforms(key, rows.shape[1], jnp.float64)))
+        assert 0 < c.sum() < c.size  # something dropped, something kept
+        cot = sum(c[t][None, :] * gz[t] for t in range(3))
+        _assert_tree_close(grads.shared, vjp(jnp.asarray(cot))[0])
+        # log-scale gradients: d scale(L_t, s_t) / d s_t at the whole batch's losses
+        want_s = [float(jax.grad(lambda s_, t=t: scale.scale(
+            _head_loss(params.heads[t], z, batch, t)[None], s_[None])[0])(params.log_scales[t]))
+            for t in range(3)]
+        np.testing.assert_allclose(grads.log_scales, want_s, rtol=1e-10, atol=1e-12)
+
+
 def test_nnx_helper_graddrop_equals_hand_built():
     from flax import nnx
     from imtl_jax.nnx import make_train_step
@@ -531,6 +587,79 @@ def test_direction_methods_refuse_the_representation_level_and_accumulation():
         imtl_jax.accumulate_step(step, 2)
     assert imtl_jax.methods.parameters_only_methods() == ("moco",)
     assert {"graddrop", "moco"} <= set(imtl_jax.methods.method_names())
+
+
+def test_an_unflagged_coordinate_or_direction_output_is_refused_on_every_path():
+    """A weighting returning ``coordinate_weights`` / ``direction`` without its flag would be
+    used as ``weights @ grads``: every path raises a ValueError naming the flag."""
+    params, batches = _problem(10)
+    losses = imtl_jax.stacked_task_losses(_head_loss)
+    equal = get_method("equal").scaling
+    cases = [(GRADDROP._replace(per_coordinate=False), "per_coordinate=True"),
+             (MOCO._replace(returns_direction=False), "returns_direction=True")]
+    key = jax.random.key(0)
+    for weighting, flag in cases:
+        for level in ("representation", "parameters"):
+            step = imtl_jax.mtl_step(_encoder, losses, imtl_jax.Method("bad", equal, weighting, level))
+            state = step.init(params, batches[0])
+            with pytest.raises(ValueError, match=flag):
+                step(params, state, batches[0], key=key)
+            if level == "representation":
+                acc = imtl_jax.accumulate_step(step, 2)
+                with pytest.raises(ValueError, match=flag):
+                    acc(params, state, batches[0], key=key)
+        tx = imtl_jax.aggregate(imtl_jax.Method("bad", equal, weighting), 3)
+        shared = params.shared
+        per_task = jax.tree_util.tree_map(lambda x: jnp.stack([x, -x, 2 * x]), shared)
+        with pytest.raises(ValueError, match=flag):
+            tx.update(per_task, tx.init(shared), shared, losses=jnp.ones(3), key=key)
+
+
+def test_moco_aggregate_needs_losses_only_when_it_reads_them():
+    params = {"a": jnp.zeros(3)}
+    updates = {"a": jnp.array([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]])}
+    tx = imtl_jax.aggregate(moco_weighting(normalize=False), 2)
+    out, _ = tx.update(updates, tx.init(params), params)
+    want = tx.update(updates, tx.init(params), params, losses=jnp.array([5.0, -7.0]))[0]
+    np.testing.assert_array_equal(out["a"], want["a"])  # the losses are not read
+    tx = imtl_jax.aggregate(MOCO, 2)
+    with pytest.raises(ValueError, match="losses="):
+        tx.update(updates, tx.init(params), params)
+
+
+def test_moco_masked_steps_keep_lambda_on_the_simplex():
+    """T = 4, mask [1, 1, 0, 0] then others: sum(lambda) stays 1 (it was 1.5 before the fix)."""
+    with x64():
+        state = MOCO.init_state(4, jnp.float64, dim=3)
+        g = jnp.array([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])
+        losses = jnp.array([1.0, 2, 3, 4])
+        for m in ([1, 1, 0, 0], [0, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 1, 1]):
+            mask = jnp.array(m, bool)
+            old = np.asarray(state.weights)
+            state = MOCO.weigh(g, losses, state, None, None, task_mask=mask).state
+            np.testing.assert_allclose(float(jnp.sum(state.weights)), 1.0, rtol=0, atol=1e-15)
+            np.testing.assert_array_equal(np.asarray(state.weights)[~np.asarray(mask)],
+                                          old[~np.asarray(mask)])
+            assert np.all(np.asarray(state.weights) >= 0)
+
+
+def test_graddrop_keeps_the_positive_components_with_probability_purity():
+    """Over N keys (one vectorized jit), the frequency with which coordinate j keeps its positive
+    components is Binomial(N, P_j) / N: within 5 sigma of the purity P_j of Eq. 1."""
+    g = jnp.array([[1.0, -3.0, 2.0, 0.5], [-1.0, 1.0, 2.0, -4.0], [2.0, 1.0, -1.0, 0.25]])
+    total, mass = np.asarray(g).sum(0), np.abs(np.asarray(g)).sum(0)
+    purity = 0.5 * (1.0 + total / mass)  # [2/3, 0.3, 0.8, 0.1] by hand
+    num = 20000
+    keys = jax.random.split(jax.random.key(11), num)
+    coords = jax.jit(jax.vmap(
+        lambda k: GRADDROP.weigh(g, jnp.zeros(3), GRADDROP.init(3), k, None).coordinate_weights))(keys)
+    positive = np.asarray(g) > 0
+    kept_positive = np.asarray(jnp.any((coords > 0) & positive[None], axis=1))  # (N, F)
+    kept_negative = np.asarray(jnp.any((coords > 0) & ~positive[None], axis=1))
+    np.testing.assert_array_equal(kept_positive, ~kept_negative)  # exactly one sign per draw
+    freq = kept_positive.mean(axis=0)
+    sigma = np.sqrt(purity * (1 - purity) / num)
+    assert np.all(np.abs(freq - purity) <= 5 * sigma), (freq, purity, sigma)
 
 
 def test_wrappers_keep_or_refuse_the_update_form():

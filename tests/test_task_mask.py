@@ -21,6 +21,7 @@ import imtl_jax
 from imtl_jax import methods
 from imtl_jax._method import Method, Weighting, WeightingOutput, stateless_init
 from imtl_jax.methods._mask import mask_supported_methods
+from imtl_jax.methods.moco import MoCoState
 from marks import slow_unless_core
 from oracles import x64
 
@@ -71,7 +72,10 @@ def _take(x, idx, axes):
 def _restrict_state(state, weighting, idx):
     leaves, tree = jax.tree_util.tree_flatten(state)
     axes = _task_axes(weighting)
-    return jax.tree_util.tree_unflatten(tree, [jnp.asarray(_take(x, idx, a)) for x, a in zip(leaves, axes)])
+    sub = jax.tree_util.tree_unflatten(tree, [jnp.asarray(_take(x, idx, a)) for x, a in zip(leaves, axes)])
+    if isinstance(sub, MoCoState):  # MoCo's sub-problem starts from its own simplex (see _assert_state)
+        sub = sub._replace(weights=sub.weights / jnp.sum(sub.weights))
+    return sub
 
 
 def _assert_state(new, old, sub_new, weighting, mask):
@@ -79,6 +83,9 @@ def _assert_state(new, old, sub_new, weighting, mask):
     the old state's, bit for bit; shared leaves (counters) equal the sub-problem's."""
     idx = np.flatnonzero(mask)
     axes = _task_axes(weighting)
+    if isinstance(sub_new, MoCoState):  # present lambda stored scaled by its previous mass
+        sub_new = sub_new._replace(weights=sub_new.weights * np.sum(np.asarray(old.weights)[idx]))
+        np.testing.assert_allclose(float(jnp.sum(new.weights)), 1.0, rtol=0, atol=1e-12)
     for n, o, s, a in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old),
                           jax.tree_util.tree_leaves(sub_new), axes):
         np.testing.assert_allclose(_take(n, idx, a), np.asarray(s), rtol=RTOL, atol=ATOL)

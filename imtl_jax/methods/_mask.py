@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imtl_jax._method import Weighting, WeightingOutput
+from imtl_jax._method import Weighting, WeightingOutput, check_output_form
 from imtl_jax.methods._common import compute_dtype, normalized_gramian
 
 
@@ -76,14 +76,18 @@ def weigh(weighting: Weighting, grads, losses, state, key, priorities,
     """``weighting.weigh`` with an optional mask.
 
     Without a mask this is exactly ``weighting.weigh(grads, losses, state, key, priorities)``
-    (no extra operation is traced). With one, the weighting gets ``task_mask=`` and the output
+    (no extra operation is traced; the output's form is checked against the weighting's flags,
+    statically: ``check_output_form``). With one, the weighting gets ``task_mask=`` and the output
     is guarded: masked weights are exactly 0 and, when no task is present (a traced all-absent
     mask), every weight is 0 and the state is returned unchanged.
     """
     if task_mask is None:
-        return weighting.weigh(grads, losses, state, key, priorities)
+        out = weighting.weigh(grads, losses, state, key, priorities)
+        check_output_form(out, weighting, name)
+        return out
     require_mask_support(weighting, name)
     out = weighting.weigh(grads, losses, state, key, priorities, task_mask=task_mask)
+    check_output_form(out, weighting, name)
     present = jnp.any(task_mask)
     weights = jnp.where(task_mask & present, out.weights, jnp.zeros_like(out.weights))
     new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(present, n, o), out.state, state)

@@ -145,9 +145,11 @@ def graddrop_weighting(*, leak: Optional[Sequence[float]] = None,
     activation inside the sum), and from TorchJD's ``mtl_backward`` at the features, which
     masks each example's coordinates separately (the batch is part of its Jacobian's columns).
 
-    Stochastic: ``U`` from the step's ``key`` (``fold_in(key(0), count)`` with ``key=None``);
-    one draw per coordinate, independent of T. Partial labels (``task_mask``): an absent task is
-    out of both purity sums and gets ``C_t = 0``; the present tasks get the sub-problem's ``C``
+    Stochastic: ``U`` from the step's ``key`` (``fold_in(key(0), count)`` with ``key=None``:
+    then every run draws the same sequence of ``U``, so seeds differ only through the model;
+    pass a ``key`` per step for independent runs); one draw per coordinate, independent of T.
+    Partial labels (``task_mask``): an absent task is out of both purity sums and gets
+    ``C_t = 0``; the present tasks get the sub-problem's ``C``
     for the same key. Non-finite rows: NaN weights and ``C`` (loud), the counter does not
     advance. Cost per step: per-task gradients + O(T F); at the representation level the
     (T, B, F) per-example gradients are formed (the weighted methods avoid them).

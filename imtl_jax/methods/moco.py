@@ -77,7 +77,7 @@ def _weigh(grads, losses, state, key, priorities, *, beta, beta_sigma, gamma, ga
             f"`state` of the 'moco' weighting tracks {shape[1]} columns but `grads` has F = {size}: "
             f"make it with the weighting's init_state(num_tasks, dtype, dim={size}) (the training "
             "step's init(params) does).")
-    check_state(state, _init(num_tasks, grads.dtype, dim=size), "moco")
+    check_state(state, jax.eval_shape(lambda: _init(num_tasks, grads.dtype, dim=size)), "moco")
     cdt = compute_dtype(grads.dtype)
     mask = task_mask
     g = grads.astype(cdt)
@@ -91,9 +91,15 @@ def _weigh(grads, losses, state, key, priorities, *, beta, beta_sigma, gamma, ga
     old_lam = state.weights.astype(cdt)
     y = old_y - beta_k * (old_y - moco_targets(g, loss, normalize))
     lam = old_lam
+    mass = None
     if mask is not None:  # the sub-problem: present rows of Y and entries of lambda only
         y = _mask.keep(y, old_y, mask, axis=0)
-        lam = _mask.entries(lam, mask)
+        # The sub-problem's lambda is on its own simplex: the present entries renormalized
+        # (uniform over them if their mass is 0); the update is stored scaled back by that mass.
+        mass = jnp.sum(_mask.entries(lam, mask))
+        count = jnp.maximum(jnp.sum(mask.astype(cdt)), 1.0)
+        lam = jnp.where(mass > 0, _mask.entries(lam, mask) / jnp.where(mass > 0, mass, 1.0),
+                        _mask.entries(jnp.ones_like(lam), mask) / count)
     y_used = y if mask is None else _mask.rows(y, mask)
     gram = jnp.matmul(y_used, y_used.T, precision=HIGHEST)
     logits = lam - gamma_k * (jnp.matmul(gram, lam, precision=HIGHEST) + rho * lam)
@@ -102,7 +108,7 @@ def _weigh(grads, losses, state, key, priorities, *, beta, beta_sigma, gamma, ga
     else:
         new_lam = jax.nn.softmax(logits) if mask is None else _mask.softmax(logits, mask)
     direction = jnp.matmul(new_lam, y_used, precision=HIGHEST)
-    new_state = MoCoState(y, new_lam if mask is None else _mask.keep(new_lam, old_lam, mask),
+    new_state = MoCoState(y, new_lam if mask is None else _mask.keep(mass * new_lam, old_lam, mask),
                           state.count + 1)
     check = (g, loss) if normalize else (g,)
     weights = nan_if_not_finite(new_lam, *check)
@@ -132,10 +138,13 @@ def moco_weighting(*, beta: float = 0.5, beta_sigma: float = 0.5, gamma: float =
 
     ``Y`` starts at 0 and ``lambda`` at ``1/T`` (LibMTL). Defaults are LibMTL's (from the
     authors' code): beta = 0.5, beta_sigma = 0.5, gamma = 0.1, gamma_sigma = 0.5, rho = 0;
-    TorchJD 0.18 has no MoCo. No ``1e-8`` beside the norm (LibMTL's): a zero gradient is
-    tracked as 0. The state is (T, F) floats (``needs_dim``: T copies of the shared
-    parameters at the parameter level), made by ``init_state(T, dtype, dim=F)``, which the
-    step, the aggregator and the NNX helper call.
+    TorchJD 0.18 has no MoCo. No ``1e-8`` beside the norm (LibMTL's): a zero gradient is tracked
+    as 0. The paper's projection of ``y`` onto a bounded set is omitted, as in LibMTL. **A
+    negative loss** (e.g. a Gaussian negative log-likelihood) makes the default tracking ``L_t
+    g_t / |g_t|`` point against ``g_t``: that task's gradient is tracked reversed and ascended;
+    ``normalize=False`` (track ``g_t``) avoids it. The state is (T, F) floats (``needs_dim``: T
+    copies of the shared parameters at the parameter level), made by ``init_state(T, dtype,
+    dim=F)``, which the step, the aggregator and the NNX helper call.
 
     **Parameter level only**: ``d`` is not a combination of the current rows, so it exists where
     the rows are the update's own space (the shared parameters; :func:`imtl_jax.aggregate`'s
@@ -144,9 +153,13 @@ def moco_weighting(*, beta: float = 0.5, beta_sigma: float = 0.5, gamma: float =
     names ``level="parameters"``. Heads get the gradient of their own loss.
 
     Partial labels (``task_mask``): the absent tasks' rows of ``Y`` and entries of lambda are
-    kept, the present tasks run the sub-problem's update (step counter shared), ``d`` combines
-    the present rows. Non-finite rows (or losses, with ``normalize``): NaN weights and
-    direction, state unchanged. Cost per step: per-task gradients + O(T^2 F).
+    kept, the present tasks run the sub-problem's update (step counter shared) from their lambda
+    renormalized to sum 1 (the sub-problem's own simplex; uniform if their mass ``m`` is 0), the
+    output's ``weights`` are the sub-problem's new lambda and ``d`` combines the present rows
+    with them; the state stores ``m`` times that new lambda for the present tasks, so the full
+    lambda stays on the simplex (absent entries unchanged, the sum still 1). Non-finite rows (or
+    losses, with ``normalize``): NaN weights and direction, state unchanged. Cost per step:
+    per-task gradients + O(T^2 F).
     ``info``: ``step_size_tracking`` (beta_k), ``step_size_weights`` (gamma_k).
 
     Example:
@@ -168,9 +181,9 @@ def moco_weighting(*, beta: float = 0.5, beta_sigma: float = 0.5, gamma: float =
         values[name] = value
     if not 0 < values["beta"] <= 1:
         raise ValueError(f"`beta` must be in (0, 1], got {beta!r}.")
-    return Weighting(name="moco", init=_init,
-                     weigh=functools.partial(_weigh, normalize=bool(normalize), simplex=bool(simplex),
-                                             **values),
+    weigh = functools.partial(_weigh, normalize=bool(normalize), simplex=bool(simplex), **values)
+    weigh.reads_losses = bool(normalize)  # type: ignore[attr-defined]  # aggregate(): losses= needed?
+    return Weighting(name="moco", init=_init, weigh=weigh,
                      needs_grads=True, weights_heads=False, supports_task_mask=True, needs_dim=True,
                      returns_direction=True)
 
