@@ -103,6 +103,7 @@ def test_gramian_routes_the_hard_cases_to_exact_scaling(case):
         assert float(s) == 1.0 and np.all(np.asarray(m) == 0)
 
 
+@pytest.mark.slow  # several compiles; CI's slow step runs it
 def test_gramian_vmap_and_float64():
     """Under vmap both routes run and each member gets its own route's answer; float64 input
     takes the lean route with float64's limits."""
@@ -151,6 +152,7 @@ def test_damped_newton_masked_equals_sub_problem():
     assert int(run(w0, jnp.sum(jnp.array([False, True, False])))[2]) == 6
 
 
+@pytest.mark.slow  # several compiles; CI's slow step runs it
 def test_gramian_cost_benchmark_runs(capsys):
     """benchmarks/gramian_cost.py at tiny size, without its timing: the lean route makes fewer
     passes over the data (XLA's CPU backend at small shapes writes |G| out: 3), and the method

@@ -589,6 +589,7 @@ def test_direction_methods_refuse_the_representation_level_and_accumulation():
     assert {"graddrop", "moco"} <= set(imtl_jax.methods.method_names())
 
 
+@pytest.mark.slow  # several compiles; CI's slow step runs it
 def test_an_unflagged_coordinate_or_direction_output_is_refused_on_every_path():
     """A weighting returning ``coordinate_weights`` / ``direction`` without its flag would be
     used as ``weights @ grads``: every path raises a ValueError naming the flag."""
