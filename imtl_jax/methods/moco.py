@@ -91,7 +91,7 @@ def _weigh(grads, losses, state, key, priorities, *, beta, beta_sigma, gamma, ga
     old_lam = state.weights.astype(cdt)
     y = old_y - beta_k * (old_y - moco_targets(g, loss, normalize))
     lam = old_lam
-    mass = None
+    mass = jnp.ones((), cdt)  # the present tasks' lambda mass (all of it without a mask)
     if mask is not None:  # the sub-problem: present rows of Y and entries of lambda only
         y = _mask.keep(y, old_y, mask, axis=0)
         # The sub-problem's lambda is on its own simplex: the present entries renormalized
