@@ -205,12 +205,14 @@ def check_output_form(out: WeightingOutput, weighting: "Weighting", name: str) -
 def check_dim(dim: Any, name: str, arg: str = "dim") -> int:
     """``dim`` (F, the number of gradient columns) as an int >= 1, else a ValueError naming it
     (as ``arg``: ``"feature_dim"`` where the caller's argument has that name)."""
-    if dim is None:
+    if dim is None:  # init(num_tasks, dtype) on a weighting whose state needs F: name the fix
         raise ValueError(
-            f"the {name!r} weighting keeps per-coordinate state (needs_dim): its state needs F, the "
-            "number of columns of the per-task gradient matrix; pass dim=F to init_state (F = the "
-            "per-example size of the shared feature at the representation level, the number of "
-            "shared parameters at level='parameters', the parameters' size for aggregate()).")
+            f"the {name!r} weighting keeps per-coordinate state of shape (T, F) (needs_dim): make it "
+            "with init_state(num_tasks, dtype, dim=F), not init(num_tasks, dtype); F is the number of "
+            "columns of the per-task gradient matrix (the per-example size of the shared feature at "
+            "the representation level, the number of shared parameters at level='parameters', the "
+            "parameters' size for aggregate()). The training step's init, the NNX train_step.init "
+            "and aggregate()'s tx.init(params) pass F themselves.")
     bad = ValueError(f"`{arg}` (F, the number of gradient columns) must be an int >= 1, got {dim!r}.")
     if isinstance(dim, bool) or not hasattr(dim, "__index__"):
         raise bad

@@ -510,20 +510,27 @@ def test_accumulate_step_graddrop_with_a_loss_scaling_equals_the_whole_batch(sca
         np.testing.assert_allclose(grads.log_scales, want_s, rtol=1e-10, atol=1e-12)
 
 
-def test_nnx_helper_graddrop_equals_hand_built():
+def _nnx_net(width: int):
+    """A Linear(3, width) encoder and two Linear(width, 1) heads (NNX), seed 0."""
     from flax import nnx
-    from imtl_jax.nnx import make_train_step
 
     class Net(nnx.Module):
         def __init__(self, rngs):
-            self.encoder = nnx.Linear(3, 5, rngs=rngs)
-            self.heads = nnx.List([nnx.Linear(5, 1, rngs=rngs) for _ in range(2)])
+            self.encoder = nnx.Linear(3, width, rngs=rngs)
+            self.heads = nnx.List([nnx.Linear(width, 1, rngs=rngs) for _ in range(2)])
+
+    return Net(nnx.Rngs(0))
+
+
+def test_nnx_helper_graddrop_equals_hand_built():
+    from flax import nnx
+    from imtl_jax.nnx import make_train_step
 
     def loss(head, z, batch, t):
         return jnp.mean((head(jnp.tanh(z))[:, 0] - batch["y"][:, t]) ** 2)
 
     with x64():
-        model = Net(nnx.Rngs(0))
+        model = _nnx_net(5)
         for leaf in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)):
             assert leaf.dtype == jnp.float32
         rng = np.random.default_rng(0)
@@ -557,15 +564,10 @@ def test_nnx_helper_runs_moco_at_the_parameter_level_and_refuses_the_representat
     from flax import nnx
     from imtl_jax.nnx import make_train_step
 
-    class Net(nnx.Module):
-        def __init__(self, rngs):
-            self.encoder = nnx.Linear(3, 4, rngs=rngs)
-            self.heads = nnx.List([nnx.Linear(4, 1, rngs=rngs) for _ in range(2)])
-
     def loss(head, z, batch, t):
         return jnp.mean((head(z)[:, 0] - batch["y"][:, t]) ** 2)
 
-    model = Net(nnx.Rngs(0))
+    model = _nnx_net(4)
     optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
     train_step = make_train_step(loss, "moco", shared="encoder", loss_scales=None)
     state = train_step.init(model)

@@ -45,12 +45,6 @@ class ExcessMTLState(NamedTuple):
 
 
 def _init(num_tasks, dtype=None, *, dim=None):
-    if dim is None:  # init(num_tasks, dtype) on the registered weighting: name the fix
-        raise ValueError(
-            "the 'excess_mtl' weighting keeps per-coordinate state of shape (T, F) (needs_dim): "
-            "make it with init_state(num_tasks, dtype, dim=F), not init(num_tasks, dtype); the "
-            "training step's init(params, batch), the NNX train_step.init(model, batch) and "
-            "aggregate()'s tx.init(params) pass F themselves.")
     dim = check_dim(dim, "excess_mtl")
     dtype = compute_dtype(jnp.float32 if dtype is None else dtype)
     return ExcessMTLState(jnp.full((num_tasks,), 1.0 / num_tasks, dtype), jnp.zeros((num_tasks, dim), dtype),

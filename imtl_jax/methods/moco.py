@@ -40,12 +40,6 @@ class MoCoState(NamedTuple):
 
 
 def _init(num_tasks, dtype=None, *, dim=None):
-    if dim is None:
-        raise ValueError(
-            "the 'moco' weighting keeps tracked gradients of shape (T, F) (needs_dim): make its "
-            "state with init_state(num_tasks, dtype, dim=F), not init(num_tasks, dtype); the "
-            "training step's init(params), the NNX train_step.init(model) and aggregate()'s "
-            "tx.init(params) pass F themselves.")
     dim = check_dim(dim, "moco")
     dtype = compute_dtype(jnp.float32 if dtype is None else dtype)
     return MoCoState(jnp.zeros((num_tasks, dim), dtype), jnp.full((num_tasks,), 1.0 / num_tasks, dtype),
