@@ -116,6 +116,14 @@ for job in "${JOBS[@]}"; do
   (cd "$CODE" && "$PYTHON" -m experiments $job)
   status=$?
   after=$(cut -d' ' -f1 /proc/loadavg); t1=$(date +%s)
+  # A job whose runs had all finished earlier (a restart skipping them) changed no run's record, only
+  # rewrote the folder's summary for its own --methods: restore the summary, log and commit nothing.
+  if [ "$status" = 0 ] && [ -n "$folder" ] && [ -d "$HERE/$folder/runs" ] && (cd "$HERE" &&
+      [ -z "$(git status --porcelain --untracked-files=all -- "$folder/runs" 2>/dev/null)" ]); then
+    (cd "$HERE" && git checkout -q -- "$folder" 2>/dev/null) || true
+    echo "run_queue: job $n: every run finished earlier; nothing new"
+    continue
+  fi
   printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$n" "$status" "$((t1 - t0))" "$before" "$after" "$(date -u +%FT%TZ)" \
     "python -m experiments ${job//$HERE\//}" >> "$LOG"
   (cd "$CODE" && "$PYTHON" -m experiments.curves "$out" >/dev/null 2>&1) || true
