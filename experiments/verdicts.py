@@ -191,7 +191,7 @@ def verdict_headline(folder: Path, payload: dict, summary: dict) -> str:
 
 def plot_delta_m_vs_cost(folder: Path, payload: dict, summary: dict) -> Optional[Path]:
     """``folder/delta_m_vs_cost.png``: each method's Δm% (mean, 95 % CI over seeds) against its
-    step time relative to EW (log axis), verdict rows marked; None without ``method_cost.json``."""
+    step time relative to EW (a log axis once the ratios span 3x), verdict rows marked; None without ``method_cost.json``."""
     costs = method_costs(folder)
     if not costs:
         return None
@@ -199,17 +199,28 @@ def plot_delta_m_vs_cost(folder: Path, payload: dict, summary: dict) -> Optional
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    shown = []
     for r in verdict_rows(folder, payload, summary):
         m = r["methods"][0]
         if m not in costs or r["delta_m"]["mean"] is None:
             continue
         half = r["delta_m"]["ci95"] or 0.0
         color = {"**better**": "tab:green", "**worse**": "tab:red"}.get(r["verdict"], "tab:blue")
+        shown.append(costs[m])
         ax.errorbar(costs[m], r["delta_m"]["mean"], yerr=half, fmt="o", color=color, capsize=3, ms=4)
         ax.annotate(r["label"], (costs[m], r["delta_m"]["mean"]), fontsize=7, xytext=(4, 2),
                     textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("training step time / equal weighting (log; benchmarks.method_cost, idle machine)")
+    # Log axis once the ratios span a factor of 3 (parameter-level methods cost 6-8x), linear
+    # below; plain tick labels either way ("1.1x", not "1.1 x 10^0").
+    from matplotlib.ticker import FuncFormatter, LogLocator
+    log_axis = bool(shown) and max(shown) / min(shown) >= 3
+    if log_axis:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:.4g}x"))
+    ax.margins(x=0.12)   # room for the labels of the rightmost points
+    ax.set_xlabel(f"training step time / equal weighting ({'log; ' if log_axis else ''}"
+                  "benchmarks.method_cost, idle machine)")
     ax.set_ylabel("Δm% vs single-task (lower is better)")
     ax.set_title(f"{folder.name}: what each method costs for what it gains\n"
                  "(95 % CI over seeds; green/red: better/worse than EW after Holm)", fontsize=9)

@@ -187,3 +187,30 @@ def test_solve_alone_block_keeps_every_implementation():
     assert body.splitlines()[2:4] == ["| ours (jit) | 1.500 | 0.600 | 8.3e-08 |",
                                       "| indented route | 10.000 | 6.000 | 8.3e-08 |"]
     assert "1-minute load 1.4 before, 1.6 after" in body
+
+
+@pytest.mark.parametrize("costs, log_axis", [({"equal": 1.0, "good": 1.1, "bad": 0.98}, False),
+                                             ({"equal": 1.0, "good": 6.6, "bad": 0.98}, True)])
+def test_delta_m_vs_cost_plot_places_each_method_at_its_cost(tmp_path, monkeypatch, costs, log_axis):
+    """One point per method at (step time / EW, mean Δm%), a log axis only once the shown ratios
+    span 3x; no method-cost record, no plot."""
+    import matplotlib.pyplot as plt
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(_payload(
+        {"equal": [5, 6, 7], "good": [3, 4, 5], "bad": [6, 7, 8]})))
+    assert verdicts.plot_delta_m_vs_cost(folder, *tables.load(folder)[1:]) is None
+    (folder / "method_cost.json").write_text(json.dumps(
+        {"methods": {m: {"ratio_to_equal": r} for m, r in {**costs, "not_run": 50.0}.items()}}))
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    out = verdicts.plot_delta_m_vs_cost(folder, *tables.load(folder)[1:])
+    assert out == folder / "delta_m_vs_cost.png" and out.stat().st_size > 0
+    ax = figures[0].axes[0]
+    points = {t.get_text(): t.xy for t in ax.texts}
+    want = {"equal": (1.0, 6.0), "good": (costs["good"], 4.0), "bad": (0.98, 7.0)}
+    assert set(points) == set(want)
+    for m, xy in want.items():   # Δm% from accuracies: exact up to rounding
+        assert points[m] == pytest.approx(xy, rel=1e-12), m
+    assert (ax.get_xscale() == "log") is log_axis
