@@ -72,9 +72,9 @@ def build(name: str, o) -> Benchmark:
     std = (np.asarray(data.target_std, np.float64) * np.asarray(Q.QM9_PAPER_SCALE))[idx].astype(np.float32)
     units = [Q.QM9_PAPER_UNITS[all_targets.index(t)] for t in targets]
     splits = {}
-    for split in ("train", "val", "test"):
-        ds = data.split(split)
-        splits[split] = type(ds)(x=ds.arrays["x"], y=ds.arrays["y"][:, idx])
+    for part in ("train", "val", "test"):
+        ds = data.split(part)
+        splits[part] = type(ds)(x=ds.arrays["x"], y=ds.arrays["y"][:, idx])
     nf, T = data.num_features, len(targets)
 
     def make_model(seed):
