@@ -76,7 +76,16 @@ def _affine_minimiser(gram, lin, rho, support, size):
     matrix ``K = M / (s s^T)`` (equilibrated, so the solve sees the angles, not the norms),
     ``w = z / s`` and ``p = K^+ (1/s)``, ``q = K^+ (lin/s)``: ``z ∝ mu p - q``, with ``mu`` a root
     of ``(mu p - q)^T K (mu p - q) = rho^2`` and the scale fixed by ``sum w = 1``; of the two
-    roots the one with the lower objective."""
+    roots the one with the lower objective.
+
+    Returns ``(y, ok, ray)``. When the quadratic has no real root (``min_mu ||mu p - q||_K >
+    rho``: the linear term outweighs ``rho ||g||`` along some direction of the hull) ``F`` is
+    unbounded below on the affine hull and has no minimiser there: ``ray`` is true and ``y`` is
+    that recession direction, ``d = (mu* p - q) / s`` with ``mu* = (p^T K q) / (p^T K p)``
+    (``sum d = 0``). ``F`` is convex and its slope along ``d`` tends to ``||r||_P (rho -
+    ||r||_P) < 0`` (``r = mu* 1/s - lin/s``, ``P = K^+``), so it decreases along the whole ray
+    ``w + t d``: the simplex bounds the step (a primal active-set method's unbounded
+    sub-problem)."""
     num_tasks = gram.shape[0]
     dtype = gram.dtype
     eps = jnp.finfo(dtype).eps
@@ -92,7 +101,8 @@ def _affine_minimiser(gram, lin, rho, support, size):
     kp = jnp.matmul(k, p, precision=HIGHEST)
     kq = jnp.matmul(k, q, precision=HIGHEST)
     qa, qb, qc = jnp.dot(p, kp), jnp.dot(p, kq), jnp.dot(q, kq) - rho * rho
-    disc = jnp.sqrt(jnp.maximum(qb * qb - qa * qc, 0.0))
+    disc2 = qb * qb - qa * qc
+    disc = jnp.sqrt(jnp.maximum(disc2, 0.0))
     safe_a = jnp.where(qa > 0, qa, 1.0)
     best = jnp.zeros((num_tasks,), dtype)
     best_value = jnp.asarray(jnp.inf, dtype)
@@ -104,7 +114,11 @@ def _affine_minimiser(gram, lin, rho, support, size):
         better = ok & (_value(gram, lin, rho, cand) < best_value)
         best = jnp.where(better, cand, best)
         best_value = jnp.where(better, _value(gram, lin, rho, cand), best_value)
-    return best, jnp.isfinite(best_value)
+    ray = (qa > 0) & (disc2 < 0)
+    direction = jnp.where(support, (qb / safe_a) * p - q, 0.0) * c
+    direction = direction / jnp.maximum(jnp.max(jnp.abs(direction)), jnp.finfo(dtype).tiny)
+    ray = ray & jnp.all(jnp.isfinite(direction)) & jnp.any(direction < 0)
+    return jnp.where(ray, direction, best), ray | jnp.isfinite(best_value), ray
 
 
 def _face_steps(gram, lin, rho, w, threshold, max_steps, present, size):
@@ -115,8 +129,12 @@ def _face_steps(gram, lin, rho, w, threshold, max_steps, present, size):
     ``threshold`` (the :func:`dual_gap` units). The minimiser ``y`` is taken when it lies in the
     simplex and is no worse; otherwise the iterate moves from ``w`` towards ``y`` until the first
     coordinate hits 0, which is dropped (``F`` is convex and ``F(y) <= F(w)``, so ``F`` never
-    increases). Stops when the face minimiser is KKT-optimal to ``threshold``, when a step makes
-    no progress, or after ``max_steps`` solves; the Frank-Wolfe steps remain the fallback.
+    increases). A face on whose affine hull ``F`` is unbounded below (no minimiser: common on
+    near-singular Gramians, where a vertex of tiny norm is still in the support) is left along
+    its recession direction (:func:`_affine_minimiser`), to the boundary: its first zero is
+    dropped, if ``F`` there is no worse. Stops when the face minimiser is KKT-optimal to
+    ``threshold``, when a step makes no progress, or after ``max_steps`` solves; the Frank-Wolfe
+    steps remain the fallback.
     ``present`` (T,) bool: the vertices that may enter (all but the absent tasks); ``size``:
     the problem's number of tasks (its pseudo-inverse cutoff ``10 size eps``)."""
     num_tasks = gram.shape[0]
@@ -139,15 +157,18 @@ def _face_steps(gram, lin, rho, w, threshold, max_steps, present, size):
         j, add = entering(w)
         add = add & at_face_min
         support = (w > 0) | (add & (idx == j))
-        y, ok = _affine_minimiser(gram, lin, rho, support, size)
-        ok = ok & (_value(gram, lin, rho, y) <= _value(gram, lin, rho, w))
-        blocked = support & (y < 0)
-        ratio = jnp.where(blocked, w / jnp.where(blocked, w - y, 1.0), jnp.inf)
+        y, ok, ray = _affine_minimiser(gram, lin, rho, support, size)
+        # The step from w: towards the face minimiser y (alpha <= 1), or along the recession
+        # direction y of an unbounded face (alpha up to the boundary).
+        direction = jnp.where(ray, y, y - w)
+        blocked = support & jnp.where(ray, direction < 0, y < 0)
+        ratio = jnp.where(blocked, w / jnp.where(blocked, -direction, 1.0), jnp.inf)
         k = jnp.argmin(ratio)
-        alpha = jnp.clip(ratio[k], 0.0, 1.0)
-        moved = jnp.maximum(w + alpha * (y - w), 0.0).at[k].set(0.0)
+        alpha = jnp.clip(ratio[k], 0.0, jnp.where(ray, jnp.inf, 1.0))
+        moved = jnp.maximum(w + alpha * direction, 0.0).at[k].set(0.0)
         moved = moved / jnp.sum(moved)
         infeasible = jnp.any(blocked)
+        ok = ok & (_value(gram, lin, rho, jnp.where(ray, moved, y)) <= _value(gram, lin, rho, w))
         new = jnp.where(ok, jnp.where(infeasible, moved, jnp.maximum(y, 0.0)), w)
         finite = jnp.all(jnp.isfinite(new))
         new = jnp.where(finite, new, w)
