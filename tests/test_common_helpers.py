@@ -106,8 +106,7 @@ def test_gramian_routes_the_hard_cases_to_exact_scaling(case):
 @pytest.mark.slow  # several compiles; CI's slow step runs it
 def test_gramian_vmap_and_float64():
     """Under vmap both routes run and each member gets its own route's answer; float64 input
-    passes the lean test with float64's limits but takes the exact-scaling route (its answer
-    still at the float64 oracle)."""
+    takes the lean route with float64's limits (its answer at the float64 oracle)."""
     rng = np.random.default_rng(1)
     batch = np.stack([rng.standard_normal((4, 32)), rng.standard_normal((4, 32)) * 1e-30]).astype(np.float32)
     vm, vs = jax.vmap(normalized_gramian)(jnp.asarray(batch))

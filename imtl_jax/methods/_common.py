@@ -113,13 +113,8 @@ def normalized_gramian(grads: jax.Array) -> tuple[jax.Array, jax.Array]:
       in ``grads`` propagates into ``M`` (loud).
 
     Under ``vmap`` both routes run (as for any ``lax.cond``): the same values, a higher cost.
-    float64 input always takes the exact-scaling route.
     """
     dtype = grads.dtype
-    if dtype == jnp.float64:
-        # float64 keeps the exact-scaling route: on the hard stress families (tests/test_stress.py)
-        # the lean route's M moved CAGrad's float64 optimality gap from <= 16 eps to ~5e5 eps.
-        return _normalized_gramian_exact(grads)
     lean, scale = _lean_gramian_test(grads)
 
     def lean_route():
