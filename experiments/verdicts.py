@@ -212,11 +212,12 @@ def plot_delta_m_vs_cost(folder: Path, payload: dict, summary: dict) -> Optional
                     textcoords="offset points")
     # Log axis once the ratios span a factor of 3 (parameter-level methods cost 6-8x), linear
     # below; plain tick labels either way ("1.1x", not "1.1 x 10^0").
-    from matplotlib.ticker import FuncFormatter, LogLocator
-    log_axis = bool(shown) and max(shown) / min(shown) >= 3
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    log_axis = bool(shown) and min(shown) > 0 and max(shown) / min(shown) >= 3
     if log_axis:
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_minor_formatter(NullFormatter())   # else "3 x 10^0" on the minor ticks
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:.4g}x"))
     ax.margins(x=0.12)   # room for the labels of the rightmost points
     ax.set_xlabel(f"training step time / equal weighting ({'log; ' if log_axis else ''}"

@@ -205,10 +205,10 @@ def check_output_form(out: WeightingOutput, weighting: "Weighting", name: str) -
 def check_dim(dim: Any, name: str, arg: str = "dim") -> int:
     """``dim`` (F, the number of gradient columns) as an int >= 1, else a ValueError naming it
     (as ``arg``: ``"feature_dim"`` where the caller's argument has that name)."""
-    if dim is None:  # init(num_tasks, dtype) on a weighting whose state needs F: name the fix
+    if dim is None:  # init(num_tasks, dtype), or init_state without dim: name the fix
         raise ValueError(
-            f"the {name!r} weighting keeps per-coordinate state of shape (T, F) (needs_dim): make it "
-            "with init_state(num_tasks, dtype, dim=F), not init(num_tasks, dtype); F is the number of "
+            f"the {name!r} weighting keeps per-coordinate state of shape (T, F) (needs_dim): pass "
+            "dim=F, init_state(num_tasks, dtype, dim=F) (init(num_tasks, dtype) cannot know F); F is the number of "
             "columns of the per-task gradient matrix (the per-example size of the shared feature at "
             "the representation level, the number of shared parameters at level='parameters', the "
             "parameters' size for aggregate()). The training step's init, the NNX train_step.init "

@@ -111,6 +111,9 @@ for job in "${JOBS[@]}"; do
   [ "$n" -lt "$START" ] && continue
   out=$(echo "$job" | sed -n 's/.*--out \([^ ]*\).*/\1/p')
   folder="${out#$HERE/}"
+  # The folder's uncommitted changes before the job (someone's edit, a regenerated plot): a skipped
+  # job restores its folder only when there were none, so it never discards another's work.
+  dirty_before=$(cd "$HERE" && git status --porcelain --untracked-files=all -- "${folder:-.}" 2>/dev/null)
   before=$(cut -d' ' -f1 /proc/loadavg); t0=$(date +%s)
   echo "run_queue: job $n/${#JOBS[@]}: python -m experiments $job"
   (cd "$CODE" && "$PYTHON" -m experiments $job)
@@ -118,7 +121,7 @@ for job in "${JOBS[@]}"; do
   after=$(cut -d' ' -f1 /proc/loadavg); t1=$(date +%s)
   # A job whose runs had all finished earlier (a restart skipping them) changed no run's record, only
   # rewrote the folder's summary for its own --methods: restore the summary, log and commit nothing.
-  if [ "$status" = 0 ] && [ -n "$folder" ] && [ -d "$HERE/$folder/runs" ] && (cd "$HERE" &&
+  if [ "$status" = 0 ] && [ -n "$folder" ] && [ -z "$dirty_before" ] && [ -d "$HERE/$folder/runs" ] && (cd "$HERE" &&
       [ -z "$(git status --porcelain --untracked-files=all -- "$folder/runs" 2>/dev/null)" ]); then
     (cd "$HERE" && git checkout -q -- "$folder" 2>/dev/null) || true
     echo "run_queue: job $n: every run finished earlier; nothing new"

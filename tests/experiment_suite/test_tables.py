@@ -214,3 +214,6 @@ def test_delta_m_vs_cost_plot_places_each_method_at_its_cost(tmp_path, monkeypat
     for m, xy in want.items():   # Δm% from accuracies: exact up to rounding
         assert points[m] == pytest.approx(xy, rel=1e-12), m
     assert (ax.get_xscale() == "log") is log_axis
+    figures[0].canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels() + ax.get_xticklabels(minor=True) if t.get_text()]
+    assert labels and all(label.endswith("x") and "10" not in label for label in labels), labels
