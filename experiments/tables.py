@@ -16,6 +16,8 @@ Blocks:
 * ``<folder>:headline``: the verdicts in four lines (the README's summary).
 * ``<folder>:levels``: each method run at both levels (z and θ), the paired θ − z difference.
 * ``<folder>:provenance``: the command, seeds, configuration and machine of the runs.
+* ``<folder>:alpha``: how α behaved along the runs (``alpha_stats.json``, written by
+  ``python -m experiments.alpha_stats``).
 * ``perf:step_cost``: the step-cost table of the committed ``python -m benchmarks.step_cost``
   output (``results/benchmarks/step_cost.txt``), with its load; ``perf:solve_alone``: the weight
   solve alone (``results/benchmarks/solve_alone.txt``); ``perf:cost_vs_tasks``: the
@@ -280,7 +282,15 @@ def perf_table(name: str) -> Optional[str]:
 
 def _producers() -> dict[str, Callable[[Path], str]]:
     return {"": full_table, "verdict": verdict_table, "headline": headline, "curves": curves_table,
-            "levels": levels_table, "provenance": provenance}
+            "levels": levels_table, "provenance": provenance, "alpha": _alpha_table}
+
+
+def _alpha_table(folder: Path) -> str:
+    from experiments.alpha_stats import alpha_table
+    if not (folder / "alpha_stats.json").exists():
+        raise FileNotFoundError(f"{folder / 'alpha_stats.json'} is missing: run python -m experiments.alpha_stats "
+                                f"{folder}")
+    return alpha_table(folder)
 
 
 def render(name: str) -> Optional[str]:
