@@ -63,7 +63,8 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def segmentation_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Pixel cross-entropy: logits (B, H, W, C), labels (B, H, W) with -1 = ignore -> scalar (mean over valid pixels)."""
+    """Pixel cross-entropy: logits (B, H, W, C), labels (B, H, W) with -1 = ignore -> scalar (mean over valid
+    pixels)."""
     valid = labels >= 0
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0).astype(jnp.int32))
     return _masked_mean(ce, valid)
@@ -76,7 +77,8 @@ def depth_loss(pred: jax.Array, depth: jax.Array) -> jax.Array:
 
 
 def normal_loss(pred: jax.Array, normal: jax.Array) -> jax.Array:
-    """1 - cosine over valid pixels: pred (B, H, W, 3) (unit vectors), normal (B, H, W, 3), all-zero = invalid -> scalar."""
+    """1 - cosine over valid pixels: pred (B, H, W, 3) (unit vectors), normal (B, H, W, 3), all-zero = invalid
+    -> scalar."""
     valid = jnp.any(normal != 0, axis=-1)
     return _masked_mean(1.0 - jnp.sum(pred * normal, axis=-1), valid)
 

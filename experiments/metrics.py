@@ -244,7 +244,8 @@ def task_of_metric_map(specs: Sequence[MetricSpec]) -> dict[str, str]:
     return {s.name: s.task for s in specs}
 
 
-def _rel(metrics: Mapping[str, float], baseline: Mapping[str, float], higher_is_better: Mapping[str, bool]) -> dict[str, float]:
+def _rel(metrics: Mapping[str, float], baseline: Mapping[str, float],
+         higher_is_better: Mapping[str, bool]) -> dict[str, float]:
     """Signed relative improvement (M - B)/B (positive = better) for every metric of ``higher_is_better``."""
     out = {}
     for name, hib in higher_is_better.items():
@@ -275,7 +276,8 @@ def delta_p(
     higher_is_better: Mapping[str, bool],
     task_of_metric: Mapping[str, str],
 ) -> float:
-    """Δp (task-mean, LibMTL): mean over tasks of the mean signed relative change of its metrics, in %; **positive = better**."""
+    """Δp (task-mean, LibMTL): mean over tasks of the mean signed relative change of its metrics, in %;
+    **positive = better**."""
     rel = _rel(metrics, baseline, higher_is_better)
     if not rel:
         raise ValueError("no metrics given")

@@ -43,9 +43,8 @@ __all__ = [
     "DENSE_OUT_CHANNELS",
 ]
 
-_stacked_init = nnx.initializers.variance_scaling(
-    1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,)
-)
+_stacked_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
+                                                  batch_axis=(0,))
 
 
 class StackedLinear(nnx.Module):
@@ -69,7 +68,8 @@ class StackedLinear(nnx.Module):
             return jnp.einsum("bf,tfo->tbo", z, k) + b[:, None, :]
         if z.ndim == 3 and z.shape[0] == self.num_tasks:
             return jnp.einsum("tbf,tfo->tbo", z, k) + b[:, None, :]
-        raise ValueError(f"expected z of shape (B, {self.in_features}) or ({self.num_tasks}, B, {self.in_features}); got {z.shape}")
+        raise ValueError(f"expected z of shape (B, {self.in_features}) or ({self.num_tasks}, B, {self.in_features}); "
+                         f"got {z.shape}")
 
     def apply_task(self, z: jax.Array, t) -> jax.Array:
         """Head ``t`` alone (``t`` may be traced): (B, F) -> (B, out)."""
@@ -153,7 +153,8 @@ class LeNetEncoder(nnx.Module):
 
 
 class LeNetMTL(_TwoPart):
-    """MultiMNIST LeNet: :class:`LeNetEncoder` + stacked 50-50-``num_classes`` heads; ``model(x)`` -> (T, B, C) logits."""
+    """MultiMNIST LeNet: :class:`LeNetEncoder` + stacked 50-50-``num_classes`` heads; ``model(x)`` -> (T, B, C)
+    logits."""
 
     def __init__(
         self,
@@ -243,7 +244,8 @@ class _BasicBlock(nnx.Module):
 
 
 class ResNet18Encoder(nnx.Module):
-    """ResNet-18, small-input variant (3x3 stride-1 stem, no max-pool), global average pool; (B, H, W, C) -> (B, 8*width).
+    """ResNet-18, small-input variant (3x3 stride-1 stem, no max-pool), global average pool; (B, H, W, C) ->
+    (B, 8*width).
 
     ``norm``: ``batch`` (default; use ``model.train()`` / ``model.eval()``), ``group`` or ``none``.
     """
@@ -310,12 +312,15 @@ def _upsample_to(x: jax.Array, like: jax.Array) -> jax.Array:
 
 
 class DenseEncoder(nnx.Module):
-    """U-Net-style shared trunk: ``levels`` 2x down-samplings (max-pool) and back (bilinear + skip); (B, H, W, C) -> (B, H, W, width)."""
+    """U-Net-style shared trunk: ``levels`` 2x down-samplings (max-pool) and back (bilinear + skip);
+    (B, H, W, C) -> (B, H, W, width)."""
 
     def __init__(self, in_channels: int = 3, width: int = 32, levels: int = 3, norm: str = "batch", *, rngs: nnx.Rngs):
         chans = [width * 2**i for i in range(levels + 1)]
-        self.down = nnx.List([_ConvBlock(in_channels if i == 0 else chans[i - 1], chans[i], norm, rngs=rngs) for i in range(levels + 1)])
-        self.up = nnx.List([_ConvBlock(chans[i + 1] + chans[i], chans[i], norm, rngs=rngs) for i in reversed(range(levels))])
+        self.down = nnx.List([_ConvBlock(in_channels if i == 0 else chans[i - 1], chans[i], norm, rngs=rngs)
+                              for i in range(levels + 1)])
+        self.up = nnx.List([_ConvBlock(chans[i + 1] + chans[i], chans[i], norm, rngs=rngs)
+                            for i in reversed(range(levels))])
         self.out_features = width
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -354,7 +359,8 @@ class DenseHeads(nnx.Module):
 
     def __init__(self, in_features: int, out_channels: Mapping[str, int], *, rngs: nnx.Rngs):
         self.task_names = tuple(out_channels)
-        self.heads = nnx.Dict({t: _DenseHead(in_features, c, t == "normal", rngs=rngs) for t, c in out_channels.items()})
+        self.heads = nnx.Dict({t: _DenseHead(in_features, c, t == "normal", rngs=rngs)
+                               for t, c in out_channels.items()})
 
     def __call__(self, z: jax.Array) -> dict[str, jax.Array]:
         """All heads: dict task -> prediction."""

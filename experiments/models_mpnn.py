@@ -69,7 +69,8 @@ EDGE_FEATURES = 5  # bond one-hot (4) + distance
 
 def unpack(graph: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Split a packed batch (B, A, PACK_WIDTH) into ``x`` (B, A, 11), ``pos`` (B, A, 3),
-    ``bond`` (B, A, A) int32 codes 0..4 and ``mask`` (B, A) bool (see :func:`experiments.data.qm9_graph.pack_graphs`)."""
+    ``bond`` (B, A, A) int32 codes 0..4 and ``mask`` (B, A) bool
+    (see :func:`experiments.data.qm9_graph.pack_graphs`)."""
     if graph.ndim != 3 or graph.shape[-1] != PACK_WIDTH or graph.shape[1] != MAX_ATOMS:
         raise ValueError(f"expected a packed graph batch of shape (B, {MAX_ATOMS}, {PACK_WIDTH}); got {graph.shape}")
     x = graph[..., :NUM_NODE]
@@ -199,7 +200,8 @@ class MPNNMTL(nnx.Module):
 
     def __init__(self, num_tasks: int = 11, *, dim: int = 64, edge_hidden: int = 128, rounds: int = 3,
                  set2set_steps: int = 3, rngs: nnx.Rngs):
-        self.encoder = MPNNEncoder(dim=dim, edge_hidden=edge_hidden, rounds=rounds, set2set_steps=set2set_steps, rngs=rngs)
+        self.encoder = MPNNEncoder(dim=dim, edge_hidden=edge_hidden, rounds=rounds, set2set_steps=set2set_steps,
+                                   rngs=rngs)
         self.heads = StackedLinear(num_tasks, dim, 1, rngs=rngs)
 
     def __call__(self, graph: jax.Array) -> jax.Array:
@@ -220,7 +222,8 @@ def mpnn_flops(batch: int, atoms: int = MAX_ATOMS, dim: int = 64, edge_hidden: i
     return {
         "forward": float(fwd),
         "forward_direct_edge_net": float(edge_hidden_layer + 2 * e * k * d * d
-                                          + rounds * (per_round - 2 * n * d * k * d - 2 * e * k * d + 2 * e * d * d) + s2s + rest),
+                                          + rounds * (per_round - 2 * n * d * k * d - 2 * e * k * d + 2 * e * d * d)
+                                          + s2s + rest),
         "train_step_estimate": float(3 * fwd),  # forward + backward ~ 3x forward
     }
 

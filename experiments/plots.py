@@ -132,7 +132,7 @@ def plot_compare(out_dir: Path, bench, results: Sequence[dict], histories: dict)
         h = histories.get((r["method"], r["seed"]))
         if not h or not h.get("val"):
             continue
-        for t, task in enumerate(tasks):
+        for t, _task in enumerate(tasks):
             if r.get("single_task") is not None and r["single_task"] != t:
                 continue
             metric = bench.metric_names_of_task(t)[0]

@@ -137,7 +137,7 @@ def summarize(bench, results: Sequence[dict]) -> dict:
         methods[m] = entry
     if "equal" in methods and "delta_m" in methods["equal"]:
         ew = methods["equal"]["delta_m"]["by_seed"]
-        for m, e in methods.items():
+        for _m, e in methods.items():
             if "delta_m" in e:
                 mean, half, n = stats.paired_diff_ci(e["delta_m"]["by_seed"], ew)
                 e["delta_m_minus_ew"] = {"mean": mean if n else None, "ci95": half if n > 1 else None, "n": n}
@@ -168,7 +168,8 @@ def markdown_table(bench, summary: dict, split: str = "test", max_inline_metrics
     cols = ["method", "seeds"] + ([head(n) for n in names] if inline else [f"mean of {len(names)} metrics"])
     # Iterative solvers that stopped at their cap: shown when any method of the table has one.
     has_solver = any(e.get("solver_steps") for e in summary["methods"].values())
-    cols += (["Δm% ↓", "Δp% ↑"] if has_delta else []) + (["Δm − EW"] if has_ew else []) + ["wall s", "step ms", "skipped"]
+    cols += ((["Δm% ↓", "Δp% ↑"] if has_delta else []) + (["Δm − EW"] if has_ew else [])
+             + ["wall s", "step ms", "skipped"])
     cols += ["solver short of tolerance"] if has_solver else []
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * len(cols)) + "|"]
     for m in summary["order"]:
@@ -184,7 +185,8 @@ def markdown_table(bench, summary: dict, split: str = "test", max_inline_metrics
         if has_ew:
             row.append(_pm(e.get("delta_m_minus_ew")))
         w, st = e["wall_time_s"], e["step_time_ms"]
-        row += ["n/a" if w["mean"] is None else f"{w['mean']:.1f}", "n/a" if st["mean"] is None else f"{st['mean']:.1f}",
+        row += ["n/a" if w["mean"] is None else f"{w['mean']:.1f}",
+                "n/a" if st["mean"] is None else f"{st['mean']:.1f}",
                 str(e["skipped_steps"])]
         if has_solver:
             row.append(f"{e['nonconverged_steps']} of {e['solver_steps']} steps" if e.get("solver_steps") else "–")

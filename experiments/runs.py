@@ -16,8 +16,8 @@ from typing import Optional, Sequence
 
 from experiments.errors import CLIError
 
-__all__ = ["PARAMS_SUFFIX", "LINEAR", "RunSpec", "RunConfig", "expand_methods", "run_dir", "resolve_method", "task_index",
-           "single_task_spec"]
+__all__ = ["PARAMS_SUFFIX", "LINEAR", "RunSpec", "RunConfig", "expand_methods", "run_dir", "resolve_method",
+           "task_index", "single_task_spec"]
 
 
 def _make_linear():

@@ -178,8 +178,10 @@ def provenance(folder: Path) -> str:
     loads = [r.get("machine", {}).get("load_1min") for r in runs if r.get("machine", {}).get("load_1min") is not None]
     cpu_s = sum(r.get("wall_time_s") or 0.0 for r in runs)
     methods = [m for m in summary["order"]]
-    out = [f"- command (last call; `results/` holds the script that made every call): `{_relative_paths(payload.get('command', ''))}`",
-           f"- {len(runs)} runs: {len(methods)} methods (single-task counted once) x seeds {', '.join(map(str, seeds))}",
+    out = [f"- command (last call; `results/` holds the script that made every call): "
+           f"`{_relative_paths(payload.get('command', ''))}`",
+           f"- {len(runs)} runs: {len(methods)} methods (single-task counted once) x seeds "
+           f"{', '.join(map(str, seeds))}",
            f"- training: {cfg.get('steps')} steps, batch {cfg.get('batch_size')}, Adam lr {cfg.get('lr')}, "
            f"{cfg.get('schedule')} schedule, weight decay {cfg.get('weight_decay')}, evaluated every "
            f"{cfg.get('eval_every')} steps; test metrics at the best validation step",

@@ -243,7 +243,7 @@ def _train_group(bench, program: Program, runs: list, cfg: RunConfig, *, referen
                     break
                 batch = stack([it.batch_at(step) for it in iters])
                 if probe_fn is not None and step % probe_every == 0:
-                    pkeys = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), step))(keys)
+                    pkeys = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k), step))(keys)  # noqa: B023 (called here)
                     pv = jax.device_get(probe_fn(state["params"], state["method_state"], batch, pkeys))
                     for i, r in enumerate(runs):
                         r.history["probe"].append({"step": step, **records.to_json({k: v[i] for k, v in pv.items()})})

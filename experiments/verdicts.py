@@ -191,7 +191,8 @@ def verdict_headline(folder: Path, payload: dict, summary: dict) -> str:
 
 def plot_delta_m_vs_cost(folder: Path, payload: dict, summary: dict) -> Optional[Path]:
     """``folder/delta_m_vs_cost.png``: each method's Δm% (mean, 95 % CI over seeds) against its
-    step time relative to EW (a log axis once the ratios span 3x), verdict rows marked; None without ``method_cost.json``."""
+    step time relative to EW (a log axis once the ratios span 3x), verdict rows marked; None without
+    ``method_cost.json``."""
     costs = method_costs(folder)
     if not costs:
         return None

@@ -88,7 +88,7 @@ def check_permutation_equivariant(fn, rtol, cond2=0.0):
 
 
 def check_finite_on_degenerate(fn):
-    for name, g in _degenerate().items():
+    for _name, g in _degenerate().items():
         w = fn(jnp.asarray(g))
         chex.assert_tree_all_finite(w)
         chex.assert_type(w, jnp.float32)

@@ -85,7 +85,7 @@ def test_tuple_and_generic_forms_and_pcgrad_key():
         assert_rel(g2, g1)
 
         def all_losses(heads, z, b):
-            return jnp.stack([head_loss(jax.tree_util.tree_map(lambda x: x[t], heads), z, b, t) for t in range(T)])
+            return jnp.stack([head_loss(jax.tree_util.tree_map(lambda x, t=t: x[t], heads), z, b, t) for t in range(T)])
         gen = imtl_jax.mtl_step(encoder, all_losses, "imtl_h")
         g1, _, _ = jax.jit(gen)(params, (), batch)
         g2, _, _ = jax.jit(imtl_jax.accumulate_step(gen, 3))(params, (), batch)
@@ -125,7 +125,7 @@ def test_multi_steps_k_micro_batches_equal_one_batch_with_adam():
 
         def task_losses(shared, b):  # heads fixed: the shared parameters' per-task gradients
             z = encoder(shared, b)
-            return jnp.stack([head_loss(jax.tree_util.tree_map(lambda x: x[t], params.heads), z, b, t)
+            return jnp.stack([head_loss(jax.tree_util.tree_map(lambda x, t=t: x[t], params.heads), z, b, t)
                               for t in range(T)])
 
         for method in ("imtl_g", "dwa"):
@@ -137,7 +137,7 @@ def test_multi_steps_k_micro_batches_equal_one_batch_with_adam():
             traces = []
 
             def acc_update(u, s, p, losses, acc=acc):
-                traces.append(1)
+                traces.append(1)  # noqa: B023 (used within this iteration)
                 return acc.update(u, s, p, losses=losses)
             acc_update = jax.jit(acc_update)
             for _ in range(2):  # two accumulated updates

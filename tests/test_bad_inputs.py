@@ -116,7 +116,7 @@ def loss1(v, z, batch):
     return jnp.mean((z @ v - batch["y"][:, 1]) ** 2)
 
 
-def params(shared=S((DIN, F), F32), heads=S((2, F), F32), log_scales=S((2,), F32)):
+def params(shared=S((DIN, F), F32), heads=S((2, F), F32), log_scales=S((2,), F32)):  # noqa: B008 (immutable specs)
     return imtl_jax.MTLParams(shared=shared, heads=heads, log_scales=log_scales)
 
 

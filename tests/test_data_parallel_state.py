@@ -118,10 +118,10 @@ def _worker() -> dict:
                 compiled = jax.jit(counted)
                 got = compiled(*args_)
                 compiled(*args_)
-                out[mode] = {"rel_error": rel_error(got, reference), "traces": len(traces), "error": None,
+                out[mode] = {"rel_error": rel_error(got, reference), "traces": len(traces), "error": None,  # noqa: B023 (used within this iteration)
                              "devices": len(jax.tree_util.tree_leaves(got[1])[0].sharding.device_set)}
             except Exception as e:  # reported by the test
-                out[mode] = {"error": f"{type(e).__name__}: {e}"[:600]}
+                out[mode] = {"error": f"{type(e).__name__}: {e}"[:600]}  # noqa: B023 (used within this iteration)
 
         # jit + NamedSharding, with dropout: the single-device step with the same key.
         dropout = build(method, None, 0.3, None)
@@ -141,8 +141,9 @@ def _worker() -> dict:
         traces = []
 
         def counted(*a):
-            traces.append(1)
-            return jax.shard_map(make_train(per_device), mesh=mesh, in_specs=in_specs, out_specs=P())(*a)
+            traces.append(1)  # noqa: B023 (used within this iteration)
+            return jax.shard_map(make_train(per_device), mesh=mesh, in_specs=in_specs,  # noqa: B023 (same)
+                                 out_specs=P())(*a)
         try:
             fn = jax.jit(counted)
             got = fn(*sharded)

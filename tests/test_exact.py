@@ -15,9 +15,6 @@ import pytest
 
 import imtl_jax
 from imtl_jax import _exact
-from imtl_jax._method import Method
-from imtl_jax.methods.equal import IDENTITY
-from imtl_jax.methods.imtl import imtl_g_weighting
 from oracles import paper_alpha, x64
 
 T, B, DIN, H, F = 3, 8, 5, 6, 4
@@ -46,7 +43,7 @@ def oracle_jacobian(params, batch, head_loss):
     """(T, P) float64 rows, leaves in tree order, by one jax.grad per task."""
     rows = []
     for t in range(T):
-        g = jax.grad(lambda sp: head_loss(params.heads[t], encoder(sp, batch), batch, t))(params.shared)
+        g = jax.grad(lambda sp, t=t: head_loss(params.heads[t], encoder(sp, batch), batch, t))(params.shared)
         rows.append(np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(g)]))
     return np.stack(rows)
 

@@ -70,7 +70,7 @@ def test_equal_reproduces_a_plain_flax_training_step():
         def loss_fn(p):
             z, new_state = net.apply({"params": p.shared, **state}, batch["x"], train=True,
                                      rngs={"dropout": key}, mutable=["batch_stats"])
-            losses = jnp.stack([head_loss(jax.tree_util.tree_map(lambda x: x[t], p.heads), z, batch, t)
+            losses = jnp.stack([head_loss(jax.tree_util.tree_map(lambda x, t=t: x[t], p.heads), z, batch, t)
                                 for t in range(T)])
             return losses.sum(), (losses, new_state)
         (_, (losses, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -138,9 +138,9 @@ def test_one_compilation_and_training_with_every_stateful_method():
 
         @jax.jit
         def train(p, o, m, s, k):
-            traces.append(1)
-            grads, m, s, aux = step(p, m, batch, encoder_state=s, key=k)
-            updates, o = tx.update(grads, o, p)
+            traces.append(1)  # noqa: B023 (used within this iteration)
+            grads, m, s, aux = step(p, m, batch, encoder_state=s, key=k)  # noqa: B023 (same)
+            updates, o = tx.update(grads, o, p)  # noqa: B023 (same)
             return optax.apply_updates(p, updates), o, m, s, aux
 
         carry = (params, tx.init(params), step.init(params), state)

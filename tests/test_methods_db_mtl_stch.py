@@ -21,11 +21,11 @@ jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_lev
 
 
 def _run(weighting, grads_seq, losses_seq, dtype):
-    weigh = jit(lambda g, l, s: weighting.weigh(g, l, s, None, None))
+    weigh = jit(lambda g, losses, s: weighting.weigh(g, losses, s, None, None))
     state = weighting.init(len(losses_seq[0]), dtype)
     outs = []
-    for g, l in zip(grads_seq, losses_seq):
-        out = weigh(None if g is None else jnp.asarray(g, dtype), jnp.asarray(l, dtype), state)
+    for g, losses in zip(grads_seq, losses_seq):
+        out = weigh(None if g is None else jnp.asarray(g, dtype), jnp.asarray(losses, dtype), state)
         state = out.state
         outs.append(out)
     return outs
@@ -203,7 +203,7 @@ def test_db_mtl_in_the_training_step_balances_log_losses():
     head_loss, (grads, state, aux) = make([1.0, 1.0])
     z = encoder(params.shared, batch)
     for t in range(2):
-        direct = jax.grad(lambda v: log_scale(head_loss(v, z, batch, t), None))(params.heads[t])
+        direct = jax.grad(lambda v, t=t: log_scale(head_loss(v, z, batch, t), None))(params.heads[t])
         np.testing.assert_allclose(np.asarray(grads.heads[t]), np.asarray(direct), rtol=2e-5, atol=1e-7)
     np.testing.assert_allclose(float(jnp.min(aux.weights)), 1.0, rtol=1e-6)   # the largest norm keeps 1
     _, (scaled_grads, _, _) = make([1e3, 1.0])
@@ -250,14 +250,14 @@ def test_stch_log_recipe_over_steps():
     with x64():
         outs = _run(stch_weighting(mu=0.5, warmup_steps=2), [None] * 5, seq, np.float64)
     nadir = (seq[0] + seq[1]) / 2
-    for i, (l, out) in enumerate(zip(seq, outs)):
+    for i, (losses, out) in enumerate(zip(seq, outs)):
         w = np.asarray(out.weights)
         if i < 2:
-            np.testing.assert_allclose(w, 1.0 / l, rtol=1e-14)
+            np.testing.assert_allclose(w, 1.0 / losses, rtol=1e-14)
             assert bool(out.info["warm_up"])
         else:
-            f = np.log(l / nadir)
-            np.testing.assert_allclose(w, stch_weights_numpy(f, 0.5, np.ones(3), np.zeros(3)) / l, rtol=1e-12)
+            f = np.log(losses / nadir)
+            np.testing.assert_allclose(w, stch_weights_numpy(f, 0.5, np.ones(3), np.zeros(3)) / losses, rtol=1e-12)
             assert not bool(out.info["warm_up"])
 
 

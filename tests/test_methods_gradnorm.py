@@ -35,8 +35,8 @@ def gradnorm_oracle(grad_seq, loss_seq, gamma, lr):
         r = ltilde / ltilde.mean()
 
         def objective(wv):
-            weighted = np.linalg.norm(wv[:, None] * g, axis=1)       # ||grad(w_t L_t)||
-            target = np.mean(w * norms) * r ** gamma                 # held constant
+            weighted = np.linalg.norm(wv[:, None] * g, axis=1)       # ||grad(w_t L_t)||  # noqa: B023 (this step's)
+            target = np.mean(w * norms) * r ** gamma                 # held constant  # noqa: B023 (this step's)
             return np.sum(np.abs(weighted - target))
 
         h = 1e-7
@@ -58,7 +58,7 @@ def test_gradnorm_matches_algorithm_1(fdtype, gamma):
     lr = 0.05
     wt = gradnorm_weighting(gamma=gamma, lr=lr)
     state = wt.init(num_tasks, jnp.dtype(fdtype))
-    fn = jit(lambda g, l, s: wt.weigh(g, l, s, None, None))
+    fn = jit(lambda g, losses, s: wt.weigh(g, losses, s, None, None))
     got = []
     for g, losses in zip(grad_seq, loss_seq):
         out = fn(jnp.asarray(g), jnp.asarray(losses), state)

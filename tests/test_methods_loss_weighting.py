@@ -42,14 +42,16 @@ def test_uncertainty_is_imtl_l_with_flipped_sign(losses, s):
     uw = np.asarray(uncertainty_scale(jnp.asarray(losses, jnp.float32), jnp.asarray(-s, jnp.float32)))
     np.testing.assert_allclose(imtl_l, uw, rtol=1e-5, atol=1e-5)
     # Kendall et al.'s form 1/(2 sigma^2) L + log sigma with s = log sigma^2, in float64 numpy:
-    kendall = 0.5 * np.exp(-(-s)) * losses + 0.5 * (-s)
+    s_uw = -s  # the uncertainty form's log sigma^2
+    kendall = 0.5 * np.exp(-s_uw) * losses + 0.5 * s_uw
     np.testing.assert_allclose(imtl_l, 2.0 * kendall, rtol=1e-5, atol=1e-5)
 
 
 def test_uncertainty_optimum_is_log_loss():
     for loss in [0.01, 1.0, 37.0]:
-        res = minimize_scalar(lambda s: float(uncertainty_scale(jnp.array([loss]), jnp.array([s], jnp.float32))[0]),
-                              bracket=(-10.0, 10.0), tol=1e-10)
+        res = minimize_scalar(
+            lambda s, loss=loss: float(uncertainty_scale(jnp.array([loss]), jnp.array([s], jnp.float32))[0]),
+            bracket=(-10.0, 10.0), tol=1e-10)
         assert abs(res.x - np.log(loss)) < 1e-3
     with pytest.raises(ValueError, match="log_scales"):
         uncertainty_scale(jnp.ones(3), jnp.ones(2))
@@ -128,7 +130,7 @@ def test_dwa_matches_the_paper_formula(fdtype, window):
     seq = np.exp(rng.standard_normal((12, 3))) * np.array([1.0, 10.0, 0.1])
     wt = dwa_weighting(temperature=2.0, window=window)
     state = wt.init(3, jnp.dtype(fdtype))
-    fn = jit(lambda l, s: wt.weigh(None, l, s, None, None))
+    fn = jit(lambda losses, s: wt.weigh(None, losses, s, None, None))
     got = []
     for row in seq:
         out = fn(jnp.asarray(row, fdtype), state)
@@ -191,7 +193,7 @@ def test_famo_matches_algorithm_1(fdtype, adam):
     opt = None if adam else optax.chain(optax.add_decayed_weights(gamma), optax.sgd(lr))
     wt = famo_weighting(lr=lr, gamma=gamma, optimizer=opt)
     state = wt.init(3, jnp.dtype(fdtype))
-    fn = jit(lambda l, s: wt.weigh(None, l, s, None, None))
+    fn = jit(lambda losses, s: wt.weigh(None, losses, s, None, None))
     got = []
     for row in seq:
         out = fn(jnp.asarray(row, fdtype), state)

@@ -39,7 +39,7 @@ def weigh_jit(method):
     caches one compilation per input shape/dtype)."""
     w = method.weighting
     if w not in _JITTED:
-        _JITTED[w] = jit(lambda g, l, s, k: w.weigh(g if w.needs_grads else None, l, s, k, None))
+        _JITTED[w] = jit(lambda g, losses, s, k: w.weigh(g if w.needs_grads else None, losses, s, k, None))
     return _JITTED[w]
 
 
@@ -169,7 +169,7 @@ def test_bad_inputs_raise_naming_the_argument(method):
             w.weigh(grads if w.needs_grads else None, losses, wrong, key, None)
     # Also under jit (trace-time checks).
     with pytest.raises(ValueError, match="losses"):
-        jax.jit(lambda l: w.weigh(grads if w.needs_grads else None, l, state, key, None))(
+        jax.jit(lambda losses_: w.weigh(grads if w.needs_grads else None, losses_, state, key, None))(
             jnp.ones((2, 3)))
 
 
@@ -295,7 +295,7 @@ def test_works_through_the_optax_aggregator(method):
         elif method.scaling.name != "identity":
             # A fixed scaling (DB-MTL's log): the aggregator only sees the weighting, so the
             # caller stacks the updates of the scaled losses (chain rule, per task).
-            scaled, factor = jax.jvp(lambda l: method.scaling.scale(l, jnp.zeros(2)), (losses,),
+            scaled, factor = jax.jvp(lambda losses_: method.scaling.scale(losses_, jnp.zeros(2)), (losses,),
                                      (jnp.ones_like(losses),))
             per_task = jax.tree_util.tree_map(
                 lambda x: x * factor.reshape((-1,) + (1,) * (x.ndim - 1)), per_task)
@@ -311,7 +311,8 @@ def test_works_through_the_optax_aggregator(method):
     assert np.isfinite(after)
     if method.name.startswith("single_task_"):
         t = int(method.name.rsplit("_", 1)[1])
-        assert float(_task_losses(params, a, b)[t]) < float(_task_losses({"w": jnp.zeros(5), "c": jnp.zeros(())}, a, b)[t])
+        assert (float(_task_losses(params, a, b)[t])
+                < float(_task_losses({"w": jnp.zeros(5), "c": jnp.zeros(())}, a, b)[t]))
     else:
         assert after < before, (method.name, before, after)
     if needs_losses:

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import imtl_jax
-from test_bad_inputs import BATCH, head_loss, params, run_step
+from test_bad_inputs import head_loss, params, run_step
 
 SETTINGS = dict(max_examples=8, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -62,7 +62,7 @@ def test_imtl_g_random_bad_grads(case):
     x, bad = case
     for fn in (imtl_jax.imtl_g_weights, lambda g: imtl_jax.imtl_g_solve(g).weights):
         if x.ndim != 2 or 0 in x.shape or not jnp.issubdtype(x.dtype, jnp.floating):
-            _expect_named_error(lambda: fn(x), "grads")
+            _expect_named_error(lambda fn=fn: fn(x), "grads")
         else:
             _check_weights(fn(x), x, bad)
 

@@ -24,7 +24,7 @@ def head_loss(v_t, z, batch, t):
 
 
 def all_losses(heads, z, batch):
-    return jnp.stack([head_loss(jax.tree_util.tree_map(lambda x: x[t], heads), z, batch, t)
+    return jnp.stack([head_loss(jax.tree_util.tree_map(lambda x, t=t: x[t], heads), z, batch, t)
                       for t in range(T)])
 
 
@@ -44,11 +44,12 @@ def independent_reference(params, batch, *, scaled: bool):
     s = np.asarray(params.log_scales, np.float64)
     raw, z_grads, shared_grads, head_grads = [], [], [], []
     for t in range(T):
-        head_t = jax.tree_util.tree_map(lambda x: x[t], params.heads)
+        head_t = jax.tree_util.tree_map(lambda x, t=t: x[t], params.heads)
         raw.append(float(head_loss(head_t, z, batch, t)))
-        z_grads.append(np.asarray(jax.grad(lambda z_: head_loss(head_t, z_, batch, t))(z), np.float64))
-        shared_grads.append(jax.grad(lambda sp: head_loss(head_t, encoder(sp, batch), batch, t))(params.shared))
-        head_grads.append(jax.grad(lambda h: head_loss(h, z, batch, t))(head_t))
+        z_grads.append(np.asarray(jax.grad(lambda z_, h=head_t, t=t: head_loss(h, z_, batch, t))(z), np.float64))
+        shared_grads.append(jax.grad(lambda sp, h=head_t, t=t: head_loss(h, encoder(sp, batch), batch, t))(
+            params.shared))
+        head_grads.append(jax.grad(lambda h, t=t: head_loss(h, z, batch, t))(head_t))
     factor = np.exp(s) if scaled else np.ones(T)
     g = np.stack([factor[t] * z_grads[t].sum(axis=0) for t in range(T)])  # batch-summed
     return dict(raw=np.array(raw), factor=factor, matrix=g, shared=shared_grads, heads=head_grads)
@@ -62,7 +63,7 @@ def test_imtl_h_wiring(form):
             losses = imtl_jax.stacked_task_losses(head_loss)
         elif form == "tuple":
             losses = tuple((lambda h, z, b, t=t: head_loss(h, z, b, t)) for t in range(T))
-            params = params._replace(heads=tuple(jax.tree_util.tree_map(lambda x: x[t], params.heads)
+            params = params._replace(heads=tuple(jax.tree_util.tree_map(lambda x, t=t: x[t], params.heads)
                                                  for t in range(T)))
         else:
             losses = all_losses
@@ -80,7 +81,7 @@ def test_imtl_h_wiring(form):
             np.testing.assert_allclose(grads.shared[name], expected, rtol=1e-9, atol=1e-12)
         # heads: e^{s_t} grad L_t, never alpha
         for t in range(T):
-            got = grads.heads[t] if form == "tuple" else jax.tree_util.tree_map(lambda x: x[t], grads.heads)
+            got = grads.heads[t] if form == "tuple" else jax.tree_util.tree_map(lambda x, t=t: x[t], grads.heads)
             for name in ("w", "b"):
                 np.testing.assert_allclose(got[name], ref["factor"][t] * np.asarray(ref["heads"][t][name]),
                                            rtol=1e-12, atol=1e-14)

@@ -39,7 +39,7 @@ def head_loss(v_t, z, batch, t):
 
 
 def all_losses(heads, z, batch):
-    return jnp.stack([head_loss(jax.tree_util.tree_map(lambda x: x[t], heads), z, batch, t)
+    return jnp.stack([head_loss(jax.tree_util.tree_map(lambda x, t=t: x[t], heads), z, batch, t)
                       for t in range(T)])
 
 
@@ -88,7 +88,7 @@ def test_imtl_h_matches_an_independent_per_task_loop_with_the_same_dropout_mask(
         s = np.asarray(params.log_scales)
         rows, shared_grads, head_grads = [], [], []
         for t in range(T):
-            head_t = jax.tree_util.tree_map(lambda x: x[t], params.heads)
+            head_t = jax.tree_util.tree_map(lambda x, t=t: x[t], params.heads)
 
             def scaled(shared, head, t=t):  # IMTL-L scaling e^s L - s, one task
                 zz, _ = encoder(shared, stats, batch, key)
@@ -144,7 +144,7 @@ def test_exact_level_with_state_matches_per_task_parameter_gradients():
         params, batch, stats, key = make_problem(seed=3, dtype=jnp.float64)
         rows, per_task = [], []
         for t in range(T):
-            head_t = jax.tree_util.tree_map(lambda x: x[t], params.heads)
+            head_t = jax.tree_util.tree_map(lambda x, t=t: x[t], params.heads)
             g = jax.grad(lambda sp, t=t, h=head_t: head_loss(h, encoder(sp, stats, batch, key)[0], batch, t))(
                 params.shared)
             per_task.append(g)

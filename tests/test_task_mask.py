@@ -189,7 +189,7 @@ def test_cr_mogm_supports_masks_when_its_inner_weighting_does():
 
 def test_unsupported_method_raises_naming_the_alternatives():
     w = Weighting("plain", stateless_init,
-                  lambda g, l, s, k, p: WeightingOutput(jnp.ones_like(l), s, {}), needs_grads=False)
+                  lambda g, losses, s, k, p: WeightingOutput(jnp.ones_like(losses), s, {}), needs_grads=False)
     method = Method("my_method", methods.get_method("equal").scaling, w)
     params, batches = _problem(0)
     step = imtl_jax.mtl_step(_encoder, imtl_jax.stacked_task_losses(_head_loss), method)
@@ -273,14 +273,14 @@ def test_aggregate_masked_equals_present_task_aggregate(name):
             _, state = tx.update({"w": g[i]}, state, losses=losses[i])
         traces = []
 
-        def masked(u, l, s, m):
+        def masked(u, losses_, s, m):
             traces.append(1)
-            return tx.update({"w": u}, s, losses=l, task_mask=m)
+            return tx.update({"w": u}, s, losses=losses_, task_mask=m)
 
         run = jax.jit(masked)
         weighting = methods.get_method(name).weighting
         subs = {n: imtl_jax.aggregate(name, n, dtype=jnp.float64) for n in range(1, T + 1)}
-        sub_runs = {n: jax.jit(lambda u, s, l, tx=tx: tx.update({"w": u}, s, losses=l))
+        sub_runs = {n: jax.jit(lambda u, s, losses_, tx=tx: tx.update({"w": u}, s, losses=losses_))
                     for n, tx in subs.items()}
         for mask in MASKS:
             idx = np.flatnonzero(mask)

@@ -113,7 +113,8 @@ def test_imtl_g_agrees_with_torchjd(case):
     ours_w, _ = _ours(IMTL_G, g)
     cond = np.linalg.cond(gram)
     ours_gap, ours_sum = _impartiality_gap(ours_w, g)
-    assert ours_sum <= 1e-12 and ours_gap <= max(1e-8, 1e-15 * np.linalg.cond(g / np.linalg.norm(g, axis=1, keepdims=True)) ** 2)
+    assert ours_sum <= 1e-12 and ours_gap <= max(
+        1e-8, 1e-15 * np.linalg.cond(g / np.linalg.norm(g, axis=1, keepdims=True)) ** 2)
     if cond < 1e-2 / (g.shape[0] * EPS):
         assert _rel(ours_w @ g, theirs_w @ g) <= max(1e-8, 10 * EPS * cond)
     else:
@@ -279,7 +280,8 @@ def test_nash_mtl_no_worse_than_torchjd_over_steps(case):
     base = _draw(*case)
     agg = aggregation.NashMTL(n_tasks=base.shape[0], max_norm=0.0)
     for _ in range(6):
-        g = base * rng.uniform(0.5, 2.0, (base.shape[0], 1)) + 0.3 * np.abs(base).mean() * rng.standard_normal(base.shape)
+        g = (base * rng.uniform(0.5, 2.0, (base.shape[0], 1))
+             + 0.3 * np.abs(base).mean() * rng.standard_normal(base.shape))
         gram = g @ g.T
         theirs = agg(_t(g)).numpy()
         theirs_w = np.linalg.lstsq(g.T, theirs, rcond=None)[0]

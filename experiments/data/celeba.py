@@ -146,7 +146,8 @@ class CelebADataset:
         return {"image": self.load_image(index), "attributes": self.attributes[index]}
 
     def __repr__(self) -> str:
-        return f"CelebADataset(root={str(self.root)!r}, split={self.split!r}, n={len(self)}, image_size={self.image_size})"
+        return (f"CelebADataset(root={str(self.root)!r}, split={self.split!r}, n={len(self)}, "
+                f"image_size={self.image_size})")
 
 
 def write_fixture(root: str | os.PathLike, n: int = 9, seed: int = 0, image_hw: tuple[int, int] = (218, 178)) -> Path:

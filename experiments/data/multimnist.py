@@ -185,7 +185,8 @@ def _fashion_files(root: Path) -> dict[str, Path]:
 
 
 def load_fashion_source(root: str | os.PathLike = FASHION_DIR) -> dict[str, np.ndarray]:
-    """Fashion-MNIST from idx files: ``train_images`` (60000, 28, 28) float32 in [0, 1], ``train_labels`` int32, ``test_*`` (10000)."""
+    """Fashion-MNIST from idx files: ``train_images`` (60000, 28, 28) float32 in [0, 1], ``train_labels`` int32,
+    ``test_*`` (10000)."""
     files = _fashion_files(Path(root))
     out = {}
     for key, p in files.items():

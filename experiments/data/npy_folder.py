@@ -56,7 +56,8 @@ class NpyFolderDataset:
                 raise DataUnavailableError(f"{name}: no <i>.npy files in {d}; expected layout {self.layout}")
             if found != list(range(len(found))):
                 missing = sorted(set(range(max(found) + 1)) - set(found))[:5]
-                raise DataUnavailableError(f"{name}: files in {d} are not numbered 0..{len(found) - 1} (missing e.g. {missing})")
+                raise DataUnavailableError(f"{name}: files in {d} are not numbered 0..{len(found) - 1} "
+                                           f"(missing e.g. {missing})")
             if indices is not None and len(found) != indices:
                 raise DataUnavailableError(
                     f"{name}: {d} has {len(found)} files but other fields of {split_dir} have {indices}"
@@ -117,7 +118,8 @@ class NpyFolderDataset:
         return a
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, n={self._n}, resize={self.resize})"
+        return (f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, n={self._n}, "
+                f"resize={self.resize})")
 
 
 def write_dense_fixture(

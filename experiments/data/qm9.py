@@ -138,7 +138,8 @@ def qm9pack_data_dir() -> Path:
         )
     d = Path(list(spec.submodule_search_locations)[0]) / "data"
     if not d.is_dir():
-        raise DataUnavailableError(f"qm9pack is installed but its data folder {d} is missing; reinstall: pip install --force-reinstall qm9pack")
+        raise DataUnavailableError(f"qm9pack is installed but its data folder {d} is missing; "
+                                   "reinstall: pip install --force-reinstall qm9pack")
     return d
 
 
@@ -184,10 +185,12 @@ def parse_qm9_csvs(data_dir: str | os.PathLike) -> dict[str, np.ndarray]:
             reader = csv.reader(fh)
             header = next(reader)
             try:
-                col = {name: header.index(name) for name in ["Index", "N_atoms", "Stoichiometry", "Elements", "XYZ_Ang", *prop_cols]}
+                col = {name: header.index(name)
+                       for name in ["Index", "N_atoms", "Stoichiometry", "Elements", "XYZ_Ang", *prop_cols]}
             except ValueError as e:
                 raise ValueError(f"{part}: unexpected header, missing column ({e})") from e
-            i_idx, i_n, i_st, i_el, i_xyz = (col[k] for k in ("Index", "N_atoms", "Stoichiometry", "Elements", "XYZ_Ang"))
+            i_idx, i_n, i_st, i_el, i_xyz = (
+                col[k] for k in ("Index", "N_atoms", "Stoichiometry", "Elements", "XYZ_Ang"))
             i_props = [col[c] for c in prop_cols]
             for row in reader:
                 if not row:
@@ -205,7 +208,8 @@ def parse_qm9_csvs(data_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     if n_atoms_a.max() > MAX_ATOMS or n_atoms_a.min() < 1:
         raise ValueError(f"atom counts outside 1..{MAX_ATOMS}")
     counts = _floats(stoich).astype(np.int32).reshape(n, 5)
-    sym = ",".join(e.replace("[", "").replace("]", "").replace("'", "").replace('"', "").replace(" ", "") for e in elements).split(",")
+    sym = ",".join(e.replace("[", "").replace("]", "").replace("'", "").replace('"', "").replace(" ", "")
+                   for e in elements).split(",")
     znum = np.array([ATOMIC_NUMBERS[s] for s in sym], dtype=np.int8)
     coords = _floats(xyz).reshape(-1, 3)
     total = int(n_atoms_a.sum())
@@ -245,7 +249,8 @@ def load_qm9_raw(
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
 ) -> dict[str, np.ndarray]:
-    """:func:`parse_qm9_csvs` of ``data_dir`` (default: qm9pack's), cached as ``.npz`` keyed by the CSVs' sizes and mtimes."""
+    """:func:`parse_qm9_csvs` of ``data_dir`` (default: qm9pack's), cached as ``.npz`` keyed by the CSVs' sizes
+    and mtimes."""
     data_dir = Path(data_dir) if data_dir is not None else qm9pack_data_dir()
     key = cache_key("qm9-raw", {"v": _PARSE_VERSION, "dir": str(data_dir.resolve()), "files": _fingerprint(data_dir)})
     path = resolve_cache_dir(cache_dir) / f"{key}.npz"
@@ -410,7 +415,8 @@ def load_qm9(
         n_train, n_val = sizes[0], sizes[1]
     if n_train < 1 or n_val < 0 or n_train + n_val > n:
         raise ValueError(f"n_train={n_train}, n_val={n_val} do not fit {n} molecules")
-    fkey = cache_key("qm9-feat", {"v": _FEATURE_VERSION, "kind": features, "dir": str(data_dir.resolve()), "files": _fingerprint(data_dir)})
+    fkey = cache_key("qm9-feat", {"v": _FEATURE_VERSION, "kind": features, "dir": str(data_dir.resolve()),
+                                  "files": _fingerprint(data_dir)})
     fpath = resolve_cache_dir(cache_dir) / f"{fkey}.npz"
     cached = load_npz_cache(fpath) if use_cache else None
     if cached is not None and cached["x"].shape[0] == n:
@@ -461,7 +467,7 @@ _REAL_ROWS = r'''"dsgdb9nsd_000001.xyz",1,"C","InChI=1S/CH4/h1H4",5,"[4,1,0,0,0]
 "dsgdb9nsd_000002.xyz",2,"N","InChI=1S/H3N/h1H3",4,"[3,0,1,0,0]","['N','H','H','H']","[[-0.0404260543,1.0241077531,0.0625637998],[0.0172574639,0.0125452063,-0.0273771593],[0.9157893661,1.3587451948,-0.0287577581],[-0.5202777357,1.3435321258,-0.7755426124]]","[-0.707143,0.235712,0.235712,0.23572]","[1103.8733,1684.1158,1684.3072,3458.7145,3575.2414,3575.3343]",293.60975,293.54111,191.39397,1.6256,9.46,-0.257,0.0829,0.3399,26.1563,0.034358,-56.525887,-56.523026,-56.522082,-56.544961,6.316
 "dsgdb9nsd_000003.xyz",3,"O","InChI=1S/H2O/h1H2",3,"[2,0,0,1,0]","['O','H','H']","[[-0.0343604951,0.9775395708,0.0076015923],[0.0647664923,0.0205721989,0.0015346341],[0.8717903737,1.3007924048,0.0006931336]]","[-0.589706,0.294853,0.294853]","[1671.4222,3803.6305,3907.698]",799.58812,437.90386,282.94545,1.8511,6.31,-0.2928,0.0687,0.3615,19.0002,0.021375,-76.404702,-76.401867,-76.400922,-76.422349,6.002
 "dsgdb9nsd_000004.xyz",4,"C#C","InChI=1S/C2H2/c1-2/h1-2H",4,"[2,2,0,0,0]","['C','C','H','H']","[[0.5995394918,0.,1.],[-0.5995394918,0.,1.],[-1.6616385861,0.,1.],[1.6616385861,0.,1.]]","[-0.207019,-0.207019,0.207019,0.207019]","[549.7648,549.7648,795.2713,795.2713,2078.1131,3455.8096,3557.8599]",0.,35.6100361,35.6100361,0.,16.28,-0.2845,0.0506,0.3351,59.5248,0.026841,-77.308427,-77.305527,-77.304583,-77.327429,8.574
-"dsgdb9nsd_000005.xyz",5,"C#N","InChI=1S/CHN/c1-2/h1H",3,"[1,1,1,0,0]","['C','N','H']","[[-0.0133239314,1.1324657151,0.0082758861],[0.0023107217,-0.0191585871,0.0019287305],[-0.0278026991,2.1989492963,0.0141537903]]","[-0.049656,-0.188473,0.238128]","[799.0101,799.0101,2198.4393,3490.3686]",0.,44.593883,44.593883,2.8937,12.99,-0.3604,0.0191,0.3796,48.7476,0.016601,-93.411888,-93.40937,-93.408425,-93.431246,6.278'''
+"dsgdb9nsd_000005.xyz",5,"C#N","InChI=1S/CHN/c1-2/h1H",3,"[1,1,1,0,0]","['C','N','H']","[[-0.0133239314,1.1324657151,0.0082758861],[0.0023107217,-0.0191585871,0.0019287305],[-0.0278026991,2.1989492963,0.0141537903]]","[-0.049656,-0.188473,0.238128]","[799.0101,799.0101,2198.4393,3490.3686]",0.,44.593883,44.593883,2.8937,12.99,-0.3604,0.0191,0.3796,48.7476,0.016601,-93.411888,-93.40937,-93.408425,-93.431246,6.278'''  # noqa: E501 (verbatim CSV rows)
 
 
 def _list_str(values, fmt="{:.10g}") -> str:
@@ -501,7 +507,8 @@ def write_fixture(root: str | os.PathLike, n: int = 20, seed: int = 0, parts: in
             f"dsgdb9nsd_{i:06d}.xyz", i, "C", "InChI=1S/synthetic", k,
             _list_str(st, "{:d}"), "[" + ",".join(f"'{s}'" for s in syms) + "]",
             "[" + ",".join(_list_str(a) for a in xyz) + "]",
-            _list_str(rng.normal(0, 0.3, k), "{:.6f}"), _list_str(np.sort(rng.uniform(50, 3500, 3 * k - 6 if k > 2 else 1)), "{:.4f}"),
+            _list_str(rng.normal(0, 0.3, k), "{:.6f}"),
+            _list_str(np.sort(rng.uniform(50, 3500, 3 * k - 6 if k > 2 else 1)), "{:.4f}"),
             *[float(v) for v in props],
         ]
         buf = []

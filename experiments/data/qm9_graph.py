@@ -64,7 +64,6 @@ from experiments.data import DataUnavailableError, cache_key, resolve_cache_dir
 from experiments.data.qm9 import (
     ATOMIC_NUMBERS,
     MAX_ATOMS,
-    QM9_TARGETS,
     _fingerprint,
     _part_files,
     load_qm9_raw,
@@ -166,7 +165,8 @@ def _smiles_on_geometry(Chem, rdDetermineBonds, smiles_h, z, r):
         if not matches:
             continue
         pairs = np.array([(b.GetBeginAtomIdx(), b.GetEndAtomIdx()) for b in smiles_h.GetBonds()])
-        best = min(matches, key=lambda m: float(np.linalg.norm(r[np.asarray(m)[pairs[:, 0]]] - r[np.asarray(m)[pairs[:, 1]]], axis=1).sum()))
+        best = min(matches, key=lambda m: float(np.linalg.norm(
+            r[np.asarray(m)[pairs[:, 0]]] - r[np.asarray(m)[pairs[:, 1]]], axis=1).sum()))
         order = [0] * len(best)
         for q, t in enumerate(best):
             order[t] = q
@@ -283,8 +283,10 @@ def _check(g: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
     need = ("n_atoms", "z", "pos", "aromatic", "hybrid", "n_bonds", "bonds", "source", "targets", "index")
     missing = [k for k in need if k not in g]
     if missing:
-        raise ValueError(f"{what}: not a QM9 graph file (missing {missing}); build one with: python -m experiments.data.qm9_graph export PATH")
-    if int(g["n_atoms"].astype(np.int64).sum()) != len(g["z"]) or int(g["n_bonds"].astype(np.int64).sum()) != len(g["bonds"]):
+        raise ValueError(f"{what}: not a QM9 graph file (missing {missing}); build one with: "
+                         "python -m experiments.data.qm9_graph export PATH")
+    if (int(g["n_atoms"].astype(np.int64).sum()) != len(g["z"])
+            or int(g["n_bonds"].astype(np.int64).sum()) != len(g["bonds"])):
         raise ValueError(f"{what}: ragged array lengths disagree with n_atoms / n_bonds (corrupt file); rebuild it")
     return g
 
@@ -308,7 +310,8 @@ def load_qm9_graphs(
     if graph_file is not None:
         p = Path(graph_file).expanduser()
         if not p.is_file():
-            raise DataUnavailableError(f"--graph-file {p} does not exist; create it with: python -m experiments.data.qm9_graph export {p}")
+            raise DataUnavailableError(f"--graph-file {p} does not exist; create it with: "
+                                       f"python -m experiments.data.qm9_graph export {p}")
         with np.load(p, allow_pickle=False) as f:
             return _check({k: f[k] for k in f.files}, str(p))
     data_dir = Path(data_dir) if data_dir is not None else qm9pack_data_dir()
@@ -337,7 +340,8 @@ def export_graphs(dest: str | os.PathLike, **kwargs) -> Path:
     g = load_qm9_graphs(**kwargs)
     dest = Path(dest).expanduser()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    src = None if kwargs.get("graph_file") else _default_path(Path(kwargs.get("data_dir") or qm9pack_data_dir()), kwargs.get("cache_dir"))
+    src = None if kwargs.get("graph_file") else _default_path(Path(kwargs.get("data_dir") or qm9pack_data_dir()),
+                                                              kwargs.get("cache_dir"))
     if src is not None and src.is_file():
         shutil.copyfile(src, dest)
     else:
@@ -474,10 +478,13 @@ def main(argv=None) -> int:
     """``python -m experiments.data.qm9_graph [build | export PATH] [--graph-file F]``."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m experiments.data.qm9_graph", description="Build, summarize or export the QM9 graph cache.")
-    p.add_argument("action", choices=["build", "export"], help="build: build/load the cache and print counts; export: also copy it to PATH")
+    p = argparse.ArgumentParser(prog="python -m experiments.data.qm9_graph",
+                                description="Build, summarize or export the QM9 graph cache.")
+    p.add_argument("action", choices=["build", "export"],
+                   help="build: build/load the cache and print counts; export: also copy it to PATH")
     p.add_argument("path", nargs="?", help="export destination (a .npz file)")
-    p.add_argument("--graph-file", default=None, help="read this graph file instead of building (default: build from qm9pack)")
+    p.add_argument("--graph-file", default=None,
+                   help="read this graph file instead of building (default: build from qm9pack)")
     p.add_argument("--data-dir", default=None, help="folder of qm9pack-format CSVs (default: the installed qm9pack's)")
     a = p.parse_args(argv)
     kw = dict(graph_file=a.graph_file, data_dir=a.data_dir)

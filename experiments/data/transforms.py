@@ -21,7 +21,8 @@ def bilinear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 
 def resize_bilinear(images: np.ndarray, out_hw: tuple[int, int], batched: bool = True) -> np.ndarray:
-    """Bilinearly resize (N, H, W[, C]) images (or one (H, W[, C]) image with ``batched=False``) to ``out_hw``; float32."""
+    """Bilinearly resize (N, H, W[, C]) images (or one (H, W[, C]) image with ``batched=False``) to ``out_hw``;
+    float32."""
     x = np.asarray(images, dtype=np.float32)
     if not batched:
         return resize_bilinear(x[None], out_hw)[0]

@@ -169,11 +169,19 @@ def run(o, command: str) -> dict:
         for r in results:
             ps = r.get("probe_summary") or {}
             c, a, n = ps.get("cos_shared", {}), ps.get("alpha_l1_diff", {}), ps.get("norm_ratio_z_over_theta", {})
-            f = (lambda d, k: "n/a" if d.get(k) is None else f"{d[k]:.4f}")
-            g = (lambda name: f(ps.get(name, {}), "mean"))
+
+            def f(d, k):
+                return "n/a" if d.get(k) is None else f"{d[k]:.4f}"
+
+            def g(name):
+                return f(ps.get(name, {}), "mean")  # noqa: B023 (f, ps: this iteration's, used within it)
+
             traj = alpha_trajectory_stats((hist.get((r["method"], r["seed"])) or {}).get("weight") or [])
             r["alpha_trajectory"] = traj
-            t = (lambda k: "n/a" if traj[k] is None else f"{traj[k]:.3f}")
+
+            def t(k):
+                return "n/a" if traj[k] is None else f"{traj[k]:.3f}"  # noqa: B023 (used within this iteration)
+
             lines.append(f"| {r['method']} | {r['seed']} | {f(c, 'mean')} | {f(c, 'min')} | {f(c, 'last')} | "
                          f"{f(a, 'mean')} | {f(n, 'mean')} | {g('min_eig_cosines_z')} | {g('min_eig_cosines_theta')} | "
                          f"{g('grad_norm_spread_z')} | {g('grad_norm_spread_theta')} | {t('dominated_fraction')} | "

@@ -139,5 +139,6 @@ def run(o, command: str) -> dict:
         (out / "results.md").write_text(f"Command: `{command}`\n\n" + markdown_table(result))
         if o.plots:
             plot_front(result, out / "front.png")
-        print(markdown_table(result) + f"\nWritten: {out}/results.md, results.json" + (", front.png" if o.plots else ""))
+        print(markdown_table(result) + f"\nWritten: {out}/results.md, results.json"
+              + (", front.png" if o.plots else ""))
         return result

@@ -110,7 +110,6 @@ def run(o, command: str) -> dict:
     from experiments import records, suites
     from experiments.errors import CLIError
     from experiments.runs import RunConfig, expand_methods
-    from experiments.studies.compare import train_and_report
     from experiments.train import run_experiment
 
     extra = {**(TINY["extra_tuning"] if o.tiny else {}), **{k: v for k, v in o.extra.items() if v is not None}}

@@ -80,7 +80,9 @@ def build(name: str, o) -> Benchmark:
         return out
 
     def finalize(totals):
-        sub = (lambda p: {k[len(p):]: v for k, v in totals.items() if k.startswith(p)})
+        def sub(p):
+            return {k[len(p):]: v for k, v in totals.items() if k.startswith(p)}
+
         seg = M.segmentation_from_confusion(totals["seg_confusion"])
         d = M.depth_from_stats(sub("depth_"))
         out = {"seg_miou": seg["miou"], "seg_pixel_acc": seg["pixel_acc"], "depth_abs_err": d["abs_err"],

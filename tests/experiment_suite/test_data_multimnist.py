@@ -194,7 +194,8 @@ def test_multifashion_from_idx_fixture(tmp_path):
     allimg = np.concatenate([src["train_images"], src["test_images"]])
     alllab = np.concatenate([src["train_labels"], src["test_labels"]])
     np.testing.assert_array_equal(d.test_labels, alllab[d.test_sources])
-    np.testing.assert_allclose(d.test_images[..., 0], mm.overlay_pairs(allimg[d.test_sources[:, 0]], allimg[d.test_sources[:, 1]]), atol=1e-6)
+    np.testing.assert_allclose(d.test_images[..., 0],
+                               mm.overlay_pairs(allimg[d.test_sources[:, 0]], allimg[d.test_sources[:, 1]]), atol=1e-6)
 
 
 def test_multi_fashion_mnist_mixed_sources(fake_mnist, tmp_path):

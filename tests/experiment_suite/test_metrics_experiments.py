@@ -79,7 +79,8 @@ def test_normal_median_many_values():
     v = rng.normal(size=(1, 50, 40, 3))
     w = v + 0.4 * rng.normal(size=v.shape)
     s = M.accumulate(None, M.normal_stats(jnp.asarray(w, jnp.float32), jnp.asarray(v, jnp.float32)))
-    ang = np.degrees(np.arccos(np.clip(np.sum(v * w, -1) / np.linalg.norm(v, axis=-1) / np.linalg.norm(w, axis=-1), -1, 1)))
+    ang = np.degrees(np.arccos(np.clip(np.sum(v * w, -1) / np.linalg.norm(v, axis=-1) / np.linalg.norm(w, axis=-1),
+                                       -1, 1)))
     out = M.normal_from_stats(s)
     assert out["median"] == pytest.approx(np.median(ang), abs=0.02)
     assert out["mean"] == pytest.approx(ang.mean(), abs=1e-3)

@@ -16,15 +16,15 @@ from experiments.models import (
 
 
 def test_stacked_linear_matches_per_task_linear():
-    T, F, O, B = 4, 6, 3, 5
-    head = StackedLinear(T, F, O, rngs=nnx.Rngs(0))
-    assert head.kernel[...].shape == (T, F, O) and head.bias[...].shape == (T, O)
-    head.bias[...] = jax.random.normal(jax.random.key(1), (T, O))
+    T, F, D_OUT, B = 4, 6, 3, 5
+    head = StackedLinear(T, F, D_OUT, rngs=nnx.Rngs(0))
+    assert head.kernel[...].shape == (T, F, D_OUT) and head.bias[...].shape == (T, D_OUT)
+    head.bias[...] = jax.random.normal(jax.random.key(1), (T, D_OUT))
     z = jax.random.normal(jax.random.key(2), (B, F))
     out = head(z)
-    assert out.shape == (T, B, O)
+    assert out.shape == (T, B, D_OUT)
     for t in range(T):
-        lin = nnx.Linear(F, O, rngs=nnx.Rngs(0))
+        lin = nnx.Linear(F, D_OUT, rngs=nnx.Rngs(0))
         lin.kernel[...] = head.kernel[...][t]
         lin.bias[...] = head.bias[...][t]
         np.testing.assert_allclose(out[t], lin(z), rtol=1e-5, atol=1e-6)
@@ -192,6 +192,6 @@ def test_max_pool_2x2_equals_nnx_max_pool_and_its_gradient():
         x = jax.random.normal(jax.random.key(0), shape)
         np.testing.assert_array_equal(max_pool_2x2(x), nnx.max_pool(x, (2, 2), (2, 2)))
         ct = jax.random.normal(jax.random.key(1), max_pool_2x2(x).shape)
-        g1 = jax.grad(lambda v: jnp.sum(max_pool_2x2(v) * ct))(x)
-        g2 = jax.grad(lambda v: jnp.sum(nnx.max_pool(v, (2, 2), (2, 2)) * ct))(x)
+        g1 = jax.grad(lambda v, ct=ct: jnp.sum(max_pool_2x2(v) * ct))(x)
+        g2 = jax.grad(lambda v, ct=ct: jnp.sum(nnx.max_pool(v, (2, 2), (2, 2)) * ct))(x)
         np.testing.assert_array_equal(g1, g2)

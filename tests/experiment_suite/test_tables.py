@@ -113,7 +113,8 @@ def test_blocks_are_rewritten_and_check_detects_staleness(tmp_path, monkeypatch)
     (tmp_path / "f").mkdir()
     (tmp_path / "f" / "results.json").write_text(json.dumps(_payload({"equal": [5, 6, 7]})))
     doc = tmp_path / "doc.md"
-    doc.write_text("intro\n<!-- table:f -->\ntyped by hand\n<!-- /table:f -->\n<!-- table:absent -->\nkeep\n<!-- /table:absent -->\n")
+    doc.write_text("intro\n<!-- table:f -->\ntyped by hand\n<!-- /table:f -->\n"
+                   "<!-- table:absent -->\nkeep\n<!-- /table:absent -->\n")
     new, changed, missing = tables.update_file(doc)
     assert changed == ["f"] and "typed by hand" not in new and "keep" in new  # no results: left alone
     assert missing == ["absent"]  # ... and reported: --check fails on it
