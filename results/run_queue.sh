@@ -42,7 +42,7 @@ PARAMS_MF="imtl_g_exact nash_mtl@params mgda@params pcgrad@params cagrad@params 
  config@params dualproj@params gradvac@params excess_mtl@params moco@params"
 # The order puts what decides the headline question first: on each benchmark the single-task
 # networks, EW, the skeptics' baselines (RLW, SI) and IMTL at both levels, then the tuning of those
-# (the tuned tables decide), then every other method, the studies and the diagnosis.
+# (the tuned tables decide), then every other method, the diagnosis and the studies.
 CORE="equal rlw si imtl_h imtl_g imtl_l uncertainty"
 REST_Z=""
 for m in $METHODS_Z; do case " $CORE " in *" $m "*) ;; *) REST_Z="$REST_Z $m" ;; esac; done
@@ -53,24 +53,32 @@ JOBS+=("multifashion ${PROBE/--seeds 0 1 2 3 4/--seeds 0 1 2} --epochs 40 --batc
 JOBS+=("qm9 $PROBE --epochs 100 --batch-size 512 --eval-every 216 --out $HERE/results/budget_probe/qm9")
 JOBS+=("$QM9 --methods single_task")
 for m in $CORE imtl_g_exact; do JOBS+=("$QM9 --methods single_task $m"); done
+# A QM9 method (5 seeds vmapped into one program) takes ~7 minutes on this machine, a MultiFashion
+# one (LeNet seeds one after another) 30-80: the skeptics' baselines on MultiFashion come first,
+# then everything QM9 needs for its decisive tables (tuning, every other method, the diagnosis),
+# then the rest of MultiFashion.
+MF_SKEPTICS="rlw si"
 JOBS+=("$MF --methods single_task")
-for m in $CORE imtl_g_exact; do JOBS+=("$MF --methods single_task $m"); done
+for m in equal $MF_SKEPTICS; do JOBS+=("$MF --methods single_task $m"); done
 # Tuning parity: the same grid and tuning seed for every tuned method (one call per method so
 # that each finishes and is committed alone; the last call, all finished, writes the joint table).
 # The two best other methods of the untuned tables join TUNED once those tables exist.
 TUNED="equal imtl_h imtl_g imtl_g_exact si rlw"
-for m in $TUNED; do JOBS+=("$MF_TUNE --methods single_task $m"); done
-JOBS+=("$MF_TUNE --methods single_task $TUNED")
 for m in $TUNED; do JOBS+=("$QM9_TUNE --methods single_task $m"); done
 JOBS+=("$QM9_TUNE --methods single_task $TUNED")
-# Every other method, untuned.
+for m in $CORE imtl_g_exact; do
+  case " equal $MF_SKEPTICS " in *" $m "*) ;; *) JOBS+=("$MF --methods single_task $m") ;; esac
+done
+# Every other method, untuned, on QM9.
 for m in $REST_Z nash_mtl@params; do JOBS+=("$QM9 --methods single_task $m"); done
-for m in $REST_Z; do JOBS+=("$MF --methods single_task $m"); done
 # Why the representation level trails on QM9: IMTL-G at z and at theta, and the alpha-averaging
 # remedy, 3 seeds, with the z-vs-theta probes (cosine-matrix eigenvalues, gradient-norm spread).
 JOBS+=("ablation_z_vs_theta --benchmark qm9 --methods imtl_g imtl_g_exact imtl_g_averaged --seeds 0 1 2 \
  --epochs 100 --batch-size 512 --eval-every 216 --schedule plateau --plateau-patience 5 --probe-every 432 --resume \
  --no-tensorboard --quiet --out $HERE/results/z_diagnosis_qm9")
+for m in $TUNED; do JOBS+=("$MF_TUNE --methods single_task $m"); done
+JOBS+=("$MF_TUNE --methods single_task $TUNED")
+for m in $REST_Z; do JOBS+=("$MF --methods single_task $m"); done
 for m in $PARAMS_MF; do [ "$m" = imtl_g_exact ] || JOBS+=("$MF --methods single_task $m"); done
 # The studies run earlier at one seed, under this protocol with 3 seeds (MultiFashion budget):
 # the static-scalarization sweep w in {0.1, ..., 0.9} (ratios w/(1-w), beside IMTL-H with the same
