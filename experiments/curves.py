@@ -8,12 +8,17 @@ histories are gone), and writes ``<folder>/curves.png`` and ``<folder>/curves.md
 The budget rule: a run has *flattened* at the first evaluation after which the mean, over its
 validation metrics, of the relative gap to the best value the run reaches stays below
 ``tol`` (1 % by default). ``curves.md`` lists that epoch per run; a budget is long enough when
-every run of equal weighting and of the single-task networks flattens well before its end.
+every run of equal weighting and of the single-task networks flattens well before its end. Beside
+it, the *late gain*: how much the run's best validation value still improved in the last 10 % of
+its steps (the mean over metrics of the relative improvement), which bounds what a run whose
+selected step is its last evaluation was still gaining when it stopped.
 
 >>> relative_gap({"mae": [4.0, 2.0, 1.0]}, {"mae": False}).round(3).tolist()
 [3.0, 1.0, 0.0]
 >>> flattened_index(np.array([0.5, 0.2, 0.005, 0.02, 0.004, 0.0]), 0.01)
 4
+>>> round(late_gain({"mae": [4.0, 2.0, 1.02, 1.0]}, {"mae": False}, [10, 20, 30, 40], 0.25), 3)
+0.02
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["extract", "relative_gap", "flattened_index", "summarize", "main", "DEFAULT_TOL"]
+__all__ = ["extract", "relative_gap", "flattened_index", "late_gain", "summarize", "main", "DEFAULT_TOL",
+           "LATE_FRACTION"]
 
 DEFAULT_TOL = 0.01
+LATE_FRACTION = 0.1
 
 
 def _payload(folder: Path) -> dict:
@@ -89,6 +96,23 @@ def flattened_index(gap: np.ndarray, tol: float) -> int:
     return 0 if len(above) == 0 else int(above[-1]) + 1
 
 
+def late_gain(metrics: dict, higher_is_better: dict, steps, fraction: float = LATE_FRACTION) -> float:
+    """How much the best validation value improved in the last ``fraction`` of the run's steps:
+    the mean over metrics of ``|best before - best| / |best|``, "before" being the evaluations at
+    steps up to ``(1 - fraction)`` times the last one (NaN when there is none)."""
+    steps = np.asarray(steps, np.float64)
+    early = steps <= (1.0 - fraction) * steps[-1]
+    if not early.any():
+        return float("nan")
+    gains = []
+    for name, values in metrics.items():
+        v = np.asarray([np.nan if x is None else x for x in values], np.float64)
+        pick = np.nanmax if higher_is_better.get(name, False) else np.nanmin
+        best = pick(v)
+        gains.append(abs(pick(v[early]) - best) / max(abs(best), 1e-12))
+    return float(np.nanmean(gains))
+
+
 # Training-set sizes of the benchmarks whose curves are plotted in epochs (the split each uses).
 TRAIN_SIZES = {"qm9": 110_831, "multifashion": 24_000, "multimnist": 24_000, "multifashion_mnist": 24_000}
 
@@ -121,22 +145,30 @@ def summarize(folder: Path, curves: dict, tol: float) -> str:
     unit = "epoch" if spe else "step"
     lines = [f"# Validation curves: {folder.name}", "",
              f"Flattened: the first evaluation after which the mean relative gap of the run's validation metrics "
-             f"to their best value stays below {tol:.0%} (`python -m experiments.curves {_shown(folder)}`).", "",
-             f"| run | seeds | last {unit} | flattened at {unit} (per seed) | selected step = last evaluation |",
-             "|---|---|---|---|---|"]
+             f"to their best value stays below {tol:.0%}; late gain: how much the best validation value "
+             f"(mean relative improvement over the metrics) still improved in the last {LATE_FRACTION:.0%} of "
+             f"the steps (`python -m experiments.curves {_shown(folder)}`).", "",
+             f"| run | seeds | last {unit} | flattened at {unit} (per seed) | late gain, % (per seed) "
+             f"| selected step = last evaluation |",
+             "|---|---|---|---|---|---|"]
+    from experiments.tables import collect_runs
     from experiments.verdicts import selected_last as _selected_last
-    selected_last = _selected_last(_payload(folder).get("runs", []))
+    # Every finished run of the folder (results.json lists only the last call's methods).
+    selected_last = _selected_last(collect_runs(folder) or _payload(folder).get("runs", []))
     for label in sorted(curves, key=lambda k: (k.startswith("single_task_"), len(k), k)):
-        flat, last = [], 0.0
+        flat, late, last = [], [], 0.0
         for seed in sorted(curves[label], key=int):
             c = curves[label][seed]
-            gap = relative_gap(_own_metrics(folder, label, c["metrics"]), hib)
+            own = _own_metrics(folder, label, c["metrics"])
+            gap = relative_gap(own, hib)
             steps = np.asarray(c["step"], np.float64) / (spe or 1.0)
             i = flattened_index(gap, tol)
             flat.append("never" if i >= len(gap) else f"{steps[i]:.0f}")
+            g = late_gain(own, hib, c["step"])
+            late.append("–" if np.isnan(g) else f"{100 * g:.2f}")
             last = steps[-1]
         hit, n = selected_last.get(label, (0, 0))
-        lines.append(f"| {label} | {len(curves[label])} | {last:.0f} | {', '.join(flat)} | "
+        lines.append(f"| {label} | {len(curves[label])} | {last:.0f} | {', '.join(flat)} | {', '.join(late)} | "
                      f"{f'{hit} of {n}' if n else '–'} |")
     return "\n".join(lines) + "\n"
 

@@ -38,9 +38,12 @@ def test_flattening_and_stored_curves_survive_without_histories(tmp_path, monkey
     gap = curves.relative_gap(stored["equal"]["0"]["metrics"], {"a_mae": False, "b_acc": True})
     np.testing.assert_allclose(gap[:3], [(4 + 0.4 / 0.9) / 2, (1 + 0.1 / 0.9) / 2, (0.01 + 0.001 / 0.9) / 2])
     assert curves.flattened_index(gap, 0.01) == 2
+    # Late gain (last 10 % of 50 steps: evaluations after step 45): the best before is the best
+    # overall (0.1 at step 40, accuracy 0.9), so nothing was gained late.
+    assert curves.late_gain(stored["equal"]["0"]["metrics"], {"a_mae": False, "b_acc": True}, steps) == 0.0
     assert (f / "curves.png").exists()
     md = (f / "curves.md").read_text()
-    assert "| equal | 1 | 50 | 30 | 0 of 1 |" in md
+    assert "| equal | 1 | 50 | 30 | 0.00 | 0 of 1 |" in md
     # The histories are gone (a fresh checkout): the stored curves are kept, not lost.
     for h in f.glob("runs/*/seed*/history.json"):
         h.unlink()
@@ -48,7 +51,24 @@ def test_flattening_and_stored_curves_survive_without_histories(tmp_path, monkey
     assert json.loads((f / "curves.json").read_text())["runs"] == stored
     # ... and the tables' curves block renders from them.
     monkeypatch.setattr(tables, "RESULTS", tmp_path)
-    assert "| equal | 1 | 50 | 30 | 0 of 1 |" in tables.render("r:curves")
+    assert "| equal | 1 | 50 | 30 | 0.00 | 0 of 1 |" in tables.render("r:curves")
+
+
+def test_late_gain_is_the_relative_improvement_of_the_best_value_in_the_last_steps():
+    hib = {"a_mae": False, "b_acc": True}
+    # Hand-computed: steps 10..100; the last 10 % is the evaluation at step 100 (after step 90).
+    # a_mae best before 0.21 (step 90), best overall 0.20: gain 0.05; b_acc best before 0.80,
+    # overall 0.84: gain 0.04 / 0.84. Mean of the two.
+    metrics = {"a_mae": [1.0, 0.5, 0.3, 0.25, 0.22, 0.22, 0.21, 0.21, 0.21, 0.20],
+               "b_acc": [0.5, 0.6, 0.7, 0.75, 0.78, 0.79, 0.80, 0.80, 0.80, 0.84]}
+    steps = list(range(10, 101, 10))
+    assert curves.late_gain(metrics, hib, steps) == pytest.approx((0.05 + 0.04 / 0.84) / 2)
+    # A wider window reaches back to step 70 (a_mae 0.21, b_acc 0.80 before it): the same gains.
+    assert curves.late_gain(metrics, hib, steps, 0.3) == pytest.approx((0.05 + 0.04 / 0.84) / 2)
+    # ... and to step 40 (a_mae 0.25, b_acc 0.75): (0.25 - 0.2) / 0.2 and 0.09 / 0.84.
+    assert curves.late_gain(metrics, hib, steps, 0.6) == pytest.approx((0.25 + 0.09 / 0.84) / 2)
+    # No evaluation before the window: undefined, shown as a dash.
+    assert np.isnan(curves.late_gain({"a_mae": [1.0]}, hib, [10]))
 
 
 def test_never_flattened_is_reported():
