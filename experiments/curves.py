@@ -151,8 +151,7 @@ def summarize(folder: Path, curves: dict, tol: float) -> str:
              f"| run | seeds | last {unit} | flattened at {unit} (per seed) | late gain, % (per seed) "
              f"| selected step = last evaluation |",
              "|---|---|---|---|---|---|"]
-    from experiments.tables import collect_runs
-    from experiments.verdicts import selected_last as _selected_last
+    from experiments.verdicts import collect_runs, selected_last as _selected_last
     # Every finished run of the folder (results.json lists only the last call's methods).
     selected_last = _selected_last(collect_runs(folder) or _payload(folder).get("runs", []))
     for label in sorted(curves, key=lambda k: (k.startswith("single_task_"), len(k), k)):

@@ -37,6 +37,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from experiments.verdicts import collect_runs
+
 __all__ = ["RecordedBenchmark", "collect_runs", "load", "full_table", "verdict_table", "levels_table", "provenance",
            "render", "split_blocks",
            "update_file", "main"]
@@ -87,25 +89,6 @@ class RecordedBenchmark:
 
     def metric_names_of_task(self, t: int) -> list:
         return [s.name for s in self.metrics if s.task == self.task_names[t]]
-
-
-def _method_rank(label: str) -> tuple:
-    import imtl_jax
-    names = list(imtl_jax.methods.method_names())
-    base = label.split("@")[0]
-    return (names.index(base) if base in names else len(names), label)
-
-
-def collect_runs(folder: Path) -> list:
-    """Every finished run under ``folder/runs/<label>/seed<k>/result.json`` (whatever call made it),
-    single-task runs first, then the methods in registry order, seeds ascending."""
-    runs = []
-    for path in sorted((folder / "runs").glob("*/seed*/result.json")):
-        r = json.loads(path.read_text())
-        if r.get("complete", True):
-            runs.append(r)
-    return sorted(runs, key=lambda r: (r.get("single_task") is None, r.get("single_task") or 0,
-                                       _method_rank(r["method"]), r["seed"]))
 
 
 def load(folder: Path) -> tuple[RecordedBenchmark, dict, dict]:

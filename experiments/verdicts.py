@@ -20,8 +20,8 @@ import math
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["FAMILY_ALPHA", "merge_identical", "selected_last", "verdict_rows", "method_costs", "verdict_table",
-           "verdict_headline", "plot_delta_m_vs_cost"]
+__all__ = ["FAMILY_ALPHA", "collect_runs", "merge_identical", "selected_last", "verdict_rows", "method_costs",
+           "verdict_table", "verdict_headline", "plot_delta_m_vs_cost"]
 
 
 FAMILY_ALPHA = 0.05
@@ -48,6 +48,25 @@ def merge_identical(methods: dict) -> list[list[str]]:
         else:
             groups.append([m])
     return groups
+
+
+def _method_rank(label: str) -> tuple:
+    import imtl_jax
+    names = list(imtl_jax.methods.method_names())
+    base = label.split("@")[0]
+    return (names.index(base) if base in names else len(names), label)
+
+
+def collect_runs(folder: Path) -> list:
+    """Every finished run under ``folder/runs/<label>/seed<k>/result.json`` (whatever call made it),
+    single-task runs first, then the methods in registry order, seeds ascending."""
+    runs = []
+    for path in sorted((folder / "runs").glob("*/seed*/result.json")):
+        r = json.loads(path.read_text())
+        if r.get("complete", True):
+            runs.append(r)
+    return sorted(runs, key=lambda r: (r.get("single_task") is None, r.get("single_task") or 0,
+                                       _method_rank(r["method"]), r["seed"]))
 
 
 def selected_last(runs: list) -> dict:
