@@ -46,7 +46,7 @@ def assert_rel(a, b, rtol=1e-10):
 
 @pytest.mark.parametrize("method,reduction", [
     ("imtl_h", "sum"), slow("imtl_h", "mean"), slow("imtl_g", "sum"), slow("equal", "sum"), slow("uncertainty", "sum"),
-    slow("dwa", "sum"), slow("gradnorm", "sum"), ("mgda", "sum"), slow("nash_mtl", "mean"),
+    slow("dwa", "sum"), slow("gradnorm", "sum"), slow("mgda", "sum"), slow("nash_mtl", "mean"),
     # a loss scaling that is not linear in the losses (log): exact only through the chain rule
     ("db_mtl", "sum"), slow("db_mtl", "mean"),
     # per-coordinate state (T, F): F from the example batch given to init

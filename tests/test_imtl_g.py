@@ -663,6 +663,7 @@ def test_auto_route_by_number_of_tasks():
     assert _imtl_g._float32_route(jnp.float64, 40) == "compensated"
 
 
+@pytest.mark.slow  # both routes compiled under vmap
 def test_lean_route_under_vmap():
     """Under vmap the cond becomes a select (both routes run): the same weights as one by one,
     for a batch holding an input the lean route answers and one it hands to the wide route."""

@@ -170,6 +170,7 @@ def _near_singular_draws(num_draws):
     return draws
 
 
+@pytest.mark.slow  # a heavy oracle (many near-singular draws): CI's slow step
 def test_cagrad_dual_near_singular_gramian_eps_noise():
     """The solver reaches its certificate (16 eps) in one or two rounds of T steps on every
     eps-level perturbation of a near-singular Gramian. The faces met there often have no

