@@ -16,6 +16,9 @@ Blocks:
 * ``<folder>:headline``: the verdicts in four lines (the README's summary).
 * ``<folder>:levels``: each method run at both levels (z and θ), the paired θ − z difference.
 * ``<folder>:provenance``: the command, seeds, configuration and machine of the runs.
+* ``<folder>:tuning``: a tuning study's grid (``python -m experiments tuning``): every tuned
+  run's validation score at every grid point and the choice. In such a folder every other
+  block reads the test runs of the chosen settings (``<folder>/test/<grid point>/runs``).
 * ``<folder>:alpha``: how α behaved along the runs (``alpha_stats.json``, written by
   ``python -m experiments.alpha_stats``).
 * ``perf:step_cost``: the step-cost table of the committed ``python -m benchmarks.step_cost``
@@ -40,6 +43,7 @@ from typing import Callable, Optional
 from experiments.verdicts import collect_runs
 
 __all__ = ["RecordedBenchmark", "collect_runs", "load", "full_table", "verdict_table", "levels_table", "provenance",
+           "tuning_table",
            "render", "split_blocks",
            "update_file", "main"]
 
@@ -100,7 +104,7 @@ def load(folder: Path) -> tuple[RecordedBenchmark, dict, dict]:
     """
     from experiments import report
     payload = json.loads((folder / "results.json").read_text())
-    if (folder / "runs").is_dir():
+    if (folder / "runs").is_dir() or (folder / "tuning.json").exists():
         payload["runs"] = collect_runs(folder)
     bench = RecordedBenchmark(payload)
     return bench, payload, report.summarize(bench, payload["runs"])
@@ -155,6 +159,9 @@ def provenance(folder: Path) -> str:
     runs = payload["runs"]
     seeds = sorted({r["seed"] for r in runs})
     cfg = runs[0].get("config", {}) if runs else {}
+    lrs = sorted({r.get("config", {}).get("lr") for r in runs if r.get("config")})
+    lr = f"Adam lr {cfg.get('lr')}" if len(lrs) <= 1 else \
+        f"Adam lr chosen per run on validation ({', '.join(f'{v:g}' for v in lrs)}; the tuning table)"
     machines = sorted({f"{r.get('machine', {}).get('platform', '?')}, {r.get('machine', {}).get('cpus', '?')} CPUs, "
                        f"jax {r.get('machine', {}).get('jax', '?')} ({r.get('machine', {}).get('backend', '?')})"
                        for r in runs})
@@ -165,7 +172,7 @@ def provenance(folder: Path) -> str:
            f"`{_relative_paths(payload.get('command', ''))}`",
            f"- {len(runs)} runs: {len(methods)} methods (single-task counted once) x seeds "
            f"{', '.join(map(str, seeds))}",
-           f"- training: {cfg.get('steps')} steps, batch {cfg.get('batch_size')}, Adam lr {cfg.get('lr')}, "
+           f"- training: {cfg.get('steps')} steps, batch {cfg.get('batch_size')}, {lr}, "
            f"{cfg.get('schedule')} schedule, weight decay {cfg.get('weight_decay')}, evaluated every "
            f"{cfg.get('eval_every')} steps; test metrics at the best validation step",
            f"- machine: {'; '.join(machines)}; 1-minute load during the runs {min(loads):.0f}–{max(loads):.0f}"
@@ -267,7 +274,15 @@ def perf_table(name: str) -> Optional[str]:
 
 def _producers() -> dict[str, Callable[[Path], str]]:
     return {"": full_table, "verdict": verdict_table, "headline": headline, "curves": curves_table,
-            "levels": levels_table, "provenance": provenance, "alpha": _alpha_table}
+            "levels": levels_table, "provenance": provenance, "alpha": _alpha_table, "tuning": tuning_table}
+
+
+def tuning_table(folder: Path) -> str:
+    """A tuning study's grid: every run's validation score at every point and the choice
+    (:func:`experiments.studies.tuning.choices_table`, recomputed from the committed runs)."""
+    from experiments.studies.tuning import choices_table
+    bench, payload, _ = load(folder)
+    return choices_table(folder, bench, payload["runs"])
 
 
 def _alpha_table(folder: Path) -> str:

@@ -59,14 +59,26 @@ def _method_rank(label: str) -> tuple:
 
 def collect_runs(folder: Path) -> list:
     """Every finished run under ``folder/runs/<label>/seed<k>/result.json`` (whatever call made it),
-    single-task runs first, then the methods in registry order, seeds ascending."""
-    runs = []
-    for path in sorted((folder / "runs").glob("*/seed*/result.json")):
+    single-task runs first, then the methods in registry order, seeds ascending.
+
+    In a tuning study's folder (one holding ``tuning.json``) the runs are those of the chosen
+    settings on the test seeds, ``folder/test/<grid point>/runs/...``; a run present at two grid
+    points (a choice that changed after its test runs) is an error naming both.
+    """
+    tuned = (folder / "tuning.json").exists()
+    found: dict = {}
+    for path in sorted(folder.glob("test/*/runs/*/seed*/result.json" if tuned else "runs/*/seed*/result.json")):
         r = json.loads(path.read_text())
-        if r.get("complete", True):
-            runs.append(r)
-    return sorted(runs, key=lambda r: (r.get("single_task") is None, r.get("single_task") or 0,
-                                       _method_rank(r["method"]), r["seed"]))
+        if not r.get("complete", True):
+            continue
+        key = (r["method"], r["seed"])
+        if key in found:
+            raise ValueError(f"{folder}: run {key[0]} seed {key[1]} exists at two grid points ({found[key][0]} and "
+                             f"{path}); delete the one the validation choice (tuning.json) did not pick")
+        found[key] = (path, r)
+    return sorted((r for _, r in found.values()),
+                  key=lambda r: (r.get("single_task") is None, r.get("single_task") or 0,
+                                 _method_rank(r["method"]), r["seed"]))
 
 
 def selected_last(runs: list) -> dict:
@@ -120,8 +132,13 @@ def _p(p: float) -> str:
 
 def _cost_record(folder: Path) -> Optional[dict]:
     """``folder/method_cost.json`` (written by ``python -m benchmarks.method_cost --out <folder>``
-    on an idle machine), or None."""
+    on an idle machine), or None. A tuning study's folder without one uses the record of the
+    converged folder of its benchmark (``<benchmark>_converged``): a step's cost does not depend
+    on the learning rate, and the table's caption names the command that measured it."""
     path = folder / "method_cost.json"
+    if not path.exists() and (folder / "tuning.json").exists():
+        bench = json.loads((folder / "tuning.json").read_text()).get("benchmark")
+        path = folder.parent / f"{bench}_converged" / "method_cost.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 

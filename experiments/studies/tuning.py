@@ -39,7 +39,7 @@ TINY = dict(extra_tuning=dict(lr_grid=[1e-3, 3e-3], wd_grid=[0.0], tune_seeds=[1
 #: every run takes its learning rate and weight decay from the grid: ``--lr``/``--weight-decay`` are not offered.
 UNUSED_FLAGS = ("lr", "weight_decay")
 
-__all__ = ["run", "grid_points", "choose_single_task", "choose_multi_task"]
+__all__ = ["run", "grid_points", "choose_single_task", "choose_multi_task", "choices_table"]
 
 
 def add_flags(parser):
@@ -178,3 +178,80 @@ def run(o, command: str) -> dict:
         (out / "tuning.md").write_text("\n".join(md) + "\n")
         print("\n".join(md))
         return dict(summary, tuning=payload)
+
+
+def _tune_runs(folder: Path) -> dict:
+    """{(lr, weight decay): [every finished tuning run at that grid point]} read from ``folder/tune``."""
+    by_point: dict = {}
+    for path in sorted(Path(folder).glob("tune/*/runs/*/seed*/result.json")):
+        r = json.loads(path.read_text())
+        if r.get("complete", True):
+            by_point.setdefault((float(r["config"]["lr"]), float(r["config"]["weight_decay"])), []).append(r)
+    return by_point
+
+
+def choices_table(folder: Path, bench, test_runs: list) -> str:
+    """The validation scores of every tuned run at every grid point and the choice, recomputed
+    from the committed tuning runs (``folder/tune``) with :func:`choose_single_task` and
+    :func:`choose_multi_task`; a method whose tuning is unfinished shows "…" and no choice.
+
+    Raises ValueError when the test runs (``test_runs``: :func:`experiments.verdicts.collect_runs`)
+    or ``tuning.json`` disagree with the recomputed choice: stale runs would otherwise be tabled.
+    """
+    meta = json.loads((Path(folder) / "tuning.json").read_text())
+    points = [(float(lr), float(wd)) for lr, wd in meta["grid"]]
+    seeds = set(meta["tune_seeds"])
+    by_point = _tune_runs(Path(folder))
+    test_point = {r["method"]: (float(r["config"]["lr"]), float(r["config"]["weight_decay"])) for r in test_runs}
+
+    def runs_of(label):
+        return {p: [r for r in by_point.get(p, []) if r["method"] == label] for p in points}
+
+    def finished(runs):
+        return all({r["seed"] for r in runs[p]} >= seeds for p in points)
+
+    one_wd = len({p[1] for p in points}) == 1
+    name = (lambda p: f"lr {p[0]:g}") if one_wd else (lambda p: f"lr {p[0]:g}, wd {p[1]:g}")
+    lines = ["| run | " + " | ".join(name(p) for p in points) + " | chosen | test seeds |",
+             "|---|" + "---|" * (len(points) + 2)]
+    n_test = {}
+    for r in test_runs:
+        n_test[r["method"]] = n_test.get(r["method"], 0) + 1
+
+    def row(label, shown, scores, choice):
+        if choice is not None and label in test_point and test_point[label] != choice:
+            raise ValueError(f"{folder}: {label}'s test runs use {name(test_point[label])} but validation chooses "
+                             f"{name(choice)}; delete the stale test runs and rerun the tuning call")
+        cells = []
+        for p in points:
+            v = scores.get(_label(p))
+            cell = "…" if v is None else ("diverged" if not math.isfinite(v) else f"{v:+.2f}")
+            cells.append(f"**{cell}**" if p == choice else cell)
+        lines.append(f"| {shown} | " + " | ".join(cells) + f" | {name(choice) if choice else '(unfinished)'} | "
+                     f"{n_test.get(label, 0)} |")
+
+    single = {t: runs_of(f"single_task_{t}") for t in range(bench.num_tasks)}
+    reference = None
+    if all(finished(single[t]) for t in single):
+        st_choice, reference, st_scores = choose_single_task(
+            bench, {p: [r for t in single for r in single[t][p]] for p in points})
+        for t, p in st_choice.items():
+            row(f"single_task_{t}", f"single-task {bench.task_names[t]}", st_scores[bench.task_names[t]], p)
+    else:
+        lines.append("| single-task | " + " | ".join("…" for _ in points) + " | (unfinished) | – |")
+    multi = sorted({r["method"] for rs in by_point.values() for r in rs if r.get("single_task") is None})
+    for label in multi:
+        runs = runs_of(label)
+        if reference is None or not finished(runs):
+            row(label, label, {}, None)
+            continue
+        choice, scores = choose_multi_task(bench, {p: runs[p] for p in points}, reference)
+        recorded = meta.get("multi_task_choice", {}).get(label)
+        if recorded is not None and recorded != _label(choice):
+            raise ValueError(f"{folder}/tuning.json chose {recorded} for {label}, the tuning runs give "
+                             f"{_label(choice)}: the file is stale; rerun the tuning call")
+        row(label, label, scores, choice)
+    lines += ["", f"Validation scores on tuning seed(s) {', '.join(map(str, sorted(seeds)))} (lower is better; the "
+                  "chosen point in bold): single-task rows, Δm% of the task's metrics against the first grid point; "
+                  "multi-task rows, Δm% against the chosen single-task runs. The test seeds enter no choice."]
+    return "\n".join(lines)

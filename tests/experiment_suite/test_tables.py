@@ -218,3 +218,92 @@ def test_delta_m_vs_cost_plot_places_each_method_at_its_cost(tmp_path, monkeypat
     figures[0].canvas.draw()
     labels = [t.get_text() for t in ax.get_xticklabels() + ax.get_xticklabels(minor=True) if t.get_text()]
     assert labels and all(label.endswith("x") and "10" not in label for label in labels), labels
+
+
+def _tuned_folder(root, stale=None, unfinished=False):
+    """A tuning study's folder (two tasks, accuracies; grid lr 1e-3 / 3e-3; tuning seed 100; test
+    seeds 0-2), with validation values whose choices are worked out by hand:
+
+    single-task a: 0.80 at 1e-3, 0.90 at 3e-3 -> 3e-3 (Δm vs the first point -12.5 %);
+    single-task b: 0.70, 0.60 -> 1e-3; the validation reference is then a 0.90, b 0.70.
+    equal: (0.90, 0.70) -> Δm 0; (0.81, 0.63) -> +10 -> 1e-3.
+    imtl_h: (0.45, 0.35) -> +50; (0.90, 0.77) -> -5 -> 3e-3.
+    Test seeds: single-task accuracy 0.5; equal's Δm 5, 6, 7; imtl_h's 3, 4, 5 (2 lower on every seed).
+    """
+    folder = root / "tun"
+    p1, p2 = (1e-3, 0.0), (3e-3, 0.0)
+
+    def put(split, point, method, seed, acc, single_task=None):
+        d = folder / split / f"lr{point[0]:g}_wd0" / "runs" / method / f"seed{seed}"
+        d.mkdir(parents=True)
+        (d / "result.json").write_text(json.dumps({
+            "method": method, "single_task": single_task, "seed": seed, "status": "ok", "complete": True,
+            "val": {"a_acc": acc[0], "b_acc": acc[1]}, "test": {"a_acc": acc[0], "b_acc": acc[1]},
+            "config": {"lr": point[0], "weight_decay": 0.0, "steps": 10, "batch_size": 4},
+            "wall_time_s": 1.0, "step_time_ms": 1.0, "skipped_steps": 0, "steps_done": 10}))
+
+    put("tune", p1, "single_task_0", 100, (0.80, 0.0), 0)
+    put("tune", p2, "single_task_0", 100, (0.90, 0.0), 0)
+    put("tune", p1, "single_task_1", 100, (0.0, 0.70), 1)
+    put("tune", p2, "single_task_1", 100, (0.0, 0.60), 1)
+    put("tune", p1, "equal", 100, (0.90, 0.70))
+    put("tune", p2, "equal", 100, (0.81, 0.63))
+    put("tune", p1, "imtl_h", 100, (0.45, 0.35))
+    put("tune", p2, "imtl_h", 100, (0.90, 0.77))
+    if unfinished:
+        put("tune", p1, "pcgrad", 100, (0.9, 0.7))
+    for seed in range(3):
+        put("test", p2, "single_task_0", seed, (0.5, 0.0), 0)
+        put("test", p1, "single_task_1", seed, (0.0, 0.5), 1)
+        put("test", stale or p1, "equal", seed, (0.5 * (1 - (5 + seed) / 100),) * 2)
+        put("test", p2, "imtl_h", seed, (0.5 * (1 - (3 + seed) / 100),) * 2)
+    meta = {"benchmark": "fake", "grid": [list(p1), list(p2)], "tune_seeds": [100], "test_seeds": [0, 1, 2],
+            "multi_task_choice": {"imtl_h": "lr0.003_wd0"}}
+    (folder / "tuning.json").write_text(json.dumps(meta))
+    payload = _payload({})
+    payload["runs"] = []
+    (folder / "results.json").write_text(json.dumps(payload))
+    return folder
+
+
+def test_tuned_tables_recompute_the_validation_choice_and_read_the_chosen_test_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    _tuned_folder(tmp_path, unfinished=True)
+    grid = tables.render("tun:tuning")
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in grid.splitlines() if line.startswith("| ")}
+    assert rows["single-task a"] == ["+0.00", "**-12.50**", "lr 0.003", "3 |"]
+    assert rows["single-task b"][:3] == ["**+0.00**", "+14.29", "lr 0.001"]     # 0.6 vs 0.7: 14.29 % worse
+    assert rows["equal"] == ["**+0.00**", "+10.00", "lr 0.001", "3 |"]
+    assert rows["imtl_h"] == ["+50.00", "**-5.00**", "lr 0.003", "3 |"]
+    assert rows["pcgrad"] == ["…", "…", "(unfinished)", "0 |"]                  # one grid point of two
+    verdict = {line.split(" | ")[1]: line for line in tables.render("tun:verdict").splitlines()[2:]
+               if line.startswith("| ")}
+    assert "**better**" in verdict["imtl_h"] and "-2.00" in verdict["imtl_h"]   # test seeds at the chosen points
+    assert "lr chosen per run on validation (0.001, 0.003" in tables.render("tun:provenance")
+
+
+def test_tuned_tables_refuse_stale_test_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    folder = _tuned_folder(tmp_path, stale=(3e-3, 0.0))      # equal's test runs at the point not chosen
+    with pytest.raises(ValueError, match="equal's test runs use lr 0.003 but validation chooses lr 0.001"):
+        tables.render("tun:tuning")
+    d = folder / "test" / "lr0.001_wd0" / "runs" / "equal" / "seed0"
+    d.mkdir(parents=True)
+    (d / "result.json").write_text((folder / "test" / "lr0.003_wd0" / "runs" / "equal" / "seed0" /
+                                    "result.json").read_text())
+    with pytest.raises(ValueError, match="exists at two grid points"):
+        tables.render("tun:verdict")
+
+
+def test_tuned_verdicts_take_the_step_cost_of_the_converged_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    _tuned_folder(tmp_path)
+    (tmp_path / "fake_converged").mkdir()
+    (tmp_path / "fake_converged" / "method_cost.json").write_text(json.dumps(
+        {"command": "python -m benchmarks.method_cost --out results/fake_converged", "rounds": 3,
+         "load_1min_before": 0.5, "load_1min_after": 0.6,
+         "methods": {"equal": {"ratio_to_equal": 1.0}, "imtl_h": {"ratio_to_equal": 1.25}}}))
+    body = tables.render("tun:verdict")
+    assert "step time / EW" in body.splitlines()[0]
+    assert [line for line in body.splitlines() if line.startswith("| 1 | imtl_h")][0].endswith(" 1.25 |")
+    assert "--out results/fake_converged" in body
