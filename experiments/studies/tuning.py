@@ -51,7 +51,12 @@ def add_flags(parser):
     g.add_argument("--tune-seeds", type=int, nargs="+", default=None, metavar="SEED",
                    help="seeds of the tuning runs, disjoint from --seeds (default: 100; the same for every "
                         "method: an equal budget)")
-    return ("lr_grid", "wd_grid", "tune_seeds")
+    g.add_argument("--reuse-single-task", default=None, metavar="FOLDER",
+                   help="a results folder (e.g. results/qm9_converged) whose finished single-task runs on the test "
+                        "seeds are copied in place of retraining where a task's chosen point is their configuration "
+                        "(a single-task run's selection does not depend on any reference, so it is the run this "
+                        "study would train)")
+    return ("lr_grid", "wd_grid", "tune_seeds", "reuse_single_task")
 
 
 def grid_points(lrs, wds) -> list[tuple[float, float]]:
@@ -61,6 +66,33 @@ def grid_points(lrs, wds) -> list[tuple[float, float]]:
 
 def _label(point) -> str:
     return f"lr{point[0]:g}_wd{point[1]:g}"
+
+
+def copy_finished_runs(source: Path, dest: Path, specs, seeds, steps: int, lr: float, weight_decay: float) -> list:
+    """Copy ``source/runs/<label>/seed<k>/{result,history}.json`` to ``dest/runs/...`` for every
+    (spec, seed) that ``dest`` lacks and whose source run finished ``steps`` steps at this learning
+    rate and weight decay; returns the copied run folders (relative to ``dest``). The training loop
+    then skips a copied run only if its whole fingerprint matches (:func:`experiments.train`'s
+    ``--resume`` rule) and retrains it otherwise, so a copy never stands in for a different run."""
+    import shutil
+    copied = []
+    for spec in specs:
+        for seed in seeds:
+            rel = Path("runs") / spec.label / f"seed{seed}"
+            src = Path(source) / rel
+            if (Path(dest) / rel / "result.json").exists() or not (src / "result.json").exists():
+                continue
+            r = json.loads((src / "result.json").read_text())
+            cfg = r.get("config", {})
+            if not (r.get("complete") and r.get("steps_planned") == steps and cfg.get("lr") == lr
+                    and cfg.get("weight_decay") == weight_decay):
+                continue
+            (Path(dest) / rel).mkdir(parents=True, exist_ok=True)
+            for name in ("result.json", "history.json"):
+                if (src / name).exists():
+                    shutil.copyfile(src / name, Path(dest) / rel / name)
+            copied.append(str(rel))
+    return copied
 
 
 def _mean_val(results, names) -> dict:
@@ -138,11 +170,17 @@ def run(o, command: str) -> dict:
                                           reference=reference) for p in points}
             mt_choice[spec.label], mt_scores[spec.label] = choose_multi_task(bench, by_point, reference)
         # 3. the chosen settings on the test seeds; the single-task runs first (the table's baseline).
-        final = []
+        final, reused = [], []
         for p in points:
             chosen = [s for s in single if st_choice[s.single_task] == p]
             if chosen:
-                final += run_experiment(bench, chosen, o.seeds, cfgs[p], out / "test" / _label(p))
+                dest = out / "test" / _label(p)
+                copies = (copy_finished_runs(Path(extra["reuse_single_task"]), dest, chosen, o.seeds, base.steps, *p)
+                          if extra.get("reuse_single_task") else [])
+                before = {c: (dest / c / "result.json").read_bytes() for c in copies}
+                final += run_experiment(bench, chosen, o.seeds, cfgs[p], dest)
+                # a copy whose fingerprint did not match was retrained over: only the kept ones count
+                reused += [f"{_label(p)}/{c}" for c in copies if (dest / c / "result.json").read_bytes() == before[c]]
         test_ref = {m: float(np.mean([r["val"][m] for r in final if r.get("single_task") == t and r.get("val")]))
                     for m, t in bench.task_of_metric_index().items()}
         for spec in multi:
@@ -159,6 +197,7 @@ def run(o, command: str) -> dict:
             "single_task_val_scores": st_scores, "validation_reference": reference,
             "multi_task_choice": {k: _label(p) for k, p in mt_choice.items()},
             "multi_task_val_delta_m": mt_scores,
+            "reused_single_task_runs": {"from": extra.get("reuse_single_task"), "runs": reused} if reused else None,
             "budget": {"grid_points": len(points), "tuning_seeds": len(tune_seeds),
                        "runs_per_method": len(points) * len(tune_seeds)},
         }
@@ -174,6 +213,9 @@ def run(o, command: str) -> dict:
         for m, lab in payload["multi_task_choice"].items():
             sc = ", ".join(f"{k}: {v:+.2f}" for k, v in mt_scores[m].items())
             md.append(f"| {m} | {lab} | {sc} |")
+        if reused:
+            md += ["", f"Single-task test runs copied from `{extra['reuse_single_task']}` (the same configuration and "
+                       f"seeds, not retrained): {', '.join(reused)}."]
         md += ["", "## Test (chosen settings)", "", summary["markdown"]]
         (out / "tuning.md").write_text("\n".join(md) + "\n")
         print("\n".join(md))

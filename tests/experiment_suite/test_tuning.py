@@ -1,8 +1,10 @@
 """The tuning study chooses on validation only, per task for single-task runs, with one grid for all."""
 
+import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,11 +59,64 @@ def test_tuning_study_tiny_end_to_end(tmp_path):
     out = tmp_path / "tun"
     subprocess.run([sys.executable, "-m", "experiments", "tuning", "--tiny", "--out", str(out), "--quiet"],
                    check=True, capture_output=True, text=True, timeout=900)
-    import json
     payload = json.loads((out / "tuning.json").read_text())
     assert payload["budget"] == {"grid_points": 2, "tuning_seeds": 1, "runs_per_method": 2}
     assert set(payload["multi_task_choice"]) == {"equal", "imtl_h"}
     assert (out / "tuning.md").exists() and (out / "results.json").exists()
+
+
+def test_copy_finished_runs_takes_only_finished_runs_of_the_same_rate_steps_and_decay(tmp_path):
+    from experiments.runs import single_task_spec
+    src, dest = tmp_path / "src", tmp_path / "dest"
+
+    def put(folder, label, seed, **kw):
+        d = folder / "runs" / label / f"seed{seed}"
+        d.mkdir(parents=True)
+        r = {"complete": True, "steps_planned": 100, "config": {"lr": 1e-3, "weight_decay": 0.0}}
+        r.update(kw)
+        (d / "result.json").write_text(json.dumps(r))
+        (d / "history.json").write_text("{}")
+
+    put(src, "single_task_0", 0)                                           # copied
+    put(src, "single_task_0", 1, complete=False)                           # unfinished
+    put(src, "single_task_0", 2, steps_planned=50)                         # another budget
+    put(src, "single_task_1", 0, config={"lr": 3e-3, "weight_decay": 0.0})  # another rate
+    put(src, "single_task_1", 1, config={"lr": 1e-3, "weight_decay": 1e-4})  # another decay
+    put(src, "single_task_1", 2)
+    put(dest, "single_task_1", 2, marker="dest's own")                       # never overwritten
+    specs = [single_task_spec(0, 2), single_task_spec(1, 2)]
+    copied = tuning.copy_finished_runs(src, dest, specs, [0, 1, 2, 3], 100, 1e-3, 0.0)
+    assert copied == [str(Path("runs/single_task_0/seed0"))]
+    assert (dest / copied[0] / "history.json").exists()
+    assert json.loads((dest / "runs/single_task_1/seed2/result.json").read_text())["marker"] == "dest's own"
+
+
+@pytest.mark.slow
+def test_tuning_reuses_single_task_runs_only_where_the_whole_fingerprint_matches(tmp_path):
+    """One grid point (lr 1e-3): every task chooses it. Runs trained earlier at that rate and budget
+    are copied and kept (the same bytes); runs of another batch size are copied, fail the
+    fingerprint check of the training loop and are retrained, so they are not reported as reused."""
+    run = [sys.executable, "-m", "experiments"]
+    for name, batch in (("same", []), ("other_batch", ["--batch-size", "7"])):
+        subprocess.run(run + ["multimnist", "--tiny", "--quiet", "--methods", "single_task", "--lr", "0.001",
+                              "--out", str(tmp_path / name)] + batch, check=True, capture_output=True, text=True,
+                       timeout=900)
+    for name in ("same", "other_batch"):
+        out = tmp_path / f"tun_{name}"
+        subprocess.run(run + ["tuning", "--tiny", "--quiet", "--lr-grid", "0.001", "--methods", "single_task",
+                              "equal", "--reuse-single-task", str(tmp_path / name), "--out", str(out)],
+                       check=True, capture_output=True, text=True, timeout=900)
+        payload = json.loads((out / "tuning.json").read_text())
+        dests = sorted((out / "test" / "lr0.001_wd0" / "runs").glob("single_task_*/seed*/result.json"))
+        assert dests
+        if name == "same":
+            assert sorted(payload["reused_single_task_runs"]["runs"]) == sorted(
+                f"lr0.001_wd0/{p.parent.relative_to(out / 'test' / 'lr0.001_wd0')}" for p in dests)
+            src = tmp_path / name
+            for p in dests:
+                assert p.read_bytes() == (src / p.parent.relative_to(p.parents[3]) / "result.json").read_bytes()
+        else:
+            assert payload["reused_single_task_runs"] is None
 
 
 def test_params_suffix_puts_a_gradient_method_on_the_parameters():
