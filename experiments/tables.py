@@ -19,6 +19,7 @@ Blocks:
 * ``<folder>:tuning``: a tuning study's grid (``python -m experiments tuning``): every tuned
   run's validation score at every grid point and the choice. In such a folder every other
   block reads the test runs of the chosen settings (``<folder>/test/<grid point>/runs``).
+* ``<folder>:diagnosis``: the z-vs-θ probes of an ``ablation_z_vs_theta`` folder per method.
 * ``<folder>:alpha``: how α behaved along the runs (``alpha_stats.json``, written by
   ``python -m experiments.alpha_stats``).
 * ``perf:step_cost``: the step-cost table of the committed ``python -m benchmarks.step_cost``
@@ -43,7 +44,7 @@ from typing import Callable, Optional
 from experiments.verdicts import collect_runs
 
 __all__ = ["RecordedBenchmark", "collect_runs", "load", "full_table", "verdict_table", "levels_table", "provenance",
-           "tuning_table",
+           "tuning_table", "diagnosis_table",
            "render", "split_blocks",
            "update_file", "main"]
 
@@ -274,7 +275,8 @@ def perf_table(name: str) -> Optional[str]:
 
 def _producers() -> dict[str, Callable[[Path], str]]:
     return {"": full_table, "verdict": verdict_table, "headline": headline, "curves": curves_table,
-            "levels": levels_table, "provenance": provenance, "alpha": _alpha_table, "tuning": tuning_table}
+            "levels": levels_table, "provenance": provenance, "alpha": _alpha_table, "tuning": tuning_table,
+            "diagnosis": diagnosis_table}
 
 
 def tuning_table(folder: Path) -> str:
@@ -283,6 +285,13 @@ def tuning_table(folder: Path) -> str:
     from experiments.studies.tuning import choices_table
     bench, payload, _ = load(folder)
     return choices_table(folder, bench, payload["runs"])
+
+
+def diagnosis_table(folder: Path) -> str:
+    """The z-vs-θ probes of ``python -m experiments ablation_z_vs_theta`` (its ``results.json``):
+    :func:`experiments.studies.ablation_z_vs_theta.diagnosis_table`."""
+    from experiments.studies.ablation_z_vs_theta import diagnosis_table as table
+    return table(json.loads((folder / "results.json").read_text()))
 
 
 def _alpha_table(folder: Path) -> str:

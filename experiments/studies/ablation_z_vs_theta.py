@@ -76,6 +76,49 @@ def alpha_trajectory_stats(weights) -> dict:
             "mean_l1_jump": float(np.mean(jumps)) if len(jumps) else None}
 
 
+#: (column title, probe key or alpha-trajectory key) of :func:`diagnosis_table`.
+DIAGNOSIS_COLUMNS = (("cos(update z, update θ)", "cos_shared"), ("‖α_z − α_θ‖₁", "alpha_l1_diff"),
+                     ("min eig K at z", "min_eig_cosines_z"), ("min eig K at θ", "min_eig_cosines_theta"),
+                     ("norm spread at z", "grad_norm_spread_z"), ("norm spread at θ", "grad_norm_spread_theta"),
+                     ("α dominated (share of steps)", "dominated_fraction"), ("α L1 jump per step", "mean_l1_jump"))
+
+
+def diagnosis_table(payload: dict) -> str:
+    """The probes of a results.json written by this study, one row per trained method: each
+    column's per-run mean along the trajectory, averaged over seeds, with the seeds' range.
+
+    Probe columns (``probe_summary`` of each run): the cosine of the two shared updates and the
+    α distance on the same params and batch, the smallest eigenvalue of the unit gradients' cosine
+    matrix K at z and at θ, the max/min spread of the per-task gradient norms; α columns
+    (``alpha_trajectories``, every step): the share of steps where one task holds > 90 % of Σ|α|
+    and the mean L1 move of α between steps.
+    """
+    import numpy as np
+    traj = payload.get("alpha_trajectories") or {}
+    by_method: dict = {}
+    for r in payload["runs"]:
+        if r.get("single_task") is None and r.get("status") == "ok":
+            by_method.setdefault(r["method"], []).append(r)
+    lines = ["| along the run of | seeds | " + " | ".join(t for t, _ in DIAGNOSIS_COLUMNS) + " |",
+             "|---|---|" + "---|" * len(DIAGNOSIS_COLUMNS)]
+    for method, runs in by_method.items():
+        cells = []
+        for _, key in DIAGNOSIS_COLUMNS:
+            vals = [((r.get("probe_summary") or {}).get(key) or {}).get("mean") for r in runs] if key in \
+                _PROBE_KEYS else [(traj.get(f"{method}/seed{r['seed']}") or {}).get(key) for r in runs]
+            vals = [float(v) for v in vals if v is not None]
+            cells.append("n/a" if not vals else f"{np.mean(vals):.3g}" if len(vals) == 1 else
+                         f"{np.mean(vals):.3g} ({min(vals):.3g}–{max(vals):.3g})")
+        lines.append(f"| {method} | {', '.join(str(r['seed']) for r in runs)} | " + " | ".join(cells) + " |")
+    lines += ["", f"Probed every {payload.get('probe_every', '?')} steps on the same parameters and batch (mean "
+                  "along each run; averaged over seeds, range in brackets); the α columns use every step."]
+    return "\n".join(lines)
+
+
+_PROBE_KEYS = {"cos_shared", "alpha_l1_diff", "min_eig_cosines_z", "min_eig_cosines_theta", "grad_norm_spread_z",
+               "grad_norm_spread_theta"}
+
+
 def direction_probe(program):
     """``program`` -> probe(params, method_state, batch, key) -> dict (one run; vmapped by the loop)."""
     import jax
