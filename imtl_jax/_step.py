@@ -184,6 +184,14 @@ def _gate(present, tree):
     return jax.tree_util.tree_map(lambda x: jnp.where(present, x, lax.stop_gradient(x)), tree)
 
 
+def _stack_task_outputs(outs, heads):
+    """(raw losses, scaled losses, ∂/∂z, head gradients, scale gradients) stacked over tasks from
+    T outputs ``((scaled, raw), (gz, g_head, g_scale))`` of ``value_and_grad`` (heterogeneous heads)."""
+    return (jnp.stack([o[0][1] for o in outs]), jnp.stack([o[0][0] for o in outs]),
+            jnp.stack([o[1][0] for o in outs]), type(heads)(o[1][1] for o in outs),
+            jnp.stack([o[1][2] for o in outs]))
+
+
 def _gated_task(scaling, loss_of, present, t=None):
     """``(z, head_t, s_t) -> (scaled, raw)`` for one task, gated by ``present`` (see
     :func:`_gate`): both are 0 for an absent task, and so is every gradient."""
@@ -464,12 +472,7 @@ class MTLStep:
                 f = one_task(lambda h, z_, fn=loss_fn: fn(h, z_, batch), t)
                 outs.append(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(
                     z, heads[t], log_scales[t]))
-            raw = jnp.stack([o[0][1] for o in outs])
-            ls = jnp.stack([o[0][0] for o in outs])
-            gz = jnp.stack([o[1][0] for o in outs])
-            gh = type(heads)(o[1][1] for o in outs)
-            gs = jnp.stack([o[1][2] for o in outs])
-            return raw, ls, gz, gh, gs
+            return _stack_task_outputs(outs, heads)
 
         # A plain function of all heads: T reverse passes through the heads (vmapped), the
         # generic fallback. Head and scale gradients come from one more VJP with ones.
@@ -499,12 +502,7 @@ class MTLStep:
                 f = _gated_task(scaling, lambda h, z_, fn=loss_fn: fn(h, z_, batch), mask[t], t)
                 outs.append(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(
                     z, heads[t], log_scales[t]))
-            raw = jnp.stack([o[0][1] for o in outs])
-            ls = jnp.stack([o[0][0] for o in outs])
-            gz = jnp.stack([o[1][0] for o in outs])
-            gh = type(heads)(o[1][1] for o in outs)
-            gs = jnp.stack([o[1][2] for o in outs])
-            return raw, ls, gz, gh, gs
+            return _stack_task_outputs(outs, heads)
         ls, vjp, raw = jax.vjp(lambda z_, h_, s_: self._gated_scaled_losses(h_, z_, batch, s_, mask),
                                z, heads, log_scales, has_aux=True)
         gz = jax.vmap(lambda c: vjp(c)[0])(self._varying(jnp.eye(ls.shape[0], dtype=ls.dtype)))
