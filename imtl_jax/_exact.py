@@ -45,7 +45,7 @@ import numpy as np
 from jax import lax
 
 from imtl_jax._linalg import spd_inverse
-from imtl_jax._imtl_g import _REFINE_MAX_SIZE, _check_priorities
+from imtl_jax._imtl_g import _REFINE_MAX_SIZE, _check_priorities, _fallback_weights
 from imtl_jax._method import (PyTree, Weighting, WeightingOutput, coordinate_weights_of,
                               direction_of, unflatten_like)
 from imtl_jax.methods import _mask
@@ -219,12 +219,7 @@ def imtl_g_from_gramian(gram: jax.Array, exponent: jax.Array, *, priorities: Opt
     solvable = jnp.abs(total) > tol * jnp.sum(jnp.abs(raw))
     fit = jnp.matmul(cosines, beta, precision=_HIGHEST)
     solvable = solvable & (jnp.linalg.norm(fit) > tol * jnp.linalg.norm(target))
-    inverse_norms = jnp.where(valid, 1.0 / safe_norms, 0.0)
-    any_valid = jnp.any(valid)
-    uniform = (jnp.full((num_tasks,), 1.0 / num_tasks, dtype) if task_mask is None
-               else jnp.where(task_mask, 1.0, 0.0).astype(dtype) / jnp.maximum(jnp.sum(task_mask), 1))
-    fallback = jnp.where(any_valid, inverse_norms / jnp.where(any_valid, jnp.sum(inverse_norms), 1.0),
-                         uniform)
+    fallback = _fallback_weights(valid, safe_norms, task_mask, num_tasks, dtype)
     safe_total = jnp.where(solvable, total, 1.0)
     weights = jnp.where(solvable, raw / safe_total, fallback)
 

@@ -198,6 +198,16 @@ def _compensated_residual(g, n_hi, n_lo, beta, target):
     return r_hi + (r_err - x_lo)
 
 
+def _fallback_weights(valid, safe_norms, task_mask, num_tasks: int, dtype) -> jax.Array:
+    """The weights of an unsolvable system: proportional to 1/‖g_t‖ over the non-zero rows
+    (equal projections for orthogonal gradients), uniform over the present tasks if none is."""
+    inverse_norms = jnp.where(valid, 1.0 / safe_norms, 0.0)
+    any_valid = jnp.any(valid)
+    uniform = (jnp.full((num_tasks,), 1.0 / num_tasks, dtype) if task_mask is None
+               else jnp.where(task_mask, 1.0, 0.0).astype(dtype) / jnp.maximum(jnp.sum(task_mask), 1))
+    return jnp.where(any_valid, inverse_norms / jnp.where(any_valid, jnp.sum(inverse_norms), 1.0), uniform)
+
+
 def _finish(weights, aggregate, common, finite, priorities, nonconflicting: bool) -> ImtlGResult:
     """Both routes' last step: the ``nonconflicting`` sign flip, then NaN everywhere when the
     gradients were not ``finite`` or the priorities not finite and positive."""
@@ -289,12 +299,7 @@ def _imtl_g_impl(grads: jax.Array, priorities: Optional[jax.Array],
     # (duplicate or parallel rows). Otherwise beta is the least-squares answer and the
     # projections differ, so C below is their mean instead of the closed form.
     consistent = jnp.linalg.norm(fit - target) <= jnp.sqrt(eps) * target_norm
-    inverse_norms = jnp.where(valid, 1.0 / safe_norms, 0.0)
-    any_valid = jnp.any(valid)
-    uniform = (jnp.full((num_tasks,), 1.0 / num_tasks, dtype) if task_mask is None
-               else jnp.where(task_mask, 1.0, 0.0).astype(dtype) / jnp.maximum(jnp.sum(task_mask), 1))
-    fallback = jnp.where(any_valid, inverse_norms / jnp.where(any_valid, jnp.sum(inverse_norms), 1.0),
-                         uniform)
+    fallback = _fallback_weights(valid, safe_norms, task_mask, num_tasks, dtype)
     safe_hi = jnp.where(solvable, total_hi, 1.0)
     safe_lo = jnp.where(solvable, total_lo, 0.0)
     w_hi, w_lo = _divide(raw_hi, raw_lo, safe_hi, safe_lo)
@@ -397,12 +402,7 @@ def _wide_parts(grads: jax.Array, priorities: Optional[jax.Array],
         target_norm = jnp.linalg.norm(target)
         solvable = (jnp.abs(total) > tol * jnp.sum(jnp.abs(raw))) & (jnp.linalg.norm(fit) > tol * target_norm)
         consistent = jnp.linalg.norm(fit - target) <= jnp.sqrt(eps) * target_norm
-        inverse_norms = jnp.where(valid, 1.0 / safe_norms, 0.0)
-        any_valid = jnp.any(valid)
-        uniform = (jnp.full((num_tasks,), 1.0 / num_tasks, wide) if task_mask is None
-                   else jnp.where(task_mask, 1.0, 0.0) / jnp.maximum(jnp.sum(task_mask), 1))
-        fallback = jnp.where(any_valid, inverse_norms / jnp.where(any_valid, jnp.sum(inverse_norms), 1.0),
-                             uniform)
+        fallback = _fallback_weights(valid, safe_norms, task_mask, num_tasks, wide)
         weights = jnp.where(solvable, raw / jnp.where(solvable, total, 1.0), fallback)
         # The projections u_t . (alpha @ g) from the Gram matrix (no pass over the data); alpha
         # is taken as rounded to float32, as the caller's aggregate uses it.

@@ -157,6 +157,17 @@ def _normalized_gramian_exact(grads: jax.Array) -> tuple[jax.Array, jax.Array]:
     return 0.5 * (m + m.T), scale
 
 
+def support_cosines(gram: jax.Array, support: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(K, s)``: the Gram matrix scaled to cosines on the rows in ``support`` (identity rows and
+    columns elsewhere) and the row norms ``s = sqrt(diag gram)`` (1 where the diagonal is not
+    positive), so an active-set solve's conditioning depends on the angles, not the norms."""
+    num_tasks = gram.shape[0]
+    diag = jnp.diag(gram)
+    s = jnp.sqrt(jnp.where(diag > 0, diag, 1.0))
+    both = support[:, None] & support[None, :]
+    return jnp.where(both, gram / (s[:, None] * s[None, :]), jnp.eye(num_tasks, dtype=gram.dtype)), s
+
+
 def safe_div(num: jax.Array, den: jax.Array, fallback: Any = 0.0) -> jax.Array:
     """``num / den`` where ``den != 0``, else ``fallback`` (no NaN in either branch's gradient)."""
     ok = den != 0

@@ -17,7 +17,7 @@ from imtl_jax._linalg import symmetric_pinv
 from imtl_jax._method import Method, Weighting, WeightingOutput, stateless_init
 from imtl_jax.methods import _mask, register
 from imtl_jax.methods._common import (HIGHEST, certified_loop, check_grads, check_matrix, compute_dtype,
-                                      nan_if_not_finite, normalized_gramian, safe_div)
+                                      nan_if_not_finite, normalized_gramian, safe_div, support_cosines)
 from imtl_jax.methods.equal import IDENTITY
 
 
@@ -89,10 +89,7 @@ def _affine_minimiser(gram, lin, rho, support, size):
     num_tasks = gram.shape[0]
     dtype = gram.dtype
     eps = jnp.finfo(dtype).eps
-    diag = jnp.diag(gram)
-    s = jnp.sqrt(jnp.where(diag > 0, diag, 1.0))
-    both = support[:, None] & support[None, :]
-    k = jnp.where(both, gram / (s[:, None] * s[None, :]), jnp.eye(num_tasks, dtype=dtype))
+    k, s = support_cosines(gram, support)
     pinv = symmetric_pinv(k, 10.0 * size * eps)
     c = jnp.where(support, 1.0 / s, 0.0)
     lin_s = jnp.where(support, lin / s, 0.0)

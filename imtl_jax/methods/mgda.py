@@ -24,7 +24,7 @@ from imtl_jax._linalg import symmetric_pinv
 from imtl_jax._method import Method, Weighting, WeightingOutput, stateless_init
 from imtl_jax.methods import _mask, register
 from imtl_jax.methods._common import (HIGHEST, certified_loop, check_grads, check_matrix, compute_dtype,
-                                      nan_if_not_finite, normalized_gramian, safe_div)
+                                      nan_if_not_finite, normalized_gramian, safe_div, support_cosines)
 from imtl_jax.methods.equal import IDENTITY
 
 
@@ -143,10 +143,7 @@ def _bordered_solve(gram: jax.Array, support: jax.Array) -> jax.Array:
     num_tasks = gram.shape[0]
     dtype = gram.dtype
     eps = jnp.finfo(dtype).eps
-    diag = jnp.diag(gram)
-    s = jnp.sqrt(jnp.where(diag > 0, diag, 1.0))
-    both = support[:, None] & support[None, :]
-    top = jnp.where(both, gram / (s[:, None] * s[None, :]), jnp.eye(num_tasks, dtype=dtype))
+    top, s = support_cosines(gram, support)
     c = jnp.where(support, 1.0 / s, 0.0)
     cmax = jnp.max(c)
     c = c / jnp.where(cmax > 0, cmax, 1.0)
