@@ -22,6 +22,9 @@ Blocks:
 * ``<folder>:diagnosis``: the z-vs-θ probes of an ``ablation_z_vs_theta`` folder per method.
 * ``<folder>:alpha``: how α behaved along the runs (``alpha_stats.json``, written by
   ``python -m experiments.alpha_stats``).
+* Plots, written beside the tables (not checked): ``<folder>/delta_m_vs_cost.png`` for every
+  tabled folder with a step-cost record, and the scalarization sweep on the two-task plane with
+  every method of ``PLANES[sweep]`` (``results/scalarization_sweep/plane.png``).
 * ``perf:step_cost``: the step-cost table of the committed ``python -m benchmarks.step_cost``
   output (``results/benchmarks/step_cost.txt``), with its load; ``perf:solve_alone``: the weight
   solve alone (``results/benchmarks/solve_alone.txt``); ``perf:cost_vs_tasks``: the
@@ -54,6 +57,9 @@ TARGET_FILES = ("README.md", "docs/does_imtl_help.md", "docs/results.md", "docs/
 PERF = {"step_cost": RESULTS / "benchmarks" / "step_cost.txt",
         "solve_alone": RESULTS / "benchmarks" / "solve_alone.txt",
         "cost_vs_tasks": RESULTS / "benchmarks" / "cost_vs_tasks" / "cost_vs_tasks.md"}
+#: sweep folder (``python -m experiments priorities``) -> the folder whose methods join its plot
+#: on the two-task plane, ``results/<sweep>/plane.png`` (the same benchmark and budget).
+PLANES = {"scalarization_sweep": "multifashion_converged"}
 _BLOCK = re.compile(r"<!-- table:(?P<name>[\w:@.\-/]+) -->\n(?P<body>.*?)<!-- /table:(?P=name) -->", re.S)
 
 
@@ -358,6 +364,11 @@ def main(argv=None) -> int:
             if not a.check:
                 path.write_text(new)
     if not a.check:
+        for sweep, methods in PLANES.items():
+            if (RESULTS / sweep / "results.json").exists() and (RESULTS / methods / "results.json").exists():
+                from experiments.studies.priorities import plot_plane
+                plot_plane(json.loads((RESULTS / sweep / "results.json").read_text()),
+                           load(RESULTS / methods)[2], RESULTS / sweep / "plane.png")
         for folder in sorted({n.partition(":")[0] for rel in TARGET_FILES if (ROOT / rel).exists()
                               for n in split_blocks((ROOT / rel).read_text())[1]}):
             if (RESULTS / folder / "results.json").exists():

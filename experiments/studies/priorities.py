@@ -106,6 +106,51 @@ def plot_front(result: dict, path) -> None:
     plt.close(fig)
 
 
+def plot_plane(sweep: dict, summary: dict, path, title: str = "") -> list:
+    """The sweep's fronts on the two-task plane with every method of a results folder beside them.
+
+    ``sweep``: this study's ``results.json``; ``summary``: :func:`experiments.report.summarize` of
+    the folder whose methods join it (the same benchmark and budget, e.g.
+    ``results/multifashion_converged``): each method at its mean test metrics with 95 % intervals
+    on both axes, the single-task networks as a star. Returns the plotted points
+    ``[(label, x, y)]`` (the fronts' points first).
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    m1, m2 = sweep["metric_names"]
+    fig, ax = plt.subplots(figsize=(7.2, 5.8), dpi=120)
+    points = []
+    styles = {"imtl_h": dict(marker="o", color="C0"), "linear": dict(marker="s", color="C1")}
+    for family in ("imtl_h", "linear"):
+        rows = sorted((r for r in sweep["rows"] if r["family"] == family), key=lambda r: r["ratio"])
+        xs, ys = [r["metric"][0] for r in rows], [r["metric"][1] for r in rows]
+        ax.plot(xs, ys, ls=":", lw=1, alpha=0.6, color=styles[family]["color"])
+        ax.scatter(xs, ys, label=FAMILY_NAMES[family], s=30, zorder=3, alpha=0.8, **styles[family])
+        points += [(f"{family} r={r['label']}", x, y) for r, x, y in zip(rows, xs, ys)]
+    for m, e in summary["methods"].items():
+        t1, t2 = e["test"].get(m1) or {}, e["test"].get(m2) or {}
+        if t1.get("mean") is None or t2.get("mean") is None:
+            continue
+        star = m == "single_task"
+        ax.errorbar(t1["mean"], t2["mean"], xerr=t1.get("ci95") or 0.0, yerr=t2.get("ci95") or 0.0,
+                    fmt="*" if star else "D", ms=10 if star else 4, color="k" if star else "C2", capsize=2,
+                    zorder=4, label="single-task networks" if star else None)
+        ax.annotate(m, (t1["mean"], t2["mean"]), textcoords="offset points", xytext=(4, -9), fontsize=7)
+        points.append((m, t1["mean"], t2["mean"]))
+    t1n, t2n = sweep["tasks"]
+    ax.set_xlabel(f"{t1n}: test {m1}")
+    ax.set_ylabel(f"{t2n}: test {m2}")
+    ax.set_title(title or f"{sweep['benchmark']}: fixed weights and IMTL-H priorities (1, r), every method beside "
+                          "them\n(means over seeds; bars: 95 % CI)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return points
+
+
 def run(o, command: str) -> dict:
     from experiments import records, suites
     from experiments.errors import CLIError

@@ -307,3 +307,27 @@ def test_tuned_verdicts_take_the_step_cost_of_the_converged_folder(tmp_path, mon
     assert "step time / EW" in body.splitlines()[0]
     assert [line for line in body.splitlines() if line.startswith("| 1 | imtl_h")][0].endswith(" 1.25 |")
     assert "--out results/fake_converged" in body
+
+
+def test_sweep_plane_puts_every_method_at_its_mean_test_metrics(tmp_path, monkeypatch):
+    """`python -m experiments.tables` draws the scalarization sweep's fronts with every method of
+    the paired folder at its mean test accuracies (the fixture's: equal 0.475, good 0.485)."""
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    monkeypatch.setattr(tables, "TARGET_FILES", ())
+    monkeypatch.setattr(tables, "PLANES", {"sweep": "f"})
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "results.json").write_text(json.dumps(_payload({"equal": [5, 5, 5], "good": [3, 3, 3]})))
+    (tmp_path / "sweep").mkdir()
+    rows = [{"family": fam, "ratio": r, "label": lab, "metric": [0.4 + 0.01 * i, 0.5 - 0.01 * i]}
+            for fam in ("imtl_h", "linear") for i, (r, lab) in enumerate([(0.5, "1/2"), (1.0, "1"), (2.0, "2")])]
+    (tmp_path / "sweep" / "results.json").write_text(json.dumps(
+        {"benchmark": "fake", "tasks": ["a", "b"], "metric_names": ["a_acc", "b_acc"], "rows": rows}))
+    assert tables.main([]) == 0
+    assert (tmp_path / "sweep" / "plane.png").stat().st_size > 0
+    from experiments.studies.priorities import plot_plane
+    points = {label: (x, y) for label, x, y in plot_plane(
+        json.loads((tmp_path / "sweep" / "results.json").read_text()), tables.load(tmp_path / "f")[2],
+        tmp_path / "again.png")}
+    assert points["equal"] == pytest.approx((0.475, 0.475)) and points["good"] == pytest.approx((0.485, 0.485))
+    assert points["single_task"] == pytest.approx((0.5, 0.5))
+    assert points["linear r=2"] == pytest.approx((0.42, 0.48))
