@@ -59,11 +59,14 @@ def _own_metrics(folder: Path, label: str, metrics: dict) -> dict:
 
 def extract(folder: Path) -> dict:
     """``{label: {seed: {"step": [...], "lr": [...], "metrics": {name: [...]}}}}`` from the
-    histories under ``folder/runs``, merged over the curves already stored in ``curves.json``."""
+    histories under ``folder/runs`` (a tuning study's: ``folder/test/<grid point>/runs``), merged
+    over the curves already stored in ``curves.json``."""
     folder = Path(folder)
     stored = folder / "curves.json"
     curves = json.loads(stored.read_text())["runs"] if stored.exists() else {}
-    for hist_path in sorted(folder.glob("runs/*/seed*/history.json")):
+    # A tuning study's folder: the test runs of the chosen settings (as its tables read them).
+    pattern = "test/*/runs/*/seed*/history.json" if (folder / "tuning.json").exists() else "runs/*/seed*/history.json"
+    for hist_path in sorted(folder.glob(pattern)):
         label, seed = hist_path.parent.parent.name, hist_path.parent.name.removeprefix("seed")
         try:
             val = json.loads(hist_path.read_text()).get("val", [])

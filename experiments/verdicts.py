@@ -214,7 +214,8 @@ def verdict_headline(folder: Path, payload: dict, summary: dict) -> str:
              f"equal weighting (EW), {'–'.join(map(str, seeds))} seeds each, {budget}. At 5 % after Holm's correction "
              f"over the {len(tested)} comparisons: better than EW: {names('**better**')}; worse: {names('**worse**')}; "
              f"no difference detected: {sum(r['verdict'] == 'no difference detected' for r in tested)}.",
-             f"- Paired Δm − EW (%, 95 % CI; lower is better): {'; '.join(imtl) if imtl else 'no IMTL run in this folder yet'}."]
+             f"- Paired Δm − EW (%, 95 % CI; lower is better): "
+             f"{'; '.join(imtl) if imtl else 'no IMTL run in this folder yet'}."]
     if best is not None:
         dm = best["delta_m"]
         half = dm["ci95"] if dm["ci95"] is not None else math.nan

@@ -76,3 +76,13 @@ def test_never_flattened_is_reported():
     assert curves.flattened_index(np.array([0.0, 0.0]), 0.01) == 0
     with pytest.raises(SystemExit):
         curves.main(["--help"])
+
+
+def test_a_tuning_folder_reads_the_test_runs_of_the_chosen_settings(tmp_path):
+    f = tmp_path / "tuned"
+    _write_run(f / "test" / "lr0.005_wd0", "equal", 0, [0.5, 0.2, 0.1], [10, 20, 30])
+    _write_run(f / "tune" / "lr0.001_wd0", "equal", 100, [0.5, 0.4, 0.3], [10, 20, 30])  # a tuning run: not shown
+    (f / "tuning.json").write_text("{}")
+    got = curves.extract(f)
+    assert set(got) == {"equal"} and set(got["equal"]) == {"0"}
+    assert got["equal"]["0"]["metrics"]["a_mae"] == [0.5, 0.2, 0.1]
