@@ -95,6 +95,18 @@ def copy_finished_runs(source: Path, dest: Path, specs, seeds, steps: int, lr: f
     return copied
 
 
+def _same_runs(source: Path, dest: Path, specs, seeds) -> list:
+    """The run folders (relative) whose ``result.json`` in ``dest`` is byte-identical to ``source``'s."""
+    same = []
+    for spec in specs:
+        for seed in seeds:
+            rel = Path("runs") / spec.label / f"seed{seed}" / "result.json"
+            if (source / rel).exists() and (dest / rel).exists() and (source / rel).read_bytes() == \
+                    (dest / rel).read_bytes():
+                same.append(str(rel.parent))
+    return same
+
+
 def _mean_val(results, names) -> dict:
     """Mean validation metrics (at the selected step) over the finished runs."""
     ok = [r for r in results if r.get("status") == "ok" and r.get("val")]
@@ -175,12 +187,14 @@ def run(o, command: str) -> dict:
             chosen = [s for s in single if st_choice[s.single_task] == p]
             if chosen:
                 dest = out / "test" / _label(p)
-                copies = (copy_finished_runs(Path(extra["reuse_single_task"]), dest, chosen, o.seeds, base.steps, *p)
-                          if extra.get("reuse_single_task") else [])
-                before = {c: (dest / c / "result.json").read_bytes() for c in copies}
+                if extra.get("reuse_single_task"):
+                    copy_finished_runs(Path(extra["reuse_single_task"]), dest, chosen, o.seeds, base.steps, *p)
                 final += run_experiment(bench, chosen, o.seeds, cfgs[p], dest)
-                # a copy whose fingerprint did not match was retrained over: only the kept ones count
-                reused += [f"{_label(p)}/{c}" for c in copies if (dest / c / "result.json").read_bytes() == before[c]]
+                if extra.get("reuse_single_task"):
+                    # the copies the training loop kept (a copy whose fingerprint did not match was retrained
+                    # over), in this call or an earlier one: the runs identical to the source's
+                    reused += [f"{_label(p)}/{rel}" for rel in _same_runs(Path(extra["reuse_single_task"]), dest,
+                                                                          chosen, o.seeds)]
         test_ref = {m: float(np.mean([r["val"][m] for r in final if r.get("single_task") == t and r.get("val")]))
                     for m, t in bench.task_of_metric_index().items()}
         for spec in multi:
@@ -296,4 +310,10 @@ def choices_table(folder: Path, bench, test_runs: list) -> str:
     lines += ["", f"Validation scores on tuning seed(s) {', '.join(map(str, sorted(seeds)))} (lower is better; the "
                   "chosen point in bold): single-task rows, Δm% of the task's metrics against the first grid point; "
                   "multi-task rows, Δm% against the chosen single-task runs. The test seeds enter no choice."]
+    reused = meta.get("reused_single_task_runs") or {}
+    if reused.get("runs"):
+        source = Path(reused["from"])
+        lines += ["", f"{len(reused['runs'])} single-task test runs are those of `results/{source.name}` (the same "
+                      "configuration and seeds, copied rather than retrained; a single-task run's selection needs no "
+                      "reference)."]
     return "\n".join(lines)

@@ -280,6 +280,11 @@ def test_tuned_tables_recompute_the_validation_choice_and_read_the_chosen_test_r
                if line.startswith("| ")}
     assert "**better**" in verdict["imtl_h"] and "-2.00" in verdict["imtl_h"]   # test seeds at the chosen points
     assert "lr chosen per run on validation (0.001, 0.003" in tables.render("tun:provenance")
+    meta = json.loads((tmp_path / "tun" / "tuning.json").read_text())
+    meta["reused_single_task_runs"] = {"from": "/somewhere/results/fake_converged",
+                                       "runs": ["lr0.001_wd0/runs/single_task_1/seed0"]}
+    (tmp_path / "tun" / "tuning.json").write_text(json.dumps(meta))
+    assert "1 single-task test runs are those of `results/fake_converged`" in tables.render("tun:tuning")
 
 
 def test_tuned_tables_refuse_stale_test_runs(tmp_path, monkeypatch):
