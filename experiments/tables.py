@@ -19,6 +19,8 @@ Blocks:
 * ``<folder>:tuning``: a tuning study's grid (``python -m experiments tuning``): every tuned
   run's validation score at every grid point and the choice. In such a folder every other
   block reads the test runs of the chosen settings (``<folder>/test/<grid point>/runs``).
+* ``<folder>:tuning_gain``: in a tuning folder, each run group tuned against the same group at
+  the default rate in ``<benchmark>_converged``, both against the tuned single-task networks.
 * ``<folder>:diagnosis``: the z-vs-θ probes of an ``ablation_z_vs_theta`` folder per method.
 * ``<folder>:alpha``: how α behaved along the runs (``alpha_stats.json``, written by
   ``python -m experiments.alpha_stats``).
@@ -47,7 +49,7 @@ from typing import Callable, Optional
 from experiments.verdicts import collect_runs
 
 __all__ = ["RecordedBenchmark", "collect_runs", "load", "full_table", "verdict_table", "levels_table", "provenance",
-           "tuning_table", "diagnosis_table",
+           "tuning_table", "tuning_gain_table", "diagnosis_table",
            "render", "split_blocks",
            "update_file", "main"]
 
@@ -282,7 +284,7 @@ def perf_table(name: str) -> Optional[str]:
 def _producers() -> dict[str, Callable[[Path], str]]:
     return {"": full_table, "verdict": verdict_table, "headline": headline, "curves": curves_table,
             "levels": levels_table, "provenance": provenance, "alpha": _alpha_table, "tuning": tuning_table,
-            "diagnosis": diagnosis_table}
+            "tuning_gain": tuning_gain_table, "diagnosis": diagnosis_table}
 
 
 def tuning_table(folder: Path) -> str:
@@ -291,6 +293,63 @@ def tuning_table(folder: Path) -> str:
     from experiments.studies.tuning import choices_table
     bench, payload, _ = load(folder)
     return choices_table(folder, bench, payload["runs"])
+
+
+def tuning_gain_table(folder: Path) -> str:
+    """What tuning changed: each run group of a tuning folder beside the same group at the default
+    rate in ``<benchmark>_converged`` (the same seeds and budget), both scored against one
+    reference, the tuned single-task networks: Δm% untuned, Δm% tuned and the paired per-seed
+    tuned − untuned difference (negative: tuning helped). The single-task row compares the
+    untuned single-task networks with the tuned ones."""
+    from experiments import metrics as M
+    from experiments.report import _single_task_composites
+    from experiments.stats import format_ci, mean_ci, paired_diff_ci
+    bench, payload, summary = load(folder)
+    reference = summary["baseline"]
+    if reference is None:
+        return "(no tuned single-task runs yet: no reference)"
+    meta = json.loads((folder / "tuning.json").read_text())
+    untuned_folder = folder.parent / f"{meta['benchmark']}_converged"
+    if not (untuned_folder / "results.json").exists():
+        raise FileNotFoundError(f"{untuned_folder}/results.json is missing: the tuning gain compares with it")
+    untuned_runs = load(untuned_folder)[1]["runs"]
+    hib = bench.higher_is_better
+
+    def groups(runs):
+        out = {"single_task": list(_single_task_composites(runs, bench).values())}
+        for r in runs:
+            if r.get("single_task") is None and r.get("status") == "ok":
+                out.setdefault(r["method"], []).append(r)
+        return out
+
+    def by_seed(runs):
+        return {r["seed"]: M.delta_m(r["test"], reference, hib) for r in runs}
+
+    def rates(runs):
+        return ", ".join(f"{v:g}" for v in sorted({(r.get("config") or {}).get("lr") for r in runs} - {None}))
+
+    tuned, untuned = groups(payload["runs"]), groups(untuned_runs)
+    lines = ["| run | lr untuned | Δm% untuned | lr tuned | Δm% tuned | tuned − untuned (paired, 95 % CI) |",
+             "|---|---|---|---|---|---|"]
+    for m in summary["order"]:
+        if m not in untuned or not tuned.get(m):
+            continue
+        a, b = by_seed(untuned[m]), by_seed(tuned[m])
+        mean, half, n = paired_diff_ci(b, a)
+        lr_t = rates([r for r in payload["runs"] if r["method"] == m or (m == "single_task" and
+                                                                           r.get("single_task") is not None)])
+        lr_u = rates([r for r in untuned_runs if r["method"] == m or (m == "single_task" and
+                                                                      r.get("single_task") is not None)])
+        def ci(d):
+            mean_, half_, k = mean_ci(list(d.values()))
+            return format_ci(mean_, half_ if k > 1 else math.nan, 2, True)
+
+        lines.append(f"| {m} | {lr_u} | {ci(a)} | {lr_t} | {ci(b)} | "
+                     f"{format_ci(mean, half if n > 1 else math.nan, 2, True)} (n={n}) |")
+    lines += ["", f"Both columns against the tuned single-task networks (test metrics, mean over their seeds); the "
+                  f"untuned runs are `results/{untuned_folder.name}`'s. Paired by seed (the same initialization and "
+                  "data order)."]
+    return "\n".join(lines)
 
 
 def diagnosis_table(folder: Path) -> str:

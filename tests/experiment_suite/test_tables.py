@@ -336,3 +336,25 @@ def test_sweep_plane_puts_every_method_at_its_mean_test_metrics(tmp_path, monkey
     assert points["equal"] == pytest.approx((0.475, 0.475)) and points["good"] == pytest.approx((0.485, 0.485))
     assert points["single_task"] == pytest.approx((0.5, 0.5))
     assert points["linear r=2"] == pytest.approx((0.42, 0.48))
+
+
+def test_tuning_gain_pairs_tuned_and_untuned_runs_against_the_tuned_reference(tmp_path, monkeypatch):
+    """Tuned: single-task accuracy 0.5 (the reference), equal Δm 5, 6, 7, imtl_h 3, 4, 5 (the
+    fixture of `_tuned_folder`). Untuned (lr 1e-3): single-task 0.45 -> Δm +10 against 0.5 on
+    every seed; equal Δm 8, 9, 10 -> tuning gains -3 on every seed; imtl_h unchanged -> 0."""
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    _tuned_folder(tmp_path)
+    untuned = _payload({"equal": [8, 9, 10], "imtl_h": [3, 4, 5]})
+    for r in untuned["runs"]:
+        r["config"] = {"lr": 1e-3}
+        if r.get("single_task") is not None:
+            r["test"] = {"a_acc": 0.45, "b_acc": 0.45}
+    (tmp_path / "fake_converged").mkdir()
+    (tmp_path / "fake_converged" / "results.json").write_text(json.dumps(untuned))
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in tables.render("tun:tuning_gain").splitlines()
+            if line.startswith("| ") and not line.startswith("| run")}
+    assert rows["single_task"][:4] == ["0.001", "+10.00 ± 0.00", "0.001, 0.003", "+0.00 ± 0.00"]
+    assert rows["single_task"][4].startswith("-10.00 ± 0.00 (n=3)")
+    assert rows["equal"][:4] == ["0.001", "+9.00 ± 2.48", "0.001", "+6.00 ± 2.48"]
+    assert rows["equal"][4].startswith("-3.00 ± 0.00 (n=3)")
+    assert rows["imtl_h"][4].startswith("+0.00 ± 0.00 (n=3)")
