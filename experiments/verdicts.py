@@ -210,9 +210,10 @@ def verdict_headline(folder: Path, payload: dict, summary: dict) -> str:
     tot = sum(r["last"][1] for r in rows)
     budget = (f"up to {cfg['steps']:,} steps of batch {cfg['batch_size']}" if cfg.get("steps") and cfg.get("batch_size")
               else "the recorded budget")
-    lines = [f"- **{payload.get('benchmark', folder.name)}** (`results/{folder.name}`): {len(tested)} methods against "
+    n, plural = len(tested), "s" * (len(tested) != 1)
+    lines = [f"- **{payload.get('benchmark', folder.name)}** (`results/{folder.name}`): {n} method{plural} against "
              f"equal weighting (EW), {'–'.join(map(str, seeds))} seeds each, {budget}. At 5 % after Holm's correction "
-             f"over the {len(tested)} comparisons: better than EW: {names('**better**')}; worse: {names('**worse**')}; "
+             f"over the {n} comparison{plural}: better than EW: {names('**better**')}; worse: {names('**worse**')}; "
              f"no difference detected: {sum(r['verdict'] == 'no difference detected' for r in tested)}.",
              f"- Paired Δm − EW (%, 95 % CI; lower is better): "
              f"{'; '.join(imtl) if imtl else 'no IMTL run in this folder yet'}."]
