@@ -296,60 +296,14 @@ def tuning_table(folder: Path) -> str:
 
 
 def tuning_gain_table(folder: Path) -> str:
-    """What tuning changed: each run group of a tuning folder beside the same group at the default
-    rate in ``<benchmark>_converged`` (the same seeds and budget), both scored against one
-    reference, the tuned single-task networks: Δm% untuned, Δm% tuned and the paired per-seed
-    tuned − untuned difference (negative: tuning helped). The single-task row compares the
-    untuned single-task networks with the tuned ones."""
-    from experiments import metrics as M
-    from experiments.report import _single_task_composites
-    from experiments.stats import format_ci, mean_ci, paired_diff_ci
+    """What tuning changed (:func:`experiments.studies.tuning.gain_table`): the tuning folder's run
+    groups beside the same groups at the default rate in ``<benchmark>_converged``."""
+    from experiments.studies.tuning import gain_table
     bench, payload, summary = load(folder)
-    reference = summary["baseline"]
-    if reference is None:
-        return "(no tuned single-task runs yet: no reference)"
-    meta = json.loads((folder / "tuning.json").read_text())
-    untuned_folder = folder.parent / f"{meta['benchmark']}_converged"
-    if not (untuned_folder / "results.json").exists():
-        raise FileNotFoundError(f"{untuned_folder}/results.json is missing: the tuning gain compares with it")
-    untuned_runs = load(untuned_folder)[1]["runs"]
-    hib = bench.higher_is_better
-
-    def groups(runs):
-        out = {"single_task": list(_single_task_composites(runs, bench).values())}
-        for r in runs:
-            if r.get("single_task") is None and r.get("status") == "ok":
-                out.setdefault(r["method"], []).append(r)
-        return out
-
-    def by_seed(runs):
-        return {r["seed"]: M.delta_m(r["test"], reference, hib) for r in runs}
-
-    def rates(runs):
-        return ", ".join(f"{v:g}" for v in sorted({(r.get("config") or {}).get("lr") for r in runs} - {None}))
-
-    tuned, untuned = groups(payload["runs"]), groups(untuned_runs)
-    lines = ["| run | lr untuned | Δm% untuned | lr tuned | Δm% tuned | tuned − untuned (paired, 95 % CI) |",
-             "|---|---|---|---|---|---|"]
-    for m in summary["order"]:
-        if m not in untuned or not tuned.get(m):
-            continue
-        a, b = by_seed(untuned[m]), by_seed(tuned[m])
-        mean, half, n = paired_diff_ci(b, a)
-        lr_t = rates([r for r in payload["runs"] if r["method"] == m or (m == "single_task" and
-                                                                           r.get("single_task") is not None)])
-        lr_u = rates([r for r in untuned_runs if r["method"] == m or (m == "single_task" and
-                                                                      r.get("single_task") is not None)])
-        def ci(d):
-            mean_, half_, k = mean_ci(list(d.values()))
-            return format_ci(mean_, half_ if k > 1 else math.nan, 2, True)
-
-        lines.append(f"| {m} | {lr_u} | {ci(a)} | {lr_t} | {ci(b)} | "
-                     f"{format_ci(mean, half if n > 1 else math.nan, 2, True)} (n={n}) |")
-    lines += ["", f"Both columns against the tuned single-task networks (test metrics, mean over their seeds); the "
-                  f"untuned runs are `results/{untuned_folder.name}`'s. Paired by seed (the same initialization and "
-                  "data order)."]
-    return "\n".join(lines)
+    untuned = folder.parent / f"{json.loads((folder / 'tuning.json').read_text())['benchmark']}_converged"
+    if not (untuned / "results.json").exists():
+        raise FileNotFoundError(f"{untuned}/results.json is missing: the tuning gain compares with it")
+    return gain_table(bench, payload["runs"], summary, load(untuned)[1]["runs"], f"results/{untuned.name}")
 
 
 def diagnosis_table(folder: Path) -> str:

@@ -39,7 +39,7 @@ TINY = dict(extra_tuning=dict(lr_grid=[1e-3, 3e-3], wd_grid=[0.0], tune_seeds=[1
 #: every run takes its learning rate and weight decay from the grid: ``--lr``/``--weight-decay`` are not offered.
 UNUSED_FLAGS = ("lr", "weight_decay")
 
-__all__ = ["run", "grid_points", "choose_single_task", "choose_multi_task", "choices_table"]
+__all__ = ["run", "grid_points", "choose_single_task", "choose_multi_task", "choices_table", "gain_table"]
 
 
 def add_flags(parser):
@@ -316,4 +316,53 @@ def choices_table(folder: Path, bench, test_runs: list) -> str:
         lines += ["", f"{len(reused['runs'])} single-task test runs are those of `results/{source.name}` (the same "
                       "configuration and seeds, copied rather than retrained; a single-task run's selection needs no "
                       "reference)."]
+    return "\n".join(lines)
+
+
+def gain_table(bench, runs: list, summary: dict, untuned_runs: list, untuned_name: str) -> str:
+    """What tuning changed: each run group of a tuning folder (``runs``, ``summary``: its test runs
+    and their :func:`experiments.report.summarize`) beside the same group at the default rate
+    (``untuned_runs``, the same seeds and budget), both scored against one reference, the tuned
+    single-task networks: Δm% untuned, Δm% tuned and the paired per-seed tuned − untuned
+    difference (negative: tuning helped). The single-task row compares the untuned single-task
+    networks with the tuned ones."""
+    from experiments import metrics as M
+    from experiments.report import _single_task_composites
+    from experiments.stats import format_ci, mean_ci, paired_diff_ci
+    reference = summary["baseline"]
+    if reference is None:
+        return "(no tuned single-task runs yet: no reference)"
+    hib = bench.higher_is_better
+
+    def groups(rs):
+        out = {"single_task": list(_single_task_composites(rs, bench).values())}
+        for r in rs:
+            if r.get("single_task") is None and r.get("status") == "ok":
+                out.setdefault(r["method"], []).append(r)
+        return out
+
+    def by_seed(rs):
+        return {r["seed"]: M.delta_m(r["test"], reference, hib) for r in rs}
+
+    def rates(rs, m):
+        lrs = {(r.get("config") or {}).get("lr") for r in rs
+               if r["method"] == m or (m == "single_task" and r.get("single_task") is not None)}
+        return ", ".join(f"{v:g}" for v in sorted(lrs - {None}))
+
+    def ci(d):
+        mean, half, k = mean_ci(list(d.values()))
+        return format_ci(mean, half if k > 1 else math.nan, 2, True)
+
+    tuned, untuned = groups(runs), groups(untuned_runs)
+    lines = ["| run | lr untuned | Δm% untuned | lr tuned | Δm% tuned | tuned − untuned (paired, 95 % CI) |",
+             "|---|---|---|---|---|---|"]
+    for m in summary["order"]:
+        if m not in untuned or not tuned.get(m):
+            continue
+        a, b = by_seed(untuned[m]), by_seed(tuned[m])
+        mean, half, n = paired_diff_ci(b, a)
+        lines.append(f"| {m} | {rates(untuned_runs, m)} | {ci(a)} | {rates(runs, m)} | {ci(b)} | "
+                     f"{format_ci(mean, half if n > 1 else math.nan, 2, True)} (n={n}) |")
+    lines += ["", "Both columns against the tuned single-task networks (test metrics, mean over their seeds); the "
+                  f"untuned runs are `{untuned_name}`'s. Paired by seed (the same initialization and data order)."]
     return "\n".join(lines)
