@@ -64,9 +64,8 @@ def extract(folder: Path) -> dict:
     folder = Path(folder)
     stored = folder / "curves.json"
     curves = json.loads(stored.read_text())["runs"] if stored.exists() else {}
-    # A tuning study's folder: the test runs of the chosen settings (as its tables read them).
-    pattern = "test/*/runs/*/seed*/history.json" if (folder / "tuning.json").exists() else "runs/*/seed*/history.json"
-    for hist_path in sorted(folder.glob(pattern)):
+    from experiments.verdicts import run_files
+    for hist_path in run_files(folder, "history.json"):
         label, seed = hist_path.parent.parent.name, hist_path.parent.name.removeprefix("seed")
         try:
             val = json.loads(hist_path.read_text()).get("val", [])

@@ -299,8 +299,9 @@ def tuning_gain_table(folder: Path) -> str:
     """What tuning changed (:func:`experiments.studies.tuning.gain_table`): the tuning folder's run
     groups beside the same groups at the default rate in ``<benchmark>_converged``."""
     from experiments.studies.tuning import gain_table
+    from experiments.verdicts import untuned_folder
     bench, payload, summary = load(folder)
-    untuned = folder.parent / f"{json.loads((folder / 'tuning.json').read_text())['benchmark']}_converged"
+    untuned = untuned_folder(folder)
     if not (untuned / "results.json").exists():
         raise FileNotFoundError(f"{untuned}/results.json is missing: the tuning gain compares with it")
     return gain_table(bench, payload["runs"], summary, load(untuned)[1]["runs"], f"results/{untuned.name}")

@@ -57,6 +57,18 @@ def _method_rank(label: str) -> tuple:
     return (names.index(base) if base in names else len(names), label)
 
 
+def run_files(folder: Path, name: str) -> list:
+    """Every ``runs/<label>/seed<k>/<name>`` of a results folder, sorted; in a tuning study's folder
+    (one holding ``tuning.json``) those of the chosen settings, ``test/<grid point>/runs/...``."""
+    tuned = (folder / "tuning.json").exists()
+    return sorted(folder.glob(f"test/*/runs/*/seed*/{name}" if tuned else f"runs/*/seed*/{name}"))
+
+
+def untuned_folder(folder: Path) -> Path:
+    """The converged folder of a tuning folder's benchmark (``<benchmark>_converged``)."""
+    return folder.parent / f"{json.loads((folder / 'tuning.json').read_text())['benchmark']}_converged"
+
+
 def collect_runs(folder: Path) -> list:
     """Every finished run under ``folder/runs/<label>/seed<k>/result.json`` (whatever call made it),
     single-task runs first, then the methods in registry order, seeds ascending.
@@ -65,9 +77,8 @@ def collect_runs(folder: Path) -> list:
     settings on the test seeds, ``folder/test/<grid point>/runs/...``; a run present at two grid
     points (a choice that changed after its test runs) is an error naming both.
     """
-    tuned = (folder / "tuning.json").exists()
     found: dict = {}
-    for path in sorted(folder.glob("test/*/runs/*/seed*/result.json" if tuned else "runs/*/seed*/result.json")):
+    for path in run_files(folder, "result.json"):
         r = json.loads(path.read_text())
         if not r.get("complete", True):
             continue
@@ -137,8 +148,7 @@ def _cost_record(folder: Path) -> Optional[dict]:
     on the learning rate, and the table's caption names the command that measured it."""
     path = folder / "method_cost.json"
     if not path.exists() and (folder / "tuning.json").exists():
-        bench = json.loads((folder / "tuning.json").read_text()).get("benchmark")
-        path = folder.parent / f"{bench}_converged" / "method_cost.json"
+        path = untuned_folder(folder) / "method_cost.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
