@@ -9,6 +9,8 @@ number of comparisons, beside what the method costs.
   ``method_cost.json`` (``python -m benchmarks.method_cost --out <folder>``) is present.
 * :func:`verdict_headline`: the same verdicts in four lines (the README's summary).
 * :func:`plot_delta_m_vs_cost`: Δm% against that cost, one point per method.
+* :func:`best_on_validation`: the methods of an untuned folder that join the tuning study (ranked
+  on validation, never on test).
 
 The inputs are a folder's ``payload`` and ``summary`` as :func:`experiments.tables.load` gives them.
 """
@@ -20,8 +22,8 @@ import math
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["FAMILY_ALPHA", "collect_runs", "merge_identical", "selected_last", "verdict_rows", "method_costs",
-           "verdict_table", "verdict_headline", "plot_delta_m_vs_cost"]
+__all__ = ["FAMILY_ALPHA", "collect_runs", "merge_identical", "best_on_validation", "selected_last", "verdict_rows",
+           "method_costs", "verdict_table", "verdict_headline", "plot_delta_m_vs_cost"]
 
 
 FAMILY_ALPHA = 0.05
@@ -90,6 +92,40 @@ def collect_runs(folder: Path) -> list:
     return sorted((r for _, r in found.values()),
                   key=lambda r: (r.get("single_task") is None, r.get("single_task") or 0,
                                  _method_rank(r["method"]), r["seed"]))
+
+
+def best_on_validation(folder: Path, bench, n: int, exclude) -> tuple[list[str], dict]:
+    """The ``n`` methods of a results folder with the lowest mean **validation** Δm% (at each run's
+    selected step, against the mean validation metrics of the folder's single-task runs), leaving
+    out the labels in ``exclude`` and any method identical to one of them (:func:`merge_identical`
+    on the per-seed scores; a group is represented by its first method in registry order).
+
+    Only methods whose every run finished ``ok`` on every seed of the single-task runs compete.
+    The test split takes no part in the choice. Returns (the chosen labels, best first;
+    ``{label: mean validation Δm%}`` of every competing group's representative).
+    """
+    from experiments.selection import score
+    runs = collect_runs(Path(folder))
+    single = [r for r in runs if r.get("single_task") is not None and r.get("status") == "ok" and r.get("val")]
+    reference, seeds = {}, {r["seed"] for r in single}
+    for metric, t in bench.task_of_metric_index().items():
+        vals = [r["val"][metric] for r in single if r["single_task"] == t and metric in r["val"]]
+        if not vals:
+            raise ValueError(f"{folder}: no finished single-task run of task {bench.task_names[t]!r}: the reference "
+                             "of the validation Δm is missing")
+        reference[metric] = sum(vals) / len(vals)
+    names = [s.name for s in bench.metrics]
+    by_method: dict = {}
+    for r in runs:
+        if r.get("single_task") is None:
+            by_method.setdefault(r["method"], []).append(r)
+    scores = {m: {"delta_m": {"by_seed": {r["seed"]: score(r["val"], reference, bench.higher_is_better, names)
+                                          for r in rs}}}
+              for m, rs in by_method.items()
+              if {r["seed"] for r in rs} == seeds and all(r.get("status") == "ok" and r.get("val") for r in rs)}
+    means = {g[0]: sum(_by_seed(scores[g[0]]).values()) / len(seeds)
+             for g in merge_identical(scores) if not set(g) & set(exclude)}
+    return sorted(means, key=lambda m: (means[m], m))[:n], means
 
 
 def selected_last(runs: list) -> dict:

@@ -66,7 +66,9 @@ JOBS+=("$MF --methods single_task")
 for m in equal $MF_SKEPTICS; do JOBS+=("$MF --methods single_task $m"); done
 # Tuning parity: the same grid and tuning seed for every tuned method (one call per method so
 # that each finishes and is committed alone; the last call, all finished, writes the joint table).
-# The two best other methods of the untuned tables join TUNED once those tables exist.
+# The two best other methods of each untuned table (lowest mean validation Δm%; methods identical to a
+# tuned one do not count) are tuned once every method of that table has run (--add-best-untuned):
+# the first, then the second with the whole family (that last call writes the joint tuned table).
 TUNED="equal imtl_h imtl_g imtl_g_exact si rlw"
 for m in $TUNED; do JOBS+=("$QM9_TUNE --methods single_task $m"); done
 JOBS+=("$QM9_TUNE --methods single_task $TUNED")
@@ -82,10 +84,14 @@ for m in $CORE imtl_g_exact; do
 done
 # Every other method, untuned, on QM9 (alpha averaged over steps ran beside the diagnosis).
 for m in $REST_Z nash_mtl@params; do [ "$m" = imtl_g_averaged ] || JOBS+=("$QM9 --methods single_task $m"); done
+for n in 1 2; do JOBS+=("$QM9_TUNE --methods single_task $TUNED --add-best-untuned $HERE/results/qm9_converged $n"); done
 for m in $TUNED; do JOBS+=("$MF_TUNE --methods single_task $m"); done
 JOBS+=("$MF_TUNE --methods single_task $TUNED")
 for m in $REST_Z; do JOBS+=("$MF --methods single_task $m"); done
 for m in $PARAMS_MF; do [ "$m" = imtl_g_exact ] || JOBS+=("$MF --methods single_task $m"); done
+for n in 1 2; do
+  JOBS+=("$MF_TUNE --methods single_task $TUNED --add-best-untuned $HERE/results/multifashion_converged $n")
+done
 # The studies run earlier at one seed, under this protocol with 3 seeds (MultiFashion budget):
 # the static-scalarization sweep w in {0.1, ..., 0.9} (ratios w/(1-w), beside IMTL-H with the same
 # priorities), the x10 loss-rescale robustness test and the z-vs-theta ablation.

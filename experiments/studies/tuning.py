@@ -10,8 +10,10 @@ point with the best **validation** score is chosen:
 
 The chosen settings then train on the *test seeds* (disjoint from the tuning seeds) and the test
 metrics, at the step with the best validation score, form the table. The test split is never
-used for a choice. ``<out>/tuning.json`` stores the grid, every validation score, the choices
-and the final table's configuration next to ``<out>/tuning.md``.
+used for a choice. ``--add-best-untuned FOLDER N`` adds the N methods of an untuned table with
+the lowest mean validation Δm% (:func:`experiments.verdicts.best_on_validation`).
+``<out>/tuning.json`` stores the grid, every validation score, the choices and the final table's
+configuration next to ``<out>/tuning.md``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -56,7 +59,11 @@ def add_flags(parser):
                         "seeds are copied in place of retraining where a task's chosen point is their configuration "
                         "(a single-task run's selection does not depend on any reference, so it is the run this "
                         "study would train)")
-    return ("lr_grid", "wd_grid", "tune_seeds", "reuse_single_task")
+    g.add_argument("--add-best-untuned", nargs=2, default=None, metavar=("FOLDER", "N"),
+                   help="also tune the N methods of the untuned results FOLDER (e.g. results/qm9_converged) with "
+                        "the lowest mean validation Δm%%, leaving out --methods and methods identical to one of "
+                        "them (the ranking is recorded in tuning.json; the test split takes no part)")
+    return ("lr_grid", "wd_grid", "tune_seeds", "reuse_single_task", "add_best_untuned")
 
 
 def grid_points(lrs, wds) -> list[tuple[float, float]]:
@@ -166,6 +173,16 @@ def run(o, command: str) -> dict:
     t0 = time.perf_counter()
     with suites.build(o.benchmark, o) as bench:
         specs = expand_methods(o.methods, bench.num_tasks)
+        added: Optional[dict] = None
+        if extra.get("add_best_untuned"):
+            from experiments.verdicts import best_on_validation
+            folder, n = extra["add_best_untuned"]
+            if not str(n).isdigit() or not (Path(folder) / "runs").is_dir():
+                raise CLIError(f"--add-best-untuned {folder} {n}: expected an untuned results folder holding runs/ "
+                               "(e.g. results/qm9_converged) and a whole number of methods")
+            best, ranking = best_on_validation(Path(folder), bench, int(n), [s.label for s in specs])
+            added = {"from": str(folder), "n": int(n), "chosen": best, "validation_delta_m": ranking}
+            specs += expand_methods(best, bench.num_tasks)
         single = [s for s in specs if s.single_task is not None]
         multi = [s for s in specs if s.single_task is None]
         if not single:
@@ -211,6 +228,7 @@ def run(o, command: str) -> dict:
             "single_task_val_scores": st_scores, "validation_reference": reference,
             "multi_task_choice": {k: _label(p) for k, p in mt_choice.items()},
             "multi_task_val_delta_m": mt_scores,
+            "added_best_untuned": added,
             "reused_single_task_runs": {"from": extra.get("reuse_single_task"), "runs": reused} if reused else None,
             "budget": {"grid_points": len(points), "tuning_seeds": len(tune_seeds),
                        "runs_per_method": len(points) * len(tune_seeds)},
@@ -227,6 +245,10 @@ def run(o, command: str) -> dict:
         for m, lab in payload["multi_task_choice"].items():
             sc = ", ".join(f"{k}: {v:+.2f}" for k, v in mt_scores[m].items())
             md.append(f"| {m} | {lab} | {sc} |")
+        if added:
+            md += ["", f"Joined from `{added['from']}` (the {added['n']} lowest mean validation Δm% among the methods "
+                       "not listed): " + ", ".join(f"{m} ({added['validation_delta_m'][m]:+.2f})"
+                                                    for m in added["chosen"]) + "."]
         if reused:
             md += ["", f"Single-task test runs copied from `{extra['reuse_single_task']}` (the same configuration and "
                        f"seeds, not retrained): {', '.join(reused)}."]

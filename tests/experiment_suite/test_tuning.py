@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from experiments.suites import Benchmark
@@ -129,3 +130,71 @@ def test_params_suffix_puts_a_gradient_method_on_the_parameters():
     assert [s.label for s in expand_methods(["nash_mtl@params"], 3)] == ["nash_mtl@params"]
     with pytest.raises(CLIError, match="gradient methods only"):
         expand_methods(["uncertainty@params"], 3)
+
+
+def _put_run(folder, label, seed, val, single_task=None, status="ok", test=None):
+    d = folder / "runs" / label / f"seed{seed}"
+    d.mkdir(parents=True)
+    d.joinpath("result.json").write_text(json.dumps(
+        {"method": label, "seed": seed, "complete": True, "status": status, "single_task": single_task,
+         "val": val, "test": test or val}))
+
+
+def test_best_untuned_methods_are_ranked_on_validation_with_identical_methods_once(tmp_path):
+    from experiments.verdicts import best_on_validation
+    b, f = _bench(), tmp_path / "untuned"
+    for seed, acc in ((0, 0.8), (1, 1.0)):  # reference: a_acc 0.9 (mean of the seeds), b_mae 1.0
+        _put_run(f, "single_task_0", seed, {"a_acc": acc}, single_task=0)
+        _put_run(f, "single_task_1", seed, {"b_mae": 1.0}, single_task=1)
+    for seed in (0, 1):
+        _put_run(f, "equal", seed, {"a_acc": 0.9, "b_mae": 1.0})                        # listed: never added
+        # Δm = (0 + (0.9 - 1) / 1 * 100) / 2 = -5 on validation, though its test metrics are the worst
+        _put_run(f, "imtl_l", seed, {"a_acc": 0.9, "b_mae": 0.9}, test={"a_acc": 0.0, "b_mae": 99.0})
+        _put_run(f, "uncertainty", seed, {"a_acc": 0.9, "b_mae": 0.9})                  # identical to imtl_l
+        _put_run(f, "mgda", seed, {"a_acc": 0.9, "b_mae": 0.98})                        # Δm -1
+        _put_run(f, "gls", seed, {"a_acc": 0.81, "b_mae": 1.0})                         # Δm (10 + 0) / 2 = 5
+        _put_run(f, "cagrad", seed, {"a_acc": 1.0, "b_mae": 0.1}, status="diverged" if seed else "ok")
+    _put_run(f, "pcgrad", 0, {"a_acc": 1.0, "b_mae": 0.1})                               # one seed only
+    listed = ["single_task_0", "single_task_1", "equal"]
+    chosen, means = best_on_validation(f, b, 2, listed)
+    assert chosen == ["imtl_l", "mgda"]
+    assert means == pytest.approx({"imtl_l": -5.0, "mgda": -1.0, "gls": 5.0})  # one row for imtl_l = uncertainty
+    assert best_on_validation(f, b, 2, listed + ["uncertainty"])[0] == ["mgda", "gls"]  # the group leaves whole
+    assert best_on_validation(f, b, 9, listed)[0] == ["imtl_l", "mgda", "gls"]
+    for p in (f / "runs" / "single_task_1").glob("seed*/result.json"):
+        p.unlink()
+    with pytest.raises(ValueError, match="task 'b'"):
+        best_on_validation(f, b, 2, listed)
+
+
+@pytest.mark.slow
+def test_tuning_adds_the_best_untuned_method_and_trains_it(tmp_path):
+    """An untuned tiny table of EW, RLW and SI; the tuning study of EW asked for the best other method
+    adds the one whose mean validation Δm (recomputed here from the runs' records) is lowest. QM9's
+    errors are continuous (a tiny classification split can tie two methods' every metric)."""
+    run = [sys.executable, "-m", "experiments"]
+    untuned, out = tmp_path / "untuned", tmp_path / "tuned"
+    subprocess.run(run + ["qm9", "--tiny", "--quiet", "--seeds", "0", "1", "--methods", "single_task", "equal",
+                          "rlw", "si", "--out", str(untuned)], check=True, capture_output=True, text=True, timeout=900)
+    records = [json.loads(p.read_text()) for p in untuned.glob("runs/*/seed*/result.json")]
+    table = json.loads((untuned / "results.json").read_text())
+    names, hib = [m["name"] for m in table["metrics"]], {m["name"]: m["higher_is_better"] for m in table["metrics"]}
+    task = {m["name"]: table["tasks"].index(m["task"]) for m in table["metrics"]}
+    ref = {n: np.mean([r["val"][n] for r in records if r["single_task"] == task[n]]) for n in names}
+    dm = {m: np.mean([np.mean([(-1 if hib[n] else 1) * (r["val"][n] - ref[n]) / abs(ref[n]) * 100 for n in names])
+                      for r in records if r["method"] == m]) for m in ("rlw", "si")}
+    best = min(dm, key=dm.get)
+    res = subprocess.run(run + ["tuning", "--benchmark", "qm9", "--tiny", "--quiet", "--lr-grid", "0.001", "--methods",
+                                "single_task", "equal",
+                                "--add-best-untuned", str(untuned), "1", "--out", str(out)],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr
+    payload = json.loads((out / "tuning.json").read_text())
+    assert payload["added_best_untuned"]["chosen"] == [best]
+    assert payload["added_best_untuned"]["validation_delta_m"] == pytest.approx(dm)
+    assert set(payload["multi_task_choice"]) == {"equal", best}
+    assert len(list(out.glob(f"test/*/runs/{best}/seed*/result.json"))) == len(payload["test_seeds"])
+    bad = subprocess.run(run + ["tuning", "--tiny", "--quiet", "--methods", "single_task", "equal",
+                                "--add-best-untuned", str(tmp_path / "nowhere"), "1", "--out", str(out)],
+                         capture_output=True, text=True, timeout=900)
+    assert bad.returncode != 0 and "--add-best-untuned" in bad.stderr
