@@ -3,6 +3,7 @@
     python -m benchmarks.method_cost --benchmark qm9            # every registered method + @params
     python -m benchmarks.method_cost --benchmark multifashion --methods equal imtl_h imtl_g_exact
     python -m benchmarks.method_cost --tiny                     # seconds: a smoke test (CI)
+    python -m benchmarks.method_cost --benchmark qm9 --methods graddrop --update --out results/qm9_converged
 
 For each method, the benchmark's own compiled training step (:class:`experiments.program.Program`:
 ``mtl_step`` + Adam, one run, the benchmark's batch size and model) is timed on the same batch:
@@ -11,6 +12,8 @@ round by round, interleaved (a new random order each round), so that machine noi
 alike. Prints the table and, with ``--out``, writes ``<out>/method_cost.json`` (step ms and the
 ratio to EW per method, the machine and its 1-minute load before and after), which the results
 tables read for their compute-matched column. Run it on an idle machine (no training queue): the load is printed.
+``--update`` times the listed methods beside EW (their ratios are to that run's EW) and replaces
+only their rows of an existing record, which lists every such run under ``updates``.
 """
 
 from __future__ import annotations
@@ -79,7 +82,18 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=10, help="calls per method and round (default: 10)")
     p.add_argument("--tiny", action="store_true", help="the benchmark's --tiny data, 2 rounds of 2 calls")
     p.add_argument("--out", type=Path, default=None, help="write <out>/method_cost.json")
+    p.add_argument("--update", action="store_true",
+                   help="replace only the listed methods' rows of <out>/method_cost.json (a method added since it "
+                        "was measured), each ratio taken to the EW timed in this run")
     a = p.parse_args(argv)
+    old = None
+    if a.update:
+        path = a.out / "method_cost.json" if a.out is not None else None
+        if path is None or not path.exists() or not a.methods:
+            p.error("--update needs --methods and an --out folder holding method_cost.json")
+        old = json.loads(path.read_text())
+        if old["benchmark"] != a.benchmark or old["tiny"] != a.tiny:
+            p.error(f"--update: {path} was measured on {old['benchmark']}{' --tiny' if old['tiny'] else ''}")
     methods = a.methods or [m for m in imtl_jax.methods.method_names()] + list(DEFAULT_EXTRA)
     if "equal" not in methods:
         methods = ["equal"] + methods
@@ -97,12 +111,18 @@ def main(argv=None) -> int:
         print(f"{m:<20} {r['median_ms']:>10.2f} {r['min_ms']:>9.2f} {r['ratio_to_equal']:>7.2f}")
     if a.out is not None:
         a.out.mkdir(parents=True, exist_ok=True)
-        payload = {"benchmark": a.benchmark, "tiny": a.tiny, "rounds": rounds, "calls": calls,
-                   "command": "python -m benchmarks.method_cost "
-                              + " ".join(argv if argv is not None else os.sys.argv[1:]),
-                   "load_1min_before": load0, "load_1min_after": load1,
-                   "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-                   "methods": rows}
+        command = "python -m benchmarks.method_cost " + " ".join(argv if argv is not None else os.sys.argv[1:])
+        machine = {"platform": platform.platform(), "cpus": os.cpu_count()}
+        if old is not None:
+            added = [m for m in rows if m != "equal"]
+            payload = dict(old, methods={**old["methods"], **{m: rows[m] for m in added}},
+                           updates=old.get("updates", []) + [
+                               {"command": command, "methods": added, "rounds": rounds, "calls": calls,
+                                "equal_median_ms": rows["equal"]["median_ms"], "load_1min_before": load0,
+                                "load_1min_after": load1, "machine": machine}])
+        else:
+            payload = {"benchmark": a.benchmark, "tiny": a.tiny, "rounds": rounds, "calls": calls, "command": command,
+                       "load_1min_before": load0, "load_1min_after": load1, "machine": machine, "methods": rows}
         (a.out / "method_cost.json").write_text(json.dumps(payload, indent=1))
         print(f"written: {a.out / 'method_cost.json'}")
     return 0

@@ -225,7 +225,10 @@ def verdict_table(folder: Path, payload: dict, summary: dict) -> str:
                   f"{f' ({100 * hit / tot:.0f} %)' if tot else ''}."]
     if cost:
         lines += [f"Step time / EW: `{cost['command']}` (median of {cost['rounds']} interleaved rounds; 1-minute "
-                  f"load {cost['load_1min_before']:.2f} before, {cost['load_1min_after']:.2f} after)."]
+                  f"load {cost['load_1min_before']:.2f} before, {cost['load_1min_after']:.2f} after)"
+                  + "".join(f"; {', '.join(u['methods'])}: `{u['command']}` (against the EW of that run; load "
+                            f"{u['load_1min_before']:.2f} before, {u['load_1min_after']:.2f} after)"
+                            for u in cost.get("updates", [])) + "."]
     return "\n".join(lines)
 
 

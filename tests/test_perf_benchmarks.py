@@ -21,6 +21,24 @@ def test_method_cost_tiny_writes_ratios(tmp_path):
     assert payload["methods"]["equal"]["ratio_to_equal"] == pytest.approx(1.0)
     assert all(m["median_ms"] > 0 for m in payload["methods"].values())
     assert "load" in r.stdout
+    # --update times SI beside EW and replaces only SI's row; RLW's and IMTL-H's stay as measured
+    first = payload["methods"]
+    r = subprocess.run([sys.executable, "-m", "benchmarks.method_cost", "--tiny", "--benchmark", "qm9",
+                        "--methods", "si", "rlw", "--update", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    updated = json.loads((tmp_path / "method_cost.json").read_text())
+    assert set(updated["methods"]) == {"equal", "rlw", "imtl_h", "si"}
+    assert updated["methods"]["equal"] == first["equal"] and updated["methods"]["imtl_h"] == first["imtl_h"]
+    assert updated["methods"]["rlw"] != first["rlw"]
+    (u,) = updated["updates"]
+    assert u["methods"] == ["si", "rlw"] and "--update" in u["command"]
+    assert updated["methods"]["si"]["ratio_to_equal"] == pytest.approx(
+        updated["methods"]["si"]["median_ms"] / u["equal_median_ms"])
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.method_cost", "--tiny", "--benchmark", "multifashion",
+                          "--methods", "si", "--update", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert bad.returncode != 0 and "measured on qm9" in bad.stderr
 
 
 @pytest.mark.slow

@@ -312,6 +312,15 @@ def test_tuned_verdicts_take_the_step_cost_of_the_converged_folder(tmp_path, mon
     assert "step time / EW" in body.splitlines()[0]
     assert [line for line in body.splitlines() if line.startswith("| 1 | imtl_h")][0].endswith(" 1.25 |")
     assert "--out results/fake_converged" in body
+    record = json.loads((tmp_path / "fake_converged" / "method_cost.json").read_text())
+    record["methods"]["imtl_h"]["ratio_to_equal"] = 1.5
+    record["updates"] = [{"command": "python -m benchmarks.method_cost --methods imtl_h --update",
+                          "methods": ["imtl_h"], "load_1min_before": 0.7, "load_1min_after": 0.8}]
+    (tmp_path / "fake_converged" / "method_cost.json").write_text(json.dumps(record))
+    body = tables.render("tun:verdict")
+    assert [line for line in body.splitlines() if line.startswith("| 1 | imtl_h")][0].endswith(" 1.50 |")
+    assert "imtl_h: `python -m benchmarks.method_cost --methods imtl_h --update` (against the EW of that run; " \
+           "load 0.70 before, 0.80 after)" in body
 
 
 def test_sweep_plane_puts_every_method_at_its_mean_test_metrics(tmp_path, monkeypatch):
