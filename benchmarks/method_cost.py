@@ -92,8 +92,8 @@ def main(argv=None) -> int:
         if path is None or not path.exists() or not a.methods:
             p.error("--update needs --methods and an --out folder holding method_cost.json")
         old = json.loads(path.read_text())
-        if old["benchmark"] != a.benchmark or old["tiny"] != a.tiny:
-            p.error(f"--update: {path} was measured on {old['benchmark']}{' --tiny' if old['tiny'] else ''}")
+        if old.get("benchmark") != a.benchmark or old.get("tiny", False) != a.tiny:
+            p.error(f"--update: {path} was measured on {old.get('benchmark')}{' --tiny' if old.get('tiny') else ''}")
     methods = a.methods or [m for m in imtl_jax.methods.method_names()] + list(DEFAULT_EXTRA)
     if "equal" not in methods:
         methods = ["equal"] + methods

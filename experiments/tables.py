@@ -289,16 +289,16 @@ def _producers() -> dict[str, Callable[[Path], str]]:
 
 def tuning_table(folder: Path) -> str:
     """A tuning study's grid: every run's validation score at every point and the choice
-    (:func:`experiments.studies.tuning.choices_table`, recomputed from the committed runs)."""
-    from experiments.studies.tuning import choices_table
+    (:func:`experiments.studies.tuning_tables.choices_table`, recomputed from the committed runs)."""
+    from experiments.studies.tuning_tables import choices_table
     bench, payload, _ = load(folder)
     return choices_table(folder, bench, payload["runs"])
 
 
 def tuning_gain_table(folder: Path) -> str:
-    """What tuning changed (:func:`experiments.studies.tuning.gain_table`): the tuning folder's run
+    """What tuning changed (:func:`experiments.studies.tuning_tables.gain_table`): the tuning folder's run
     groups beside the same groups at the default rate in ``<benchmark>_converged``."""
-    from experiments.studies.tuning import gain_table
+    from experiments.studies.tuning_tables import gain_table
     from experiments.verdicts import untuned_folder
     bench, payload, summary = load(folder)
     untuned = untuned_folder(folder)

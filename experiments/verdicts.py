@@ -44,7 +44,7 @@ def merge_identical(methods: dict) -> list[list[str]]:
             b = _by_seed(methods[g[0]])
             common = sorted(set(a) & set(b))
             if len(common) >= 2 and set(a) == set(b) and all(
-                    abs(a[s] - b[s]) <= 1e-9 * max(1.0, abs(a[s])) for s in common):
+                    math.isfinite(a[s]) and abs(a[s] - b[s]) <= 1e-9 * max(1.0, abs(a[s])) for s in common):
                 g.append(m)
                 break
         else:
@@ -95,21 +95,24 @@ def collect_runs(folder: Path) -> list:
 
 
 def best_on_validation(folder: Path, bench, n: int, exclude) -> tuple[list[str], dict]:
-    """The ``n`` methods of a results folder with the lowest mean **validation** Δm% (at each run's
-    selected step, against the mean validation metrics of the folder's single-task runs), leaving
-    out the labels in ``exclude`` and any method identical to one of them (:func:`merge_identical`
-    on the per-seed scores; a group is represented by its first method in registry order).
+    """The (up to) ``n`` methods of a results folder with the lowest mean **validation** Δm% (at each
+    run's selected step, against the mean validation metrics of the folder's single-task runs),
+    leaving out the labels in ``exclude`` and any method identical to one of them
+    (:func:`merge_identical` on the per-seed scores; a group is represented by its first method in
+    registry order).
 
-    Only methods whose every run finished ``ok`` on every seed of the single-task runs compete.
-    The test split takes no part in the choice. Returns (the chosen labels, best first;
-    ``{label: mean validation Δm%}`` of every competing group's representative).
+    Only methods with a finished ``ok`` run and a finite score on every seed of the single-task
+    runs compete (their other seeds are ignored). The test split takes no part in the choice.
+    Returns (the chosen labels, best first; ``{label: mean validation Δm%}`` of every competing
+    group's representative). Raises ValueError when a task has no finished single-task run.
     """
     from experiments.selection import score
     runs = collect_runs(Path(folder))
     single = [r for r in runs if r.get("single_task") is not None and r.get("status") == "ok" and r.get("val")]
     reference, seeds = {}, {r["seed"] for r in single}
     for metric, t in bench.task_of_metric_index().items():
-        vals = [r["val"][metric] for r in single if r["single_task"] == t and metric in r["val"]]
+        vals = [v for r in single if r["single_task"] == t and isinstance(v := r["val"].get(metric), (int, float))
+                and math.isfinite(v)]
         if not vals:
             raise ValueError(f"{folder}: no finished single-task run of task {bench.task_names[t]!r}: the reference "
                              "of the validation Δm is missing")
@@ -117,12 +120,11 @@ def best_on_validation(folder: Path, bench, n: int, exclude) -> tuple[list[str],
     names = [s.name for s in bench.metrics]
     by_method: dict = {}
     for r in runs:
-        if r.get("single_task") is None:
-            by_method.setdefault(r["method"], []).append(r)
-    scores = {m: {"delta_m": {"by_seed": {r["seed"]: score(r["val"], reference, bench.higher_is_better, names)
-                                          for r in rs}}}
-              for m, rs in by_method.items()
-              if {r["seed"] for r in rs} == seeds and all(r.get("status") == "ok" and r.get("val") for r in rs)}
+        if r.get("single_task") is None and r["seed"] in seeds and r.get("status") == "ok" and r.get("val"):
+            by_method.setdefault(r["method"], {})[r["seed"]] = score(r["val"], reference, bench.higher_is_better,
+                                                                     names)
+    scores = {m: {"delta_m": {"by_seed": s}} for m, s in by_method.items()
+              if set(s) == seeds and all(math.isfinite(v) for v in s.values())}
     means = {g[0]: sum(_by_seed(scores[g[0]]).values()) / len(seeds)
              for g in merge_identical(scores) if not set(g) & set(exclude)}
     return sorted(means, key=lambda m: (means[m], m))[:n], means

@@ -21,7 +21,7 @@ def test_method_cost_tiny_writes_ratios(tmp_path):
     assert payload["methods"]["equal"]["ratio_to_equal"] == pytest.approx(1.0)
     assert all(m["median_ms"] > 0 for m in payload["methods"].values())
     assert "load" in r.stdout
-    # --update times SI beside EW and replaces only SI's row; RLW's and IMTL-H's stay as measured
+    # --update times SI and RLW beside EW and replaces only their rows; EW's and IMTL-H's stay as measured
     first = payload["methods"]
     r = subprocess.run([sys.executable, "-m", "benchmarks.method_cost", "--tiny", "--benchmark", "qm9",
                         "--methods", "si", "rlw", "--update", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,

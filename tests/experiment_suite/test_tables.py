@@ -285,6 +285,11 @@ def test_tuned_tables_recompute_the_validation_choice_and_read_the_chosen_test_r
                                        "runs": ["lr0.001_wd0/runs/single_task_1/seed0"]}
     (tmp_path / "tun" / "tuning.json").write_text(json.dumps(meta))
     assert "1 single-task test runs are those of `results/fake_converged`" in tables.render("tun:tuning")
+    meta["added_best_untuned"] = {"from": "/somewhere/results/fake_converged", "n": 1, "chosen": ["imtl_h"],
+                                  "validation_delta_m": {"imtl_h": -1.0}}
+    (tmp_path / "tun" / "tuning.json").write_text(json.dumps(meta))
+    assert "imtl_h: the 1 method(s) of `results/fake_converged` with the lowest mean validation Δm%" in \
+        tables.render("tun:tuning")
 
 
 def test_tuned_tables_refuse_stale_test_runs(tmp_path, monkeypatch):

@@ -155,12 +155,18 @@ def test_best_untuned_methods_are_ranked_on_validation_with_identical_methods_on
         _put_run(f, "gls", seed, {"a_acc": 0.81, "b_mae": 1.0})                         # Δm (10 + 0) / 2 = 5
         _put_run(f, "cagrad", seed, {"a_acc": 1.0, "b_mae": 0.1}, status="diverged" if seed else "ok")
     _put_run(f, "pcgrad", 0, {"a_acc": 1.0, "b_mae": 0.1})                               # one seed only
+    for seed in (0, 1, 2):  # an extra seed does not matter: Δm (0 + (0.95 - 1) * 100) / 2 = -2.5 on seeds 0, 1
+        _put_run(f, "famo", seed, {"a_acc": 0.9, "b_mae": 0.95 if seed < 2 else 9.0})
+    for seed in (0, 1):  # a metric missing on validation: an infinite score, neither chosen nor merged
+        _put_run(f, "dwa", seed, {"a_acc": 0.9})
+        _put_run(f, "nash_mtl@params", seed, {"a_acc": 0.9, "b_mae": 0.99})              # Δm -0.5
     listed = ["single_task_0", "single_task_1", "equal"]
     chosen, means = best_on_validation(f, b, 2, listed)
-    assert chosen == ["imtl_l", "mgda"]
-    assert means == pytest.approx({"imtl_l": -5.0, "mgda": -1.0, "gls": 5.0})  # one row for imtl_l = uncertainty
-    assert best_on_validation(f, b, 2, listed + ["uncertainty"])[0] == ["mgda", "gls"]  # the group leaves whole
-    assert best_on_validation(f, b, 9, listed)[0] == ["imtl_l", "mgda", "gls"]
+    assert chosen == ["imtl_l", "famo"]
+    # one row for imtl_l = uncertainty
+    assert means == pytest.approx({"imtl_l": -5.0, "famo": -2.5, "mgda": -1.0, "nash_mtl@params": -0.5, "gls": 5.0})
+    assert best_on_validation(f, b, 2, listed + ["uncertainty"])[0] == ["famo", "mgda"]  # the group leaves whole
+    assert best_on_validation(f, b, 9, listed)[0] == ["imtl_l", "famo", "mgda", "nash_mtl@params", "gls"]
     for p in (f / "runs" / "single_task_1").glob("seed*/result.json"):
         p.unlink()
     with pytest.raises(ValueError, match="task 'b'"):
@@ -194,7 +200,11 @@ def test_tuning_adds_the_best_untuned_method_and_trains_it(tmp_path):
     assert payload["added_best_untuned"]["validation_delta_m"] == pytest.approx(dm)
     assert set(payload["multi_task_choice"]) == {"equal", best}
     assert len(list(out.glob(f"test/*/runs/{best}/seed*/result.json"))) == len(payload["test_seeds"])
-    bad = subprocess.run(run + ["tuning", "--tiny", "--quiet", "--methods", "single_task", "equal",
-                                "--add-best-untuned", str(tmp_path / "nowhere"), "1", "--out", str(out)],
-                         capture_output=True, text=True, timeout=900)
-    assert bad.returncode != 0 and "--add-best-untuned" in bad.stderr
+    for benchmark, folder, n, message in (("qm9", tmp_path / "nowhere", "1", "expected an untuned results folder"),
+                                          ("qm9", untuned, "0", "a number of methods >= 1"),
+                                          ("multifashion", untuned, "1", "holds qm9 runs"),
+                                          ("qm9", untuned, "3", "has 2 method(s) beside --methods")):
+        bad = subprocess.run(run + ["tuning", "--benchmark", benchmark, "--tiny", "--quiet", "--methods", "single_task",
+                                    "equal", "--add-best-untuned", str(folder), n, "--out", str(tmp_path / "bad")],
+                             capture_output=True, text=True, timeout=900)
+        assert bad.returncode != 0 and message in bad.stderr, bad.stderr
