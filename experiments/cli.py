@@ -146,8 +146,8 @@ def make_parser(prog: str, description: str, defaults: dict, tiny: dict, epilog:
                    help="seeds: '0 1 2', '0,1,2' or '0-2'" + d("seeds"))
     g.add_argument("--parallel-seeds", type=number(int, "--parallel-seeds", 0), default=None, metavar="K",
                    help="train at most K runs of a method as one vmapped program; 0 = all of them, 1 = one "
-                        "by one (default: all on an accelerator and for MLPs on CPU; one by one for "
-                        "convolutional models on CPU, where vmapped convolutions are slower)")
+                        "by one (default: all on an accelerator and for MLPs on CPU; one by one on CPU for "
+                        "convolutional models and parameter-level methods, where vmapped runs are slower)")
     steps = g.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=number(int, "--steps", 1), default=None,
                        help="training steps per run" + d("steps"))

@@ -6,16 +6,20 @@ from __future__ import annotations
 from typing import Callable
 
 from experiments.errors import CheckpointError
-from experiments.runs import RunConfig
+from experiments.runs import RunConfig, resolve_method
 
 __all__ = ["group_size", "plan_groups"]
 
 
-def _group_size(cfg: RunConfig, bench, n: int) -> int:
+def _group_size(cfg: RunConfig, bench, n: int, method: str = "equal") -> int:
+    """Runs per vmapped program: ``--parallel-seeds``, else all of them, except on CPU for
+    convolutional models and for parameter-level methods (``method``), where K vmapped runs are
+    slower than K runs one by one (docs/experiments.md, ``benchmarks/vmapped_seeds.py``)."""
     k = cfg.parallel_seeds
     if k is None:
         import jax
-        k = 1 if jax.default_backend() == "cpu" and not getattr(bench, "vmap_on_cpu", True) else 0
+        one_by_one = not getattr(bench, "vmap_on_cpu", True) or resolve_method(method).level == "parameters"
+        k = 1 if jax.default_backend() == "cpu" and one_by_one else 0
     return k if k > 0 else max(n, 1)
 
 

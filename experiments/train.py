@@ -390,7 +390,7 @@ def run_experiment(bench, specs: Sequence[RunSpec], seeds: Sequence[int], cfg: R
                         finished.add(run.ident)
                     else:
                         runs.append(run)
-            size = _group_size(cfg, bench, len(runs))
+            size = _group_size(cfg, bench, len(runs), method)
             for chunk in _plan_groups(bench, runs, size, cfg, program, log, frozenset(finished), restore=_restore):
                 if chunk[0].start < cfg.steps:
                     _train_group(bench, program, chunk, cfg, reference=reference, on_eval=on_eval, probe=probe,

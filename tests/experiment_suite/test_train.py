@@ -180,7 +180,8 @@ def test_train_function_for_tuning_studies(tmp_path):
 
 
 def test_default_grouping_follows_the_backend_and_the_model(bench):
-    """None: one program for all runs, except convolutional benchmarks on CPU (one by one)."""
+    """None: one program for all runs, except convolutional benchmarks and parameter-level methods
+    on CPU (one by one)."""
     import dataclasses as dc
     import jax
     from experiments.train import _group_size
@@ -190,3 +191,7 @@ def test_default_grouping_follows_the_backend_and_the_model(bench):
     assert _group_size(cfg, conv, 5) == (1 if jax.default_backend() == "cpu" else 5)
     assert _group_size(dc.replace(cfg, parallel_seeds=2), conv, 5) == 2
     assert _group_size(dc.replace(cfg, parallel_seeds=0), conv, 5) == 5
+    for method in ("imtl_g_exact", "nash_mtl@params", "moco"):
+        assert _group_size(cfg, bench, 5, method) == (1 if jax.default_backend() == "cpu" else 5)
+        assert _group_size(dc.replace(cfg, parallel_seeds=0), bench, 5, method) == 5
+    assert _group_size(cfg, bench, 5, "imtl_g") == 5
