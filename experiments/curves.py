@@ -155,7 +155,11 @@ def summarize(folder: Path, curves: dict, tol: float) -> str:
              "|---|---|---|---|---|---|"]
     from experiments.verdicts import collect_runs, selected_last as _selected_last
     # Every finished run of the folder (results.json lists only the last call's methods).
-    selected_last = _selected_last(collect_runs(folder) or _payload(folder).get("runs", []))
+    finished = collect_runs(folder) or _payload(folder).get("runs", [])
+    selected_last = _selected_last(finished)
+    finished_seeds: dict = {}
+    for r in finished:
+        finished_seeds.setdefault(r["method"], set()).add(int(r["seed"]))
     for label in sorted(curves, key=lambda k: (k.startswith("single_task_"), len(k), k)):
         flat, late, last = [], [], 0.0
         for seed in sorted(curves[label], key=int):
@@ -169,7 +173,9 @@ def summarize(folder: Path, curves: dict, tol: float) -> str:
             late.append("–" if np.isnan(g) else f"{100 * g:.2f}")
             last = steps[-1]
         hit, n = selected_last.get(label, (0, 0))
-        lines.append(f"| {label} | {len(curves[label])} | {last:.0f} | {', '.join(flat)} | {', '.join(late)} | "
+        lacking = sorted(finished_seeds.get(label, set()) - {int(k) for k in curves[label]})
+        shown = f"{len(curves[label])}" + (f" (no history: seed {', '.join(map(str, lacking))})" if lacking else "")
+        lines.append(f"| {label} | {shown} | {last:.0f} | {', '.join(flat)} | {', '.join(late)} | "
                      f"{f'{hit} of {n}' if n else '–'} |")
     return "\n".join(lines) + "\n"
 

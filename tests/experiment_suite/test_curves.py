@@ -86,3 +86,15 @@ def test_a_tuning_folder_reads_the_test_runs_of_the_chosen_settings(tmp_path):
     got = curves.extract(f)
     assert set(got) == {"equal"} and set(got["equal"]) == {"0"}
     assert got["equal"]["0"]["metrics"]["a_mae"] == [0.5, 0.2, 0.1]
+
+
+def test_a_finished_run_without_history_is_named_not_silently_dropped(tmp_path):
+    f = tmp_path / "r"
+    _write_run(f, "equal", 0, [0.5, 0.2, 0.101, 0.1, 0.1005], [10, 20, 30, 40, 50])
+    _results(f)
+    payload = json.loads((f / "results.json").read_text())
+    payload["runs"].append({"method": "equal", "seed": 1, "status": "ok", "selected": {"step": 50},
+                            "last": {"step": 50}, "config": {"batch_size": 1}})   # trained elsewhere, no history
+    (f / "results.json").write_text(json.dumps(payload))
+    assert curves.main([str(f), "--no-plot"]) == 0
+    assert "| equal | 1 (no history: seed 1) | 50 | 30 | 0.00 | 1 of 2 |" in (f / "curves.md").read_text()
