@@ -8,7 +8,8 @@
 # CODE (default: this checkout) is the tree whose code trains (a frozen `git worktree` keeps the
 # runs' code fixed while the checkout changes); results and commits go to this checkout.
 # Every job appends one line to results/queue_log.tsv: job, exit status, wall seconds, the
-# 1-minute load before and after. QUEUE_NO_COMMIT=1 skips the commits.
+# 1-minute load before and after. QUEUE_NO_COMMIT=1 skips the commits. Where to restart after an
+# interruption: `QUEUE_STATUS=1 bash results/run_queue.sh` (finished jobs are skipped anyway).
 set -u
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 CODE="${CODE:-$HERE}"
@@ -100,8 +101,23 @@ MF_STUDY="--benchmark multifashion --seeds 0 1 2 --epochs ${MF_EPOCHS:-40} --bat
 JOBS+=("priorities $MF_STUDY --ratios 1/9 1/4 3/7 2/3 1 3/2 7/3 4 9 --out $HERE/results/scalarization_sweep")
 JOBS+=("robustness $MF_STUDY --methods equal imtl_l imtl_g imtl_h rlw si --out $HERE/results/robustness")
 JOBS+=("ablation_z_vs_theta $MF_STUDY --out $HERE/results/ablation_z_vs_theta")
-# QUEUE_LIST=1 prints the job list and exits (to check an edit of it).
+# QUEUE_LIST=1 prints the job list and exits (to check an edit of it); QUEUE_STATUS=1 prints each
+# job as "done" (the log holds its exact command with exit status 0) or "todo", and the first todo
+# job's number, the one to restart at.
 if [ "${QUEUE_LIST:-0}" = 1 ]; then n=0; for j in "${JOBS[@]}"; do n=$((n+1)); echo "$n ${j//$HERE\//}"; done; exit 0; fi
+if [ "${QUEUE_STATUS:-0}" = 1 ]; then
+  n=0; first=""
+  for j in "${JOBS[@]}"; do
+    n=$((n+1)); cmd="python -m experiments ${j//$HERE\//}"
+    if [ -f "$LOG" ] && awk -F'\t' -v c="$cmd" '$2 == "0" && $7 == c {found=1} END {exit !found}' "$LOG"; then
+      state=done
+    else
+      state=todo; first="${first:-$n}"
+    fi
+    echo "$n $state ${j//$HERE\//}"
+  done
+  echo "first job to run: ${first:-none (all done)}"; exit 0
+fi
 
 commit() {  # commit only the results of this queue (retry while another git command holds the index)
   [ "${QUEUE_NO_COMMIT:-0}" = 1 ] && return 0
