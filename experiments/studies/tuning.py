@@ -42,7 +42,7 @@ TINY = dict(extra_tuning=dict(lr_grid=[1e-3, 3e-3], wd_grid=[0.0], tune_seeds=[1
 #: every run takes its learning rate and weight decay from the grid: ``--lr``/``--weight-decay`` are not offered.
 UNUSED_FLAGS = ("lr", "weight_decay")
 
-__all__ = ["run", "grid_points", "choose_single_task", "choose_multi_task", "copy_finished_runs"]
+__all__ = ["run", "grid_points", "point_label", "choose_single_task", "choose_multi_task", "copy_finished_runs"]
 
 
 def add_flags(parser):
@@ -71,7 +71,8 @@ def grid_points(lrs, wds) -> list[tuple[float, float]]:
     return [(float(lr), float(wd)) for lr, wd in itertools.product(lrs, wds)]
 
 
-def _label(point) -> str:
+def point_label(point) -> str:
+    """A grid point's folder name under ``tune/`` and ``test/``: ``lr<lr>_wd<weight decay>``."""
     return f"lr{point[0]:g}_wd{point[1]:g}"
 
 
@@ -139,7 +140,7 @@ def choose_single_task(bench, st_results_by_point: dict) -> tuple[dict, dict, di
         base = vals[points[0]]
         s = {p: score(vals[p], base, hib, names) if vals[p] else math.inf for p in points}
         best = min(points, key=lambda p: (s[p], points.index(p)))
-        choice[t], scores[bench.task_names[t]] = best, {_label(p): s[p] for p in points}
+        choice[t], scores[bench.task_names[t]] = best, {point_label(p): s[p] for p in points}
         reference.update(vals[best])
     return choice, reference, scores
 
@@ -154,7 +155,7 @@ def choose_multi_task(bench, results_by_point: dict, reference: dict) -> tuple[t
         vals = [score(r["val"], reference, hib, names) for r in results if r.get("status") == "ok" and r.get("val")]
         s[p] = float(np.mean(vals)) if vals else math.inf
     points = list(results_by_point)
-    return min(points, key=lambda p: (s[p], points.index(p))), {_label(p): s[p] for p in points}
+    return min(points, key=lambda p: (s[p], points.index(p))), {point_label(p): s[p] for p in points}
 
 
 def _untuned_folder(flag, benchmark: str) -> tuple[Optional[Path], int]:
@@ -209,12 +210,12 @@ def run(o, command: str) -> dict:
         base = RunConfig.from_options(o, bench)
         cfgs = {p: dataclasses.replace(base, lr=p[0], weight_decay=p[1], resume=True) for p in points}
         # 1. single-task runs on the grid (tuning seeds): each task picks its point.
-        st = {p: run_experiment(bench, single, tune_seeds, cfgs[p], out / "tune" / _label(p)) for p in points}
+        st = {p: run_experiment(bench, single, tune_seeds, cfgs[p], out / "tune" / point_label(p)) for p in points}
         st_choice, reference, st_scores = choose_single_task(bench, st)
         # 2. every multi-task method on the same grid and seeds, selected on validation Δm.
         mt_choice, mt_scores = {}, {}
         for spec in multi:
-            by_point = {p: run_experiment(bench, [spec], tune_seeds, cfgs[p], out / "tune" / _label(p),
+            by_point = {p: run_experiment(bench, [spec], tune_seeds, cfgs[p], out / "tune" / point_label(p),
                                           reference=reference) for p in points}
             mt_choice[spec.label], mt_scores[spec.label] = choose_multi_task(bench, by_point, reference)
         # 3. the chosen settings on the test seeds; the single-task runs first (the table's baseline).
@@ -222,20 +223,20 @@ def run(o, command: str) -> dict:
         for p in points:
             chosen = [s for s in single if st_choice[s.single_task] == p]
             if chosen:
-                dest = out / "test" / _label(p)
+                dest = out / "test" / point_label(p)
                 if extra.get("reuse_single_task"):
                     copy_finished_runs(Path(extra["reuse_single_task"]), dest, chosen, o.seeds, base.steps, *p)
                 final += run_experiment(bench, chosen, o.seeds, cfgs[p], dest)
                 if extra.get("reuse_single_task"):
                     # the copies the training loop kept (a copy whose fingerprint did not match was retrained
                     # over), in this call or an earlier one: the runs identical to the source's
-                    reused += [f"{_label(p)}/{rel}" for rel in _same_runs(Path(extra["reuse_single_task"]), dest,
+                    reused += [f"{point_label(p)}/{rel}" for rel in _same_runs(Path(extra["reuse_single_task"]), dest,
                                                                           chosen, o.seeds)]
         test_ref = {m: float(np.mean([r["val"][m] for r in final if r.get("single_task") == t and r.get("val")]))
                     for m, t in bench.task_of_metric_index().items()}
         for spec in multi:
             p = mt_choice[spec.label]
-            final += run_experiment(bench, [spec], o.seeds, cfgs[p], out / "test" / _label(p), reference=test_ref)
+            final += run_experiment(bench, [spec], o.seeds, cfgs[p], out / "test" / point_label(p), reference=test_ref)
         from experiments import report
         summary = report.write_reports(out, bench, final, records.load_histories(out / "test", final),
                                        command=command, total_wall_s=time.perf_counter() - t0,
@@ -243,9 +244,9 @@ def run(o, command: str) -> dict:
         payload = {
             "benchmark": bench.name, "command": command, "grid": [list(p) for p in points],
             "tune_seeds": tune_seeds, "test_seeds": list(o.seeds), "base_config": base.describe(),
-            "single_task_choice": {bench.task_names[t]: _label(p) for t, p in st_choice.items()},
+            "single_task_choice": {bench.task_names[t]: point_label(p) for t, p in st_choice.items()},
             "single_task_val_scores": st_scores, "validation_reference": reference,
-            "multi_task_choice": {k: _label(p) for k, p in mt_choice.items()},
+            "multi_task_choice": {k: point_label(p) for k, p in mt_choice.items()},
             "multi_task_val_delta_m": mt_scores,
             "added_best_untuned": added,
             "reused_single_task_runs": {"from": extra.get("reuse_single_task"), "runs": reused} if reused else None,

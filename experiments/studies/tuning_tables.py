@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from experiments.studies.tuning import _label, choose_multi_task, choose_single_task
+from experiments.studies.tuning import choose_multi_task, choose_single_task, point_label
 
 __all__ = ["choices_table", "gain_table"]
 
@@ -62,7 +62,7 @@ def choices_table(folder: Path, bench, test_runs: list) -> str:
                              f"{name(choice)}; delete the stale test runs and rerun the tuning call")
         cells = []
         for p in points:
-            v = scores.get(_label(p))
+            v = scores.get(point_label(p))
             cell = "…" if v is None else ("diverged" if not math.isfinite(v) else f"{v:+.2f}")
             cells.append(f"**{cell}**" if p == choice else cell)
         lines.append(f"| {shown} | " + " | ".join(cells) + f" | {name(choice) if choice else '(unfinished)'} | "
@@ -85,9 +85,9 @@ def choices_table(folder: Path, bench, test_runs: list) -> str:
             continue
         choice, scores = choose_multi_task(bench, {p: runs[p] for p in points}, reference)
         recorded = meta.get("multi_task_choice", {}).get(label)
-        if recorded is not None and recorded != _label(choice):
+        if recorded is not None and recorded != point_label(choice):
             raise ValueError(f"{folder}/tuning.json chose {recorded} for {label}, the tuning runs give "
-                             f"{_label(choice)}: the file is stale; rerun the tuning call")
+                             f"{point_label(choice)}: the file is stale; rerun the tuning call")
         row(label, label, scores, choice)
     lines += ["", f"Validation scores on tuning seed(s) {', '.join(map(str, sorted(seeds)))} (lower is better; the "
                   "chosen point in bold): single-task rows, Δm% of the task's metrics against the first grid point; "
